@@ -1,0 +1,14 @@
+"""Errors a user can cause (bad files, bad arguments). Commands print them as one line, exit 2."""
+
+
+class FssError(Exception):
+    """A user-facing error: the message names the problem and, where there is one, the file."""
+
+    def __init__(self, message: str, path=None):
+        self.message = message
+        self.path = None if path is None else str(path)
+        super().__init__(f"{message} ({self.path})" if self.path else message)
+
+
+class CheckpointError(FssError):
+    """A file that is not a loadable PANet / fss checkpoint."""
