@@ -71,7 +71,9 @@ def load_state_strict(model: PANet, state: dict, path) -> None:
         if missing:
             parts.append(f"missing keys {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
         if unexpected:
-            parts.append(f"unexpected keys {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+            parts.append(
+                f"unexpected keys {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
+            )
         raise CheckpointError("checkpoint does not fit PANet: " + "; ".join(parts), path)
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):

@@ -32,7 +32,10 @@ class VGG16Dilated(nn.Module):
             dilation = 2 if index == last_block else 1
             block: list[nn.Module] = []
             for _ in range(n_convs):
-                block += [nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation), nn.ReLU(inplace=True)]
+                block += [
+                    nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation),
+                    nn.ReLU(inplace=True),
+                ]
                 c_in = c_out
             if index == last_block:
                 block.pop()  # the official encoder has no ReLU after its last conv

@@ -1,0 +1,80 @@
+"""PANet's training losses, batched over episodes: query cross-entropy and prototype alignment (PAR)."""
+
+import torch
+import torch.nn.functional as F
+
+from fss import kernels
+from fss.constants import IGNORE_INDEX, POOL_EPS
+from fss.kernels.matching import cosine_logits, upsample
+from fss.models.panet import check_episode
+
+
+def support_labels(supp_fg, supp_bg):
+    """``... x H x W`` masks -> int64 labels: 1 where fg == 1, 0 where bg == 1 (bg wins), 255 elsewhere."""
+    labels = torch.full(supp_fg.shape, IGNORE_INDEX, dtype=torch.long, device=supp_fg.device)
+    labels[supp_fg == 1] = 1
+    labels[supp_bg == 1] = 0
+    return labels
+
+
+def query_prototypes(qry_feats, low_logits):
+    """Hard-masked average of the query features by the argmax at feature resolution.
+
+    ``B x Q x C x h x w``, ``B x Q x P x h x w`` -> prototypes ``B x P x C`` pooled over all queries of
+    an episode, and ``B x P`` pixel counts.
+    """
+    P = low_logits.shape[2]
+    onehot = F.one_hot(low_logits.argmax(dim=2), P).movedim(-1, 2).to(qry_feats.dtype)  # B x Q x P x h x w
+    counts = onehot.sum(dim=(1, 3, 4))
+    sums = torch.einsum("bqchw,bqphw->bpc", qry_feats, onehot)
+    return sums / (counts + POOL_EPS)[..., None], counts
+
+
+def alignment_loss(supp_feats, supp_fg, supp_bg, qry_feats, low_logits, scale, shot_mask=None):
+    """PAR: segment each support image with the query's [background, way n] prototypes.
+
+    Cross-entropy against the support labels, averaged over each way's shots and over ways; ways
+    that no query pixel was assigned to are skipped; the result is the mean over the B episodes.
+    """
+    B, N, K = supp_feats.shape[:3]
+    qry_protos, counts = query_prototypes(qry_feats, low_logits)
+    pairs = torch.stack([qry_protos[:, :1].expand(B, N, -1), qry_protos[:, 1:]], dim=2)  # B x N x 2 x C
+    # Each (episode, way) is a mini-episode: its K support images against its 2 query prototypes.
+    low = cosine_logits(supp_feats.flatten(0, 1), pairs.flatten(0, 1), scale)  # (B N) x K x 2 x h x w
+    up = F.interpolate(low.flatten(0, 1), size=supp_fg.shape[-2:], mode="bilinear", align_corners=False)
+    labels = support_labels(supp_fg, supp_bg).flatten(0, 2)  # (B N K) x H x W
+    ce = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    per_shot = (ce.sum(dim=(1, 2)) / (labels != IGNORE_INDEX).sum(dim=(1, 2))).view(B, N, K)
+    shots = torch.ones(B, N, K, device=supp_feats.device) if shot_mask is None else shot_mask.float()
+    weight = shots / shots.sum(dim=2, keepdim=True) / N * (counts[:, 1:] > 0)[..., None]
+    per_episode = torch.where(weight > 0, per_shot * weight, torch.zeros_like(per_shot)).sum(dim=(1, 2))
+    return per_episode.mean()
+
+
+def panet_losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, align=True):
+    """``(query_loss, align_loss)`` as the official training computes them.
+
+    Args:
+        model: a :class:`fss.PANet`.
+        supp_imgs: ``B x N x K x 3 x H x W``; supp_fg, supp_bg: ``B x N x K x H x W``;
+        qry_imgs: ``B x Q x 3 x H x W``; qry_labels: ``B x Q x H x W`` int64 (0 background, n way n,
+        255 ignored); shot_mask: optional ``B x N x K`` bool for ragged ways.
+        align: compute PAR (else ``align_loss`` is a zero tensor).
+
+    The query loss is the cross-entropy (ignore 255) over all queries of all episodes; the total
+    training loss is ``query_loss + align_weight * align_loss`` (paper: weight 1).
+    """
+    check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
+    B, Q = qry_imgs.shape[:2]
+    if tuple(qry_labels.shape) != (B, Q, *qry_imgs.shape[-2:]):
+        raise ValueError(f"qry_labels must be B x Q x H x W, got {tuple(qry_labels.shape)}")
+    supp_feats, qry_feats = model.episode_features(supp_imgs, qry_imgs)
+    protos = kernels.prototypes(supp_feats, supp_fg, supp_bg, shot_mask, impl="torch")
+    low = cosine_logits(qry_feats, protos, model.scale)  # B x Q x (1+N) x h x w
+    logits = upsample(low, qry_imgs.shape[-2:])
+    query_loss = F.cross_entropy(logits.flatten(0, 1), qry_labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
+    if not align:
+        return query_loss, query_loss.new_zeros(())
+    return query_loss, alignment_loss(
+        supp_feats, supp_fg, supp_bg, qry_feats, low.detach(), model.scale, shot_mask
+    )
