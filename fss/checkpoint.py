@@ -106,13 +106,14 @@ def model_from_state(obj, path) -> PANet:
 
 
 def load_model(path=None, device=None, impl: str = "auto") -> PANet:
-    """A PANet in eval mode from an official snapshot, an fss checkpoint, or (``None``) the demo model.
-
-    A bundle directory written by ``fss-export`` is accepted once export lands (issue #4).
+    """A model in eval mode from an official snapshot, an fss checkpoint, a bundle directory written by
+    ``fss-export`` (its encoder runs in ONNX Runtime or TensorRT), or (``None``) the demo model.
     """
     path = DEMO_MODEL if path is None else Path(path)
     if path.is_dir():
-        raise CheckpointError("a directory is not a checkpoint file", path)
+        from fss.export.backends import load_bundle
+
+        return load_bundle(path, backend="auto", device=device, impl=impl)
     model = model_from_state(read_torch_file(path), path)
     model.impl = impl
     return model.to(device or "cpu").eval()

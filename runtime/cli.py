@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,16 @@ def parse_args(argv):
     p.add_argument("--support", required=True, type=Path, help="support folder: <class>/<stem>.jpg + mask")
     p.add_argument("--query", required=True, type=Path, help="folder of query images")
     p.add_argument("--out", type=Path, default=Path("fss-out"), help="output folder (default ./fss-out)")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--ckpt", type=Path, help="official PANet snapshot or fss checkpoint (default: demo model)"
+    )
+    source.add_argument("--bundle", type=Path, help="bundle directory written by fss-export")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime", "tensorrt"],
+        help="what runs the encoder: torch for checkpoints; onnxruntime or tensorrt for --bundle",
     )
     p.add_argument("--size", type=int, help="encoder input size (default: the checkpoint's, 417 for PANet)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -34,6 +41,8 @@ def parse_args(argv):
         p.error("--batch must be at least 1")
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8")
+    if args.bundle is None and args.backend not in ("auto", "torch"):
+        p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
     return args
 
 
@@ -91,13 +100,20 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from fss.checkpoint import load_model
-    from fss.io import list_images, read_image, write_json, write_label_png, write_overlay
+    from fss.io import list_images, write_json, write_label_png, write_overlay
     from fss.runtime.segmenter import Segmenter, resolve_device
 
     device = resolve_device(args.device)
-    if args.ckpt is None:
-        print(DEMO_NOTICE, file=sys.stderr)
-    model = load_model(args.ckpt, device=device)
+    if args.bundle is not None:
+        from fss.export.backends import load_bundle
+
+        wanted = None if args.device == "auto" else device
+        model = load_bundle(args.bundle, backend=args.backend, device=wanted, input_size=args.size)
+        device = model.device  # the head runs where the bundle's encoder delivers its features
+    else:
+        if args.ckpt is None:
+            print(DEMO_NOTICE, file=sys.stderr)
+        model = load_model(args.ckpt, device=device)
     classes, images, masks = load_supports(args.support)
     queries, skipped = list_images(args.query)
     for path in skipped:
@@ -135,7 +151,7 @@ def run(args) -> int:
             results_path,
             {
                 "classes": {str(k): name for k, name in enumerate(names)},
-                "model": str(args.ckpt) if args.ckpt else "bundled demo model",
+                "model": str(args.bundle or args.ckpt or "bundled demo model"),
                 "input_size": seg.size,
                 "support": signature,
                 "queries": [results[p.name] for p in queries if p.name in results],
@@ -144,33 +160,26 @@ def run(args) -> int:
 
     failures = 0
     with tqdm(total=len(todo), desc=PROG, unit="img", disable=None, file=sys.stderr) as bar:
-        for start in range(0, len(todo), args.batch):
-            batch_paths, batch_images = [], []
-            for path in todo[start : start + args.batch]:
-                try:
-                    batch_images.append(read_image(path))
-                    batch_paths.append(path)
-                except FssError as err:
-                    failures += 1
-                    results[path.name] = {"file": path.name, "error": err.message}
-                    print(f"{PROG}: error: {err}", file=sys.stderr)
-                    bar.update(1)
-            if batch_images:
-                t0 = time.perf_counter()
-                labels = seg.segment(batch_images)
-                per_query = (time.perf_counter() - t0) / len(batch_images)
-                for path, image, label in zip(batch_paths, batch_images, labels, strict=True):
-                    write_label_png(out / f"{path.stem}.png", label)
-                    if not args.no_overlays:
-                        write_overlay(out / "overlays" / f"{path.stem}.jpg", image, label, classes)
-                    results[path.name] = {
-                        "file": path.name,
-                        "size": [image.width, image.height],
-                        "fractions": fractions(label, names),
-                        "time_s": round(per_query, 4),
-                    }
-                    bar.update(1)
-            save_results()
+        for count, result in enumerate(seg.segment_stream(todo), start=1):
+            path = result.query
+            if result.error is not None:
+                failures += 1
+                message = result.error.message if isinstance(result.error, FssError) else str(result.error)
+                results[path.name] = {"file": path.name, "error": message}
+                print(f"{PROG}: error: {result.error}", file=sys.stderr)
+            else:
+                write_label_png(out / f"{path.stem}.png", result.labels)
+                if not args.no_overlays:
+                    write_overlay(out / "overlays" / f"{path.stem}.jpg", result.image, result.labels, classes)
+                results[path.name] = {
+                    "file": path.name,
+                    "size": [result.image.width, result.image.height],
+                    "fractions": fractions(result.labels, names),
+                    "time_s": round(result.seconds, 4),
+                }
+            bar.update(1)
+            if count % args.batch == 0 or count == len(todo):
+                save_results()
     if not todo:
         save_results()
     print(

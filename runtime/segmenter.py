@@ -1,10 +1,14 @@
 """``Segmenter``: encode a support set once, cache its prototypes, segment any number of queries.
 
 PANet's prototypes depend only on the supports, so a support set is encoded once; each shot's
-foreground / background poolings are cached so that a prototype is a mean over cached vectors.
+foreground / background poolings are cached, so a prototype is a mean over cached vectors and one
+shot can be added or removed without re-encoding the others.
 """
 
 import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from PIL import Image
 from fss import kernels
 from fss.errors import FssError
 from fss.io import IGNORE_INDEX, image_tensor, mask_tensor, read_image, read_mask
+from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
 
@@ -51,6 +56,18 @@ def as_mask(mask) -> np.ndarray:
 
 
 @dataclass
+class StreamResult:
+    """One query of :meth:`Segmenter.segment_stream`: its labels (and probabilities), or the error."""
+
+    query: object
+    image: Image.Image | None
+    labels: np.ndarray | None = None
+    prob: np.ndarray | None = None
+    error: Exception | None = None
+    seconds: float = 0.0  # this query's share of its batch's device time
+
+
+@dataclass
 class SupportSet:
     """Per-class cached poolings: ``fg[n]``, ``bg[n]`` are ``K_n x C``; ``protos`` is ``(1+N) x C``."""
 
@@ -58,6 +75,9 @@ class SupportSet:
     fg: list[torch.Tensor]
     bg: list[torch.Tensor]
     protos: torch.Tensor
+
+    def refresh(self) -> None:
+        self.protos = combine(self.fg, self.bg)
 
 
 def combine(fg: list[torch.Tensor], bg: list[torch.Tensor]) -> torch.Tensor:
@@ -68,7 +88,7 @@ def combine(fg: list[torch.Tensor], bg: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Segmenter:
-    """Few-shot segmentation with a cached support set.
+    """Few-shot segmentation with cached support sets.
 
     >>> seg = Segmenter(fss.load_model(None))
     >>> seg.set_support([[img_a1, img_a2], [img_b1]], [[mask_a1, mask_a2], [mask_b1]], ["cat", "dog"])
@@ -76,10 +96,34 @@ class Segmenter:
 
     Images are PIL images, ``H x W x 3`` uint8 arrays or paths; masks are arrays (0 background, 255
     ignored, other values foreground), bool arrays, PIL images or paths to mask files.
-    Calls are serialised by an internal lock, so one Segmenter may be shared between threads.
+
+    Args:
+        model: a PANet (moved to ``device``; channels-last where chosen), a checkpoint path, or None
+            for the bundled demo model.
+        size: encoder input side (default: the checkpoint's).
+        batch: queries encoded together.
+        precision: ``"fp32" | "fp16" | "bf16"``: the encoder's precision (CUDA only for fp16); the head
+            (prototypes, cosine, upsampling, argmax) always runs in fp32.
+        channels_last: encoder memory layout (default: on; faster with oneDNN and cuDNN).
+        cuda_graph: capture the encoder at ``batch x 3 x size x size`` in a CUDA graph (CUDA only).
+        workers: CPU threads decoding and resizing queries while the encoder runs (``segment_stream``).
+
+    The device work of every call is serialised by an internal lock, so one Segmenter may be shared
+    by threads; decoding happens outside the lock.
     """
 
-    def __init__(self, model=None, device=None, size: int | None = None, batch: int = 8, impl: str = "auto"):
+    def __init__(
+        self,
+        model=None,
+        device=None,
+        size: int | None = None,
+        batch: int = 8,
+        impl: str = "auto",
+        precision: str = "fp32",
+        channels_last: bool = True,
+        cuda_graph: bool = False,
+        workers: int = 2,
+    ):
         from fss.checkpoint import load_model
 
         self.device = resolve_device(device)
@@ -89,6 +133,10 @@ class Segmenter:
         self.size = int(size or model.meta["input_size"])
         self.batch = int(batch)
         self.impl = impl
+        self.workers = int(workers)
+        self.encode_batch = make_encoder(
+            self.model, self.device, self.batch, self.size, precision, channels_last, cuda_graph
+        )
         self.supports: dict[str, SupportSet] = {}
         self._lock = threading.Lock()
 
@@ -104,8 +152,8 @@ class Segmenter:
                 "images and masks must be non-empty lists of per-class shot lists of equal length"
             )
         classes = list(classes) if classes is not None else [f"class{n + 1}" for n in range(len(images))]
-        if len(classes) != len(images):
-            raise ValueError(f"{len(classes)} class names for {len(images)} classes")
+        if len(classes) != len(images) or len(set(classes)) != len(classes):
+            raise ValueError(f"need {len(images)} distinct class names, got {classes}")
         fg, bg = [], []
         for class_images, class_masks in zip(images, masks, strict=True):
             if len(class_images) == 0 or len(class_images) != len(class_masks):
@@ -122,6 +170,37 @@ class Segmenter:
                 raise KeyError(f"no support set named {name!r}")
             del self.supports[name]
 
+    def add_shot(self, class_name: str, image, mask, support: str | None = None) -> None:
+        """Add one annotated image to a class (a new class is appended last); only it is encoded."""
+        fg, bg = self.pool_shots([image], [mask])
+        with self._lock:
+            s = self.support(support)
+            if class_name in s.classes:
+                n = s.classes.index(class_name)
+                s.fg[n] = torch.cat([s.fg[n], fg])
+                s.bg[n] = torch.cat([s.bg[n], bg])
+            else:
+                s.classes.append(class_name)
+                s.fg.append(fg)
+                s.bg.append(bg)
+            s.refresh()
+
+    def remove_shot(self, class_name: str, index: int, support: str | None = None) -> None:
+        """Remove shot ``index`` of a class from the cached poolings; nothing is re-encoded."""
+        with self._lock:
+            s = self.support(support)
+            n = s.classes.index(class_name) if class_name in s.classes else None
+            if n is None:
+                raise KeyError(f"no class {class_name!r} (have {s.classes})")
+            shots = len(s.fg[n])
+            if not -shots <= index < shots:
+                raise IndexError(f"class {class_name!r} has {shots} shots, no shot {index}")
+            if shots == 1:
+                raise ValueError(f"cannot remove the only shot of class {class_name!r}")
+            keep = [k for k in range(shots) if k != index % shots]
+            s.fg[n], s.bg[n] = s.fg[n][keep], s.bg[n][keep]
+            s.refresh()
+
     def pool_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode shots and pool them: ``K x C`` foreground and ``K x C`` background vectors."""
         imgs, fgs, bgs = [], [], []
@@ -135,9 +214,10 @@ class Segmenter:
             imgs.append(image_tensor(img, self.size))
             fgs.append(resized == 1)
             bgs.append(resized == 0)
-        feats = self.encode(torch.stack(imgs))  # K x C x h x w
-        fg = torch.stack(fgs).to(self.device, feats.dtype)[:, None, None]  # K x 1 x 1 x S x S
-        bg = torch.stack(bgs).to(self.device, feats.dtype)[:, None, None]
+        with self._lock:
+            feats = self.encode(torch.stack(imgs))  # K x C x h x w
+        fg = torch.stack(fgs).to(self.device, torch.float32)[:, None, None]  # K x 1 x 1 x S x S
+        bg = torch.stack(bgs).to(self.device, torch.float32)[:, None, None]
         # Each shot as its own 1-way 1-shot episode: prototypes = [bg pooling, fg pooling].
         with torch.inference_mode():
             pooled = kernels.prototypes(feats[:, None, None], fg, bg, impl=self.impl)  # K x 2 x C
@@ -153,15 +233,16 @@ class Segmenter:
             raise KeyError(f"no support set named {name!r} (have {sorted(self.supports)})")
         return self.supports[name]
 
+    def classes(self, support: str | None = None) -> list[str]:
+        return list(self.support(support).classes)
+
     # -- queries --------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``M x 3 x S x S`` normalised images -> ``M x C x h x w`` features, in batches of ``batch``."""
+        """``M x 3 x S x S`` normalised images -> ``M x C x h x w`` fp32 features, ``batch`` at a time."""
         with torch.inference_mode():
-            chunks = [
-                self.model.encode(images[i : i + self.batch].to(self.device, non_blocking=True))
-                for i in range(0, len(images), self.batch)
-            ]
-        return torch.cat(chunks)
+            return torch.cat(
+                [self.encode_batch(images[i : i + self.batch]) for i in range(0, len(images), self.batch)]
+            )
 
     def segment_torch(self, qry_imgs: torch.Tensor, out_size, support: str | None = None, return_prob=False):
         """``M x 3 x S x S`` normalised queries -> ``M x H x W`` uint8 labels (+ max probabilities)."""
@@ -174,18 +255,15 @@ class Segmenter:
                 )
         return (out[0][0], out[1][0]) if return_prob else out[0]
 
-    def segment(self, queries, support: str | None = None, return_prob: bool = False):
-        """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked.
-
-        Query logits are upsampled straight from feature resolution to the query's size, then argmax.
-        """
-        imgs = [as_image(q) for q in queries]
-        labels, probs = [], []
+    def segment_encoded(self, imgs: list[Image.Image], batch: torch.Tensor, support, return_prob):
+        """Already decoded queries and their ``M x 3 x S x S`` tensor -> per-query results."""
+        results = []
         with self._lock:
             protos = self.support(support).protos
-            feats = self.encode(torch.stack([image_tensor(img, self.size) for img in imgs]))
+            feats = self.encode(batch)
             with torch.inference_mode():
                 for img, feat in zip(imgs, feats, strict=True):
+                    # Logits go straight from feature resolution to the query's own size.
                     out = kernels.segment(
                         feat[None, None],
                         protos[None],
@@ -193,11 +271,65 @@ class Segmenter:
                         return_prob=return_prob,
                         impl=self.impl,
                     )
-                    label, prob = out if return_prob else (out, None)
-                    labels.append(label[0, 0].cpu().numpy())
                     if return_prob:
-                        probs.append(prob[0, 0].float().cpu().numpy())
-        return (labels, probs) if return_prob else labels
+                        results.append((out[0][0, 0].cpu().numpy(), out[1][0, 0].float().cpu().numpy()))
+                    else:
+                        results.append(out[0, 0].cpu().numpy())
+        return results
 
-    def classes(self, support: str | None = None) -> list[str]:
-        return list(self.support(support).classes)
+    def segment(self, queries, support: str | None = None, return_prob: bool = False):
+        """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked."""
+        imgs = [as_image(q) for q in queries]
+        if not imgs:
+            return ([], []) if return_prob else []
+        results = self.segment_encoded(
+            imgs, torch.stack([image_tensor(i, self.size) for i in imgs]), support, return_prob
+        )
+        return tuple(map(list, zip(*results, strict=True))) if return_prob else results
+
+    def load_query(self, query) -> tuple[Image.Image, torch.Tensor]:
+        img = as_image(query)
+        return img, image_tensor(img, self.size)
+
+    def segment_stream(
+        self, queries: Iterable, support: str | None = None, return_prob: bool = False
+    ) -> Iterator[StreamResult]:
+        """Segment a stream of queries in batches, decoding the next batch while the current one runs.
+
+        Yields one :class:`StreamResult` per query, in input order; a query that cannot be decoded
+        carries its ``error`` and the stream goes on.
+        """
+        queries = iter(queries)
+
+        def next_batch(pool):
+            items = [q for _, q in zip(range(self.batch), queries, strict=False)]
+            return items, [pool.submit(self.load_query, q) for q in items]
+
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            items, futures = next_batch(pool)
+            while items:
+                loaded = []
+                for item, future in zip(items, futures, strict=True):
+                    try:
+                        loaded.append((item, *future.result()))
+                    except (FssError, OSError, ValueError) as err:
+                        loaded.append((item, None, err))
+                items, futures = next_batch(pool)  # decoding overlaps the encoder below
+                good = [entry for entry in loaded if entry[1] is not None]
+                start = time.perf_counter()
+                outputs = (
+                    self.segment_encoded(
+                        [e[1] for e in good], torch.stack([e[2] for e in good]), support, return_prob
+                    )
+                    if good
+                    else []
+                )
+                share = (time.perf_counter() - start) / max(1, len(good))
+                outputs = iter(outputs)
+                for item, img, payload in loaded:
+                    if img is None:
+                        yield StreamResult(item, None, error=payload)
+                        continue
+                    out = next(outputs)
+                    labels, prob = out if return_prob else (out, None)
+                    yield StreamResult(item, img, labels, prob, seconds=share)

@@ -18,6 +18,11 @@ def random_model(width=0.125, seed=0, input_size=65) -> fss.PANet:
     return model.eval()
 
 
+def official_snapshot(model, prefix="module.") -> dict:
+    """The official ``nn.DataParallel(PANet).state_dict()`` (``prefix=""``: saved without DataParallel)."""
+    return {f"{prefix}encoder.backbone.{k[len('encoder.') :]}": v for k, v in model.state_dict().items()}
+
+
 def save_image(path: Path, rng, size=(48, 40)) -> np.ndarray:
     """A random RGB image of ``size`` = (width, height); returns its pixels."""
     pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)

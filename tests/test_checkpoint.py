@@ -2,24 +2,20 @@
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import official_snapshot, random_model
 
 import fss
 from fss.checkpoint import load_vgg16_imagenet
 from fss.errors import CheckpointError
 
 
-def official_state(model, prefix="module."):
-    return {f"{prefix}encoder.backbone.{k[len('encoder.') :]}": v for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("prefix", ["module.", ""])
 def test_official_snapshot_loads_with_and_without_module_prefix(tmp_path, prefix):
     model = random_model(width=0.25)
-    torch.save(official_state(model, prefix), tmp_path / "30000.pth")
+    torch.save(official_snapshot(model, prefix), tmp_path / "30000.pth")
     loaded = fss.load_model(tmp_path / "30000.pth")
     assert not loaded.training
-    assert len(official_state(model)) == 26
+    assert len(official_snapshot(model)) == 26
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     assert loaded.meta["width"] == 0.25 and loaded.meta["input_size"] == 417
@@ -61,7 +57,7 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path):
     ],
 )
 def test_wrong_snapshot_gives_one_clear_line(tmp_path, mutate, message):
-    state = official_state(random_model())
+    state = official_snapshot(random_model())
     mutate(state)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:

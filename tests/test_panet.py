@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from fss.train import panet_losses
 from official_reference import reference_forward, reference_losses
 
 import fss
+from fss.train import panet_losses
 
 # Same float32 math in another order (adjoint pooling, batched einsum): logits agree to ~1e-5 of
 # their scale (20); losses to 1e-4 as the project promises.
@@ -54,8 +54,10 @@ def test_logits_match_official(B, N, K, Q, H, W):
         ref = reference_forward(model, supp, fg, bg, qry)
     assert ours.shape == (B, Q, 1 + N, H, W)
     torch.testing.assert_close(ours, ref, atol=LOGIT_ATOL, rtol=1e-4)
-    agree = (ours.argmax(2) == ref.argmax(2)).float().mean().item()
-    assert agree > 0.999
+    # Labels agree wherever the reference is not a near-tie (1 x 1 features make every pixel one tie).
+    top2 = ref.topk(2, dim=2).values
+    decisive = (top2[:, :, 0] - top2[:, :, 1]) > 4 * LOGIT_ATOL
+    assert torch.equal(ours.argmax(2)[decisive], ref.argmax(2)[decisive])
 
 
 def test_ragged_shots_match_official():

@@ -197,3 +197,27 @@ def test_resume_refuses_another_support_set(tmp_path, ckpt, capsys):
     support2 = make_support(tmp_path / "s2", classes=("bird",), shots=(1,))
     code, err = run(capsys, "--support", support2, "--query", query, "--out", out, "--ckpt", ckpt)
     assert code == 2 and "another support set" in err
+
+
+def test_bundle_runs_like_the_checkpoint(tmp_path, ckpt, capsys):
+    """fss-run --bundle (ONNX Runtime) writes the masks of fss-run --ckpt (torch) on >= 99.9 % of pixels."""
+    from fss.export.build import export_bundle
+
+    bundle, _ = export_bundle(ckpt, tmp_path / "bundle", size=65, log=lambda _: None)
+    assert fss.load_model(bundle).meta == fss.load_model(ckpt).meta
+    support, query = make_support(tmp_path / "s"), make_queries(tmp_path / "q", 4)
+    common = ["--support", support, "--query", query]
+    assert run(capsys, *common, "--ckpt", ckpt, "--out", tmp_path / "torch")[0] == 0
+    code, err = run(
+        capsys, *common, "--bundle", bundle, "--backend", "onnxruntime", "--out", tmp_path / "ort"
+    )
+    assert code == 0, err
+    for i in range(4):
+        ours = np.asarray(Image.open(tmp_path / "ort" / f"q{i}.png"))
+        assert (ours == np.asarray(Image.open(tmp_path / "torch" / f"q{i}.png"))).mean() >= 0.999
+    manifest = bundle / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
+    code, err = run(capsys, *common, "--bundle", bundle, "--out", tmp_path / "bad")
+    assert code == 2 and err.count("\n") == 1 and "fss-run: error:" in err
+    with pytest.raises(SystemExit):
+        main(["--support", str(support), "--query", str(query), "--backend", "onnxruntime"])

@@ -40,29 +40,44 @@ class PANet(nn.Module):
 
     def episode_features(self, supp_imgs, qry_imgs):
         """One encoder pass over supports and queries: ``B x N x K x C x h x w``, ``B x Q x C x h x w``."""
-        B, N, K = supp_imgs.shape[:3]
-        Q = qry_imgs.shape[1]
-        feats = self.encode(torch.cat([supp_imgs.flatten(0, 2), qry_imgs.flatten(0, 1)]))
-        supp_feats = feats[: B * N * K].unflatten(0, (B, N, K))
-        qry_feats = feats[B * N * K :].unflatten(0, (B, Q))
-        return supp_feats, qry_feats
+        return encode_episode(self.encode, supp_imgs, qry_imgs)
 
     def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None):
-        """Logits of the query images.
+        """Logits ``B x Q x (1+N) x H x W`` of the query images; see :func:`episode_logits`."""
+        return episode_logits(
+            self.encode, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask, scale=self.scale, impl=self.impl
+        )
 
-        Args:
-            supp_imgs: ``B x N x K x 3 x H x W`` normalised support images.
-            supp_fg, supp_bg: ``B x N x K x H x W`` foreground / background masks.
-            qry_imgs: ``B x Q x 3 x H x W`` normalised query images.
-            shot_mask: optional ``B x N x K`` bool for ways with fewer than K shots.
 
-        Returns:
-            ``B x Q x (1+N) x H x W`` logits, background first.
-        """
-        check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
-        supp_feats, qry_feats = self.episode_features(supp_imgs, qry_imgs)
-        protos = kernels.prototypes(supp_feats, supp_fg, supp_bg, shot_mask, impl=self.impl)
-        return kernels.match(qry_feats, protos, qry_imgs.shape[-2:], self.scale, impl=self.impl)
+def encode_episode(encode, supp_imgs, qry_imgs):
+    """One ``encode`` call over supports and queries: ``B x N x K x C x h x w``, ``B x Q x C x h x w``."""
+    B, N, K = supp_imgs.shape[:3]
+    Q = qry_imgs.shape[1]
+    feats = encode(torch.cat([supp_imgs.flatten(0, 2), qry_imgs.flatten(0, 1)]))
+    supp_feats = feats[: B * N * K].unflatten(0, (B, N, K))
+    qry_feats = feats[B * N * K :].unflatten(0, (B, Q))
+    return supp_feats, qry_feats
+
+
+def episode_logits(
+    encode, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, scale=PROTOTYPE_SCALE, impl="auto"
+):
+    """PANet's logits for a batch of episodes, whatever computes the features (torch, ONNX Runtime, ...).
+
+    Args:
+        encode: ``M x 3 x H x W`` normalised images -> ``M x C x h x w`` features.
+        supp_imgs: ``B x N x K x 3 x H x W`` normalised support images.
+        supp_fg, supp_bg: ``B x N x K x H x W`` foreground / background masks.
+        qry_imgs: ``B x Q x 3 x H x W`` normalised query images.
+        shot_mask: optional ``B x N x K`` bool for ways with fewer than K shots.
+
+    Returns:
+        ``B x Q x (1+N) x H x W`` logits, background first.
+    """
+    check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
+    supp_feats, qry_feats = encode_episode(encode, supp_imgs, qry_imgs)
+    protos = kernels.prototypes(supp_feats, supp_fg, supp_bg, shot_mask, impl=impl)
+    return kernels.match(qry_feats, protos, qry_imgs.shape[-2:], scale, impl=impl)
 
 
 def check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs):

@@ -1,0 +1,144 @@
+"""``export_bundle``: checkpoint -> ONNX (+ TensorRT) encoder -> verified against eager -> bundle."""
+
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fss
+from fss.checkpoint import load_model
+from fss.errors import FssError
+from fss.export import verify
+from fss.export.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    ENGINE_FILE,
+    ONNX_FILE,
+    file_entries,
+    sha256_file,
+    staged_bundle,
+    write_manifest,
+)
+from fss.export.onnx import DEFAULT_OPSET, export_onnx, require_onnx_tools
+from fss.export.tensorrt import tensorrt_missing
+
+DEFAULT_MAX_BATCH = 8
+
+
+def default_out(ckpt: Path) -> Path:
+    return ckpt.with_name(f"{ckpt.stem}-bundle")
+
+
+def tool_versions(with_tensorrt: bool) -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    versions = {
+        "fss": fss.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if with_tensorrt:
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+    return versions
+
+
+def export_bundle(
+    ckpt,
+    out=None,
+    *,
+    trt: bool = False,
+    fp16: bool = False,
+    size: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    opset: int = DEFAULT_OPSET,
+    verify_images=(),
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[Path, dict]:
+    """Export the encoder of ``ckpt`` as a verified bundle at ``out``; return its path and manifest.
+
+    Always writes ``encoder.onnx`` (float32, dynamic batch), verified with ONNX Runtime (CPU) against
+    eager PyTorch; with ``trt`` also ``encoder.engine`` (float16 with ``fp16``), verified on the GPU.
+    ``size`` defaults to the checkpoint's input size; ``max_batch`` bounds the TensorRT profile.
+
+    Raises ``FssError`` for what the user can fix (checkpoint, output path, missing TensorRT / CUDA,
+    opset), before anything is written, and ``VerificationError`` when the exported encoder is
+    beyond tolerance. Either way nothing is left at ``out``: the bundle is built beside it and renamed
+    into place only when complete.
+    """
+    ckpt = Path(ckpt)
+    out = Path(out) if out is not None else default_out(ckpt)
+    require_onnx_tools()
+    if trt and (missing := tensorrt_missing("--trt")):
+        raise FssError(missing)
+    if fp16 and not trt:
+        log("note: --fp16 applies to TensorRT engines (--trt); the ONNX encoder stays float32")
+    model = load_model(ckpt)
+    size = int(size or model.meta["input_size"])
+    meta = {**model.meta, "input_size": size}
+    inputs = verify.verification_inputs(size, verify_images)
+
+    with staged_bundle(out) as staging:
+        log(f"exporting the encoder of {ckpt.name} (width {model.encoder.width:g}, {size}x{size})")
+        graph = export_onnx(model.encoder, staging / ONNX_FILE, size, opset)
+        with torch.inference_mode():
+            references = {name: verify.encode_in_batches(model.encode, x) for name, x in inputs.items()}
+        log(f"verifying {ONNX_FILE} with ONNX Runtime (CPU) on {', '.join(inputs)} inputs")
+        verification = {"reference": verify.REFERENCE}
+        verification["onnxruntime"] = verify_onnxruntime(staging / ONNX_FILE, inputs, references)
+        engine = None
+        if trt:
+            precision = "float16" if fp16 else "float32"
+            log(f"building and verifying {ENGINE_FILE} with TensorRT ({precision})")
+            engine = build_verified_engine(
+                model, staging, size, max_batch, opset, precision, inputs, references
+            )
+            verification["tensorrt"] = engine.pop("verification")
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "meta": meta,
+            "onnx": {"file": ONNX_FILE, "dtype": "float32", **graph},
+            "tensorrt": engine,
+            "files": file_entries(staging),
+            "verification": verification,
+            "tools": tool_versions(with_tensorrt=trt),
+            "source_checkpoint": {"file": ckpt.name, "sha256": sha256_file(ckpt)},
+        }
+        write_manifest(staging, manifest)
+    return out, manifest
+
+
+def verify_onnxruntime(onnx_path: Path, inputs: dict, references: dict) -> dict:
+    from fss.export.backends import OnnxRuntimeEncoder
+
+    encoder = OnnxRuntimeEncoder(onnx_path, "cpu")
+    report = verify.verify_encoder("ONNX Runtime", encoder.encode, inputs, references)
+    return {"provider": "CPUExecutionProvider", **report}
+
+
+def build_verified_engine(
+    model, staging: Path, size, max_batch, opset, precision, inputs, references
+) -> dict:
+    """Build ``encoder.engine`` from the float32 graph, or from a float16 copy of it (kept out of the
+    bundle), run it on the GPU and compare with eager; the entry carries its ``verification``."""
+    from fss.export.backends import TensorRTEncoder
+    from fss.export.tensorrt import build_engine
+
+    with tempfile.TemporaryDirectory() as scratch:
+        source = staging / ONNX_FILE
+        if precision == "float16":
+            source = Path(scratch) / "encoder-fp16.onnx"
+            export_onnx(model.encoder, source, size, opset, float16=True)
+        engine = build_engine(source, staging / ENGINE_FILE, size, max_batch, precision)
+    encoder = TensorRTEncoder(staging / ENGINE_FILE, "cuda")
+    engine["verification"] = verify.verify_encoder("TensorRT", encoder.encode, inputs, references, precision)
+    return engine

@@ -1,0 +1,105 @@
+"""``fss-export``: a checkpoint's encoder as a verified ONNX (and TensorRT) bundle.
+
+Exit status: 0 bundle written; 1 the exported encoder is beyond tolerance (nothing written);
+2 a user error (bad checkpoint, output path, arguments, missing TensorRT / CUDA), one line on stderr.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from fss.errors import FssError
+
+PROG = "fss-export"
+
+
+def parse_args(argv):
+    from fss.export.build import DEFAULT_MAX_BATCH
+    from fss.export.onnx import DEFAULT_OPSET
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a checkpoint's encoder as a bundle that fss-run --bundle and fss.load_model(DIR) "
+        "load, verified against eager PyTorch.",
+    )
+    p.add_argument(
+        "--ckpt", required=True, type=Path, metavar="C", help="official PANet snapshot or fss checkpoint"
+    )
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="bundle directory (default: <C stem>-bundle beside C)"
+    )
+    p.add_argument(
+        "--onnx", action="store_true", help="ONNX encoder (always written: TensorRT builds from it)"
+    )
+    p.add_argument(
+        "--trt", action="store_true", help="also a TensorRT engine (needs TensorRT and a CUDA GPU)"
+    )
+    p.add_argument("--fp16", action="store_true", help="float16 TensorRT engine (ONNX stays float32)")
+    p.add_argument(
+        "--size", type=int, metavar="S", help="input size (default: the checkpoint's, 417 for PANet)"
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N", help="largest TensorRT batch"
+    )
+    p.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset (default {DEFAULT_OPSET})"
+    )
+    p.add_argument(
+        "--verify-images",
+        type=Path,
+        nargs="+",
+        default=(),
+        metavar="IMG",
+        help="real images to verify on as well",
+    )
+    args = p.parse_args(argv)
+    if args.size is not None and args.size < 8:
+        p.error("--size must be at least 8")
+    if args.max_batch < 1:
+        p.error("--max-batch must be at least 1")
+    return args
+
+
+def print_report(out: Path, manifest: dict) -> None:
+    print(f"{PROG}: wrote {out} ({', '.join(manifest['files'])})")
+    for backend in ("onnxruntime", "tensorrt"):
+        report = manifest["verification"].get(backend)
+        if report is None:
+            continue
+        print(f"  {backend} ({report['precision']}) vs {manifest['verification']['reference']}:")
+        for name, errors in report["inputs"].items():
+            print(
+                f"    {name:<8} batch {errors['batch']}  max abs error {errors['max_abs_error']:.2e}  "
+                f"relative {errors['relative_error']:.2e}  (tolerance {report['tolerance']:.0e})"
+            )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from fss.export.build import export_bundle
+    from fss.export.verify import VerificationError
+
+    try:
+        out, manifest = export_bundle(
+            args.ckpt,
+            args.out,
+            trt=args.trt,
+            fp16=args.fp16,
+            size=args.size,
+            max_batch=args.max_batch,
+            opset=args.opset,
+            verify_images=args.verify_images,
+            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+        )
+    except VerificationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except FssError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print_report(out, manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
