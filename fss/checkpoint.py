@@ -10,13 +10,12 @@
 Everything is read with ``torch.load(weights_only=True)``.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from fss.errors import CheckpointError
+from fss.io import atomic_write
 from fss.models.panet import PANet, default_meta
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
@@ -121,16 +120,7 @@ def load_model(path=None, device=None, impl: str = "auto") -> PANet:
 
 def atomic_save(obj, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_dict(model: PANet, **meta_updates) -> dict:

@@ -1,0 +1,186 @@
+"""``fss-train``: episodic PANet training on a folder dataset (one subfolder of image + mask pairs per class).
+
+A COCO-layout folder is converted to that layout first with ``python -m fss.train.coco``.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fss.checkpoint import read_torch_file
+from fss.constants import PAPER_INPUT_SIZE
+from fss.errors import FssError
+from fss.train.trainer import TrainConfig, evaluate_only, train
+
+PROG = "fss-train"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def class_list(text: str) -> list[str]:
+    """``a,b,c`` -> names; ``none`` -> no class."""
+    return [] if text.strip().lower() == "none" else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train PANet episodically on a folder dataset (DIR/<class>/<stem>.jpg + <stem>.png "
+        "masks), holding out validation classes and reporting few-shot mean-IoU on them. Defaults "
+        "are the paper's recipe.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="dataset folder, one subfolder per class")
+    p.add_argument("--out", type=Path, default=Path("runs/panet"), help="run folder (default runs/panet)")
+    p.add_argument(
+        "--val-classes",
+        type=class_list,
+        default=None,
+        metavar="A,B,...",
+        help="held-out classes (default: every 4th class in name order; 'none' trains on all)",
+    )
+    p.add_argument("--ways", type=positive_int, default=1, help="classes per episode (default 1)")
+    p.add_argument("--shots", type=positive_int, default=1, help="support images per class (default 1)")
+    p.add_argument("--queries", type=positive_int, default=1, help="query images per class (default 1)")
+    p.add_argument("--iters", type=count, default=30000, help="training iterations (default 30000)")
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
+    )
+    p.add_argument("--width", type=float, default=1.0, help="encoder width multiplier; 1.0 = VGG16")
+    p.add_argument("--init", type=Path, default=None, help="torchvision vgg16-397923af.pth (width 1.0 only)")
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--lr-milestones",
+        type=int_list,
+        default=None,
+        metavar="I,J,...",
+        help="iterations after which lr is multiplied by --lr-gamma (default 1/3 and 2/3 of --iters)",
+    )
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--batch-episodes", type=positive_int, default=1, help="episodes per batch (default 1)")
+    p.add_argument("--align-weight", type=float, default=1.0, help="weight of the PAR loss (default 1)")
+    p.add_argument("--no-align", action="store_true", help="train without prototype alignment (PAR)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the episodes (default 0)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT (default OUT/last.pt) with the same options",
+    )
+    p.add_argument("--save-every", type=positive_int, default=1000, help="write OUT/last.pt (default 1000)")
+    p.add_argument(
+        "--snapshot-every", type=count, default=10000, help="write OUT/step-N.pt (default 10000; 0: never)"
+    )
+    p.add_argument(
+        "--eval-every", type=count, default=5000, help="validate every N iterations (0: at the end)"
+    )
+    p.add_argument(
+        "--eval-episodes", type=positive_int, default=1000, help="validation episodes (default 1000)"
+    )
+    p.add_argument(
+        "--eval-seed", type=int, default=1234, help="seed of the validation episodes (default 1234)"
+    )
+    p.add_argument(
+        "--eval-only", action="store_true", help="only evaluate --ckpt (or a fresh model) and exit"
+    )
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint for --eval-only (default: untrained)")
+    p.add_argument("--log", type=Path, default=None, help="CSV log (default OUT/log.csv)")
+    p.add_argument("--cache-mb", type=float, default=2048, help="memory for decoded images (default 2048)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def checkpoint_input_size(path: Path) -> int:
+    ckpt = read_torch_file(path)
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    return int((meta or {}).get("input_size", PAPER_INPUT_SIZE))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    size = args.size
+    if size is None:
+        size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
+    resume = None if args.resume is None else Path(args.resume or args.out / "last.pt")
+    return TrainConfig(
+        data=args.data,
+        out=args.out,
+        val_classes=args.val_classes,
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        iters=args.iters,
+        size=size,
+        width=args.width,
+        init=args.init,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        lr_milestones=args.lr_milestones,
+        lr_gamma=args.lr_gamma,
+        batch_episodes=args.batch_episodes,
+        align=not args.no_align,
+        align_weight=args.align_weight,
+        flip=not args.no_flip,
+        seed=args.seed,
+        resume=resume,
+        save_every=args.save_every,
+        snapshot_every=args.snapshot_every,
+        eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes,
+        eval_seed=args.eval_seed,
+        log=args.log,
+        cache_mb=args.cache_mb,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = config_from_args(args)
+        if args.eval_only:
+            print(json.dumps(evaluate_only(config, args.ckpt), indent=2))
+        else:
+            result = train(config)
+            val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
+            print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
+    except FssError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
