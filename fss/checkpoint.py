@@ -134,6 +134,20 @@ def save_checkpoint(model: PANet, path, **meta_updates) -> None:
     atomic_save(checkpoint_dict(model, **meta_updates), path)
 
 
+def init_encoder(model: PANet, path) -> None:
+    """Start ``model``'s encoder from a file: an fss checkpoint or official snapshot of the same width
+    (e.g. a pretrained encoder), or torchvision's ``vgg16-397923af.pth``."""
+    obj = read_torch_file(path)
+    if (
+        isinstance(obj, dict)
+        and obj.get("format") == CHECKPOINT_FORMAT
+        or any(str(k).startswith(OFFICIAL_PREFIXES) for k in (obj if isinstance(obj, dict) else ()))
+    ):
+        load_state_strict(model, model_from_state(obj, path).state_dict(), path)
+    else:
+        load_vgg16_imagenet(model, path)
+
+
 def load_vgg16_imagenet(model: PANet, path) -> None:
     """Initialise the encoder from torchvision's ``vgg16-397923af.pth``: its first 26 tensors, in order."""
     state = read_torch_file(path)

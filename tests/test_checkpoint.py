@@ -113,3 +113,17 @@ def test_encoder_geometry_matches_the_paper():
     assert fss.models.VGG16Dilated.feature_size(417) == 53
     assert len(model.encoder.convs()) == 13
     assert isinstance(model.encoder.features[8][-1], torch.nn.Conv2d)  # no ReLU after the last conv
+
+
+def test_init_encoder_from_an_fss_checkpoint_or_official_snapshot(tmp_path):
+    from fss.checkpoint import init_encoder
+
+    source = random_model(width=0.25, seed=3)
+    fss.save_checkpoint(source, tmp_path / "pre.pt")
+    torch.save(official_snapshot(source), tmp_path / "official.pth")
+    for path in (tmp_path / "pre.pt", tmp_path / "official.pth"):
+        target = fss.PANet(width=0.25)
+        init_encoder(target, path)
+        assert all(torch.equal(a, b) for a, b in zip(target.parameters(), source.parameters(), strict=True))
+    with pytest.raises(CheckpointError, match="has shape"):
+        init_encoder(fss.PANet(width=0.5), tmp_path / "pre.pt")

@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
     p.add_argument("--width", type=float, default=1.0, help="encoder width multiplier; 1.0 = VGG16")
-    p.add_argument("--init", type=Path, default=None, help="torchvision vgg16-397923af.pth (width 1.0 only)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start the encoder from an fss checkpoint or official snapshot (same width), or torchvision's "
+        "vgg16-397923af.pth (width 1.0)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from fss.checkpoint import (
     atomic_save,
     checkpoint_dict,
+    init_encoder,
     load_model,
     load_state_strict,
-    load_vgg16_imagenet,
     read_torch_file,
 )
 from fss.constants import PAPER_INPUT_SIZE
@@ -49,7 +49,7 @@ class TrainConfig:
     iters: int = 30000
     size: int = PAPER_INPUT_SIZE
     width: float = 1.0
-    init: Path | None = None  # torchvision vgg16-397923af.pth; None: from scratch
+    init: Path | None = None  # fss checkpoint / official snapshot / torchvision VGG16; None: from scratch
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -132,7 +132,7 @@ def build_model(config: TrainConfig) -> PANet:
     if config.init is None:
         init_from_scratch(model)
     else:
-        load_vgg16_imagenet(model, config.init)
+        init_encoder(model, config.init)
     return model
 
 
