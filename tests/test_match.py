@@ -103,7 +103,7 @@ def shape_cases():
             )
 
 
-@pytest.mark.parametrize("impl, shape", shape_cases())
+@pytest.mark.parametrize("impl, shape", list(shape_cases()))
 def test_match_and_segment(impl, shape):
     qry, protos = make_inputs(*shape[:5])
     size = shape[5]
