@@ -9,6 +9,7 @@ Run: ``pytest benches/bench_match.py --benchmark-only``.
 import pytest
 import torch
 from official_reference import episode_logits
+from timing import synced
 
 from fss.kernels import match, segment
 
@@ -34,18 +35,6 @@ def official_logits(qry, protos):
 
 def group(ways, device):
     return f"segment {ways}-way 1 query C={C} {FEAT}->{SIZE} ({device.upper()})"
-
-
-def synced(fn):
-    """``fn`` that waits for the GPU, so the timer sees the kernels."""
-
-    def run(*args):
-        out = fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def bench(benchmark, ways, device, fn, dtype=torch.float32):

@@ -8,6 +8,7 @@ Run: ``pytest benches/bench_prototypes.py --benchmark-only``.
 import pytest
 import torch
 from official_reference import episode_prototypes
+from timing import synced
 
 from fss.kernels import prototypes
 
@@ -27,18 +28,6 @@ def episode(device, dtype=torch.float32):
 
 def official(feats, fg, bg):
     return torch.cat(episode_prototypes(feats[0], fg[0], bg[0], [SHOTS] * WAYS))
-
-
-def synced(fn):
-    """``fn`` that waits for the GPU, so the timer sees the kernels."""
-
-    def run(*args):
-        out = fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.mark.benchmark(group=f"{GROUP} (CPU)")
