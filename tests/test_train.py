@@ -9,9 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import fss
+from fss.train import evaluate as evaluation
 from fss.train.cli import main
 from fss.train.data import EpisodeSampler, FolderDataset, Way, episode_tensors
-from fss.train.evaluate import episode_counts, evaluate
+from fss.train.evaluate import IouCounts, evaluate, query_counts
 from fss.train.trainer import TrainConfig, default_val_classes, train
 
 SIZE = 32
@@ -150,31 +151,40 @@ def test_flip_mirrors_images_and_labels_together(shapes):
 # -- metric -----------------------------------------------------------------------------------------
 
 
-def test_episode_counts_skip_ignored_pixels():
-    labels = torch.tensor([[[0, 1, 1, 255], [2, 2, 0, 255]]])
-    pred = torch.tensor([[[1, 1, 0, 1], [2, 0, 0, 2]]])
-    assert episode_counts(pred, labels, 2) == [(1, 1, 1), (1, 0, 1)]
+def test_query_counts_skip_ignored_pixels_and_absent_classes():
+    """Hand-computed: counts per query, only for the classes (background included) its labels hold."""
+    labels = torch.tensor([[[[0, 1, 1, 255], [2, 2, 0, 255]], [[0, 0, 1, 1], [0, 0, 255, 255]]]])
+    pred = torch.tensor([[[[1, 1, 0, 1], [2, 0, 0, 2]], [[2, 0, 1, 0], [0, 2, 2, 1]]]], dtype=torch.uint8)
+    counts = query_counts(pred, labels, ways=2)  # 1 episode, 2 queries
+    # Query 1: background TP 1 FP 2 FN 1; way 1 TP 1 FP 1 FN 1; way 2 TP 1 FP 0 FN 1.
+    # Query 2 (no way 2 in its labels: way 2's false positives are not counted): background TP 2 FP 1
+    # FN 2; way 1 TP 1 FP 0 FN 1.
+    assert counts.tolist() == [[[3, 3, 3], [2, 1, 2], [1, 0, 1]]]
 
 
-def test_perfect_and_empty_predictions(shapes):
-    class Oracle(torch.nn.Module):
-        """Predicts the query labels it was given (a stand-in with the model's call signature)."""
+def test_iou_counts_summary_is_the_official_metric():
+    counts = IouCounts(["a", "b"])
+    counts.add(
+        [["a", "b"], ["b", "a"]],
+        torch.tensor([[[5, 1, 2], [3, 1, 0], [1, 1, 1]], [[4, 0, 0], [2, 0, 2], [1, 2, 1]]]),
+    )
+    # Ways follow each episode's class order: a = [3,1,0] + [1,2,1], b = [1,1,1] + [2,0,2], background
+    # [5,1,2] + [4,0,0]; the foreground sums a's and b's counts: [7,4,4].
+    summary = counts.summary()
+    assert summary["class_iou"] == pytest.approx({"a": 4 / 8, "b": 3 / 7})
+    assert summary["mean_iou"] == pytest.approx((4 / 8 + 3 / 7) / 2)
+    assert summary["binary_iou"] == pytest.approx((9 / 12 + 7 / 15) / 2)
 
-        def __init__(self, labels, flip):
-            super().__init__()
-            self.labels, self.flip = labels, flip
 
-        def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs):
-            onehot = torch.nn.functional.one_hot(self.labels.pop(0).clamp(max=2), 3).movedim(-1, 2)
-            return onehot.float() if not self.flip else -onehot.float()
-
+def test_perfect_and_empty_predictions(shapes, monkeypatch):
     dataset = FolderDataset(shapes, SIZE)
-    sampler = EpisodeSampler(dataset, dataset.classes, 2, 1, rng=np.random.default_rng(1234))
-    labels = [sampler.batch(1).qry_labels for _ in range(5)]
-    perfect = evaluate(Oracle(list(labels), False), dataset, dataset.classes, ways=2, episodes=5)
-    assert perfect["mean_iou"] == 1.0
-    wrong = evaluate(Oracle(list(labels), True), dataset, dataset.classes, ways=2, episodes=5)
-    assert wrong["mean_iou"] == 0.0
+    model = fss.PANet(width=0.0625)
+    monkeypatch.setattr(evaluation, "predict", lambda model, batch, *_: batch.qry_labels.clamp(max=2))
+    perfect = evaluate(model, dataset, dataset.classes, ways=2, episodes=5, batch_episodes=2)
+    assert perfect["mean_iou"] == perfect["binary_iou"] == 1.0
+    monkeypatch.setattr(evaluation, "predict", lambda model, batch, *_: (batch.qry_labels + 1) % 3)
+    wrong = evaluate(model, dataset, dataset.classes, ways=2, episodes=5, batch_episodes=2)
+    assert wrong["mean_iou"] == wrong["binary_iou"] == 0.0
 
 
 def test_default_schedule_and_validation_classes():

@@ -1,6 +1,6 @@
-"""``fss-train``: episodic PANet training on a folder dataset (one subfolder of image + mask pairs per class).
+"""``fss-train``: episodic PANet training on class folders, PASCAL-5i (VOC) or COCO-20i (COCO folder).
 
-A COCO-layout folder is converted to that layout first with ``python -m fss.train.coco``.
+Also ``python -m fss.train`` (what ``torchrun --nproc-per-node G -m fss.train ...`` runs per process).
 """
 
 import argparse
@@ -13,6 +13,9 @@ import torch
 from fss.checkpoint import read_torch_file
 from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
+from fss.train.coco import FOLD_CONVENTIONS
+from fss.train.evaluate import EVAL_BATCH
+from fss.train.protocol import DATASETS, FOLDS
 from fss.train.trainer import TrainConfig, evaluate_only, train
 
 PROG = "fss-train"
@@ -22,6 +25,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fold_index(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < FOLDS:
+        raise argparse.ArgumentTypeError(f"must be 0..{FOLDS - 1}, got {value}")
     return value
 
 
@@ -44,18 +54,46 @@ def int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Train PANet episodically on a folder dataset (DIR/<class>/<stem>.jpg + <stem>.png "
-        "masks), holding out validation classes and reporting few-shot mean-IoU on them. Defaults "
-        "are the paper's recipe.",
+        description="Train PANet episodically on class folders (DIR/<class>/<stem>.jpg + <stem>.png masks), "
+        "PASCAL-5i (a VOC2012 + SBD folder) or COCO-20i (a COCO folder), holding out validation classes "
+        "and reporting few-shot mean-IoU on them. Defaults are the paper's recipe. Data-parallel on "
+        "several processes with: torchrun --nproc-per-node G -m fss.train ...",
     )
-    p.add_argument("--data", type=Path, required=True, help="dataset folder, one subfolder per class")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (see --dataset)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="folder",
+        help="folder: one subfolder per class (default); voc: VOC2012 + SBD (JPEGImages, "
+        "SegmentationClassAug, ImageSets/Segmentation); coco: COCO 2017 (annotations/, <split>/)",
+    )
+    p.add_argument(
+        "--fold",
+        type=fold_index,
+        default=None,
+        help="hold out this fold's test classes (PASCAL-5i: 5i+1..5i+5; COCO-20i: see --fold-convention; "
+        "folders: every 4th class from the i-th); required for voc and coco",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="voc: split of ImageSets/Segmentation (default trainaug); coco: split(s), comma-separated "
+        "(default train2017)",
+    )
+    p.add_argument("--val-split", default=None, help="split(s) of the validation episodes (default: --split)")
+    p.add_argument(
+        "--fold-convention",
+        choices=FOLD_CONVENTIONS,
+        default="consecutive",
+        help="COCO-20i folds: consecutive classes 20i+1..20i+20 (PANet, default) or interleaved 4k+i+1",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/panet"), help="run folder (default runs/panet)")
     p.add_argument(
         "--val-classes",
         type=class_list,
         default=None,
         metavar="A,B,...",
-        help="held-out classes (default: every 4th class in name order; 'none' trains on all)",
+        help="folders: held-out classes (default: every 4th class in name order; 'none' trains on all)",
     )
     p.add_argument("--ways", type=positive_int, default=1, help="classes per episode (default 1)")
     p.add_argument("--shots", type=positive_int, default=1, help="support images per class (default 1)")
@@ -113,11 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-seed", type=int, default=1234, help="seed of the validation episodes (default 1234)"
     )
     p.add_argument(
+        "--eval-batch",
+        type=positive_int,
+        default=EVAL_BATCH,
+        help=f"validation episodes per model call (default {EVAL_BATCH})",
+    )
+    p.add_argument(
         "--eval-only", action="store_true", help="only evaluate --ckpt (or a fresh model) and exit"
     )
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint for --eval-only (default: untrained)")
     p.add_argument("--log", type=Path, default=None, help="CSV log (default OUT/log.csv)")
-    p.add_argument("--cache-mb", type=float, default=2048, help="memory for decoded images (default 2048)")
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=2048,
+        help="memory for decoded images, and for encoder features while validating (default 2048 each)",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
+    )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -137,6 +189,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=args.data,
         out=args.out,
+        dataset=args.dataset,
+        fold=args.fold,
+        split=args.split,
+        val_split=args.val_split,
+        fold_convention=args.fold_convention,
         val_classes=args.val_classes,
         ways=args.ways,
         shots=args.shots,
@@ -161,8 +218,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
         eval_seed=args.eval_seed,
+        eval_batch=args.eval_batch,
         log=args.log,
         cache_mb=args.cache_mb,
+        device=args.device,
         progress=not args.no_progress,
     )
 
@@ -177,8 +236,9 @@ def main(argv=None) -> int:
             print(json.dumps(evaluate_only(config, args.ckpt), indent=2))
         else:
             result = train(config)
-            val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
-            print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
+            if result.rank == 0:
+                val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
+                print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
     except FssError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

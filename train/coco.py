@@ -10,6 +10,8 @@ category names with spaces as underscores. ``OUT/sources.json`` records each ima
 licence (Flickr url, licence name and url), for attribution.
 
     python -m fss.train.coco --coco ../shared/data/coco-mini --out runs/coco-mini-folders
+
+:class:`CocoDataset` reads the same folder directly for COCO-20i episodes (no conversion).
 """
 
 import argparse
@@ -21,13 +23,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 
 from fss.constants import IGNORE_INDEX
 from fss.errors import FssError
-from fss.io import write_json, write_label_png
+from fss.io import mask_tensor, write_json, write_label_png
+from fss.train.data import EpisodeDataset, Item
 
 PROG = "python -m fss.train.coco"
+COCO_CLASSES = 80
+FOLD_CONVENTIONS = ("consecutive", "interleaved")
+DEFAULT_SPLIT = "train2017"
 
 
 def class_folder_name(category_name: str) -> str:
@@ -62,6 +69,76 @@ def class_masks(coco, image: dict) -> dict[int, np.ndarray]:
             mask[fg[cat_id]] = 1
         masks[cat_id] = mask
     return masks
+
+
+def coco20i_fold_indices(fold: int, convention: str = "consecutive") -> list[int]:
+    """Class indices (1..80, COCO category order) tested in COCO-20i fold ``fold``.
+
+    ``consecutive``: 20i+1 .. 20i+20 (PANet); ``interleaved``: 4k+i+1 for k = 0..19 (as in FWB/PFENet).
+    """
+    if convention == "consecutive":
+        return list(range(20 * fold + 1, 20 * fold + 21))
+    if convention == "interleaved":
+        return [4 * k + fold + 1 for k in range(20)]
+    raise ValueError(f"fold convention must be one of {FOLD_CONVENTIONS}, got {convention!r}")
+
+
+class CocoDataset(EpisodeDataset):
+    """COCO-20i episodes straight from a COCO folder (``annotations/instances_<split>.json``, ``<split>/``).
+
+    Classes are the 80 categories in COCO category order (sorted ids: class index k = k-th), named as
+    in the annotations. A photo is listed for a class when it has a non-crowd instance of it; a class's
+    instances are merged into one mask and its crowd regions are ignored (255). Several splits (e.g.
+    ``train2017`` and ``val2017``) are pooled.
+    """
+
+    def __init__(self, root, size: int, splits=(DEFAULT_SPLIT,), cache_mb: float = 2048):
+        super().__init__(root, size, cache_mb)
+        self.splits = list(splits)
+        self.cocos: dict[str, COCO] = {}
+        self.images: dict[str, tuple[str, dict]] = {}  # photo -> (split, COCO image record)
+        category_ids = None
+        for split in self.splits:
+            coco = load_coco(self.root / "annotations" / f"instances_{split}.json")
+            ids = sorted(coco.getCatIds())
+            if len(ids) != COCO_CLASSES or (category_ids is not None and ids != category_ids):
+                raise FssError(
+                    f"COCO-20i needs the {COCO_CLASSES} COCO categories; instances_{split}.json has "
+                    f"{len(ids)}{' (other ids than the first split)' if len(ids) == COCO_CLASSES else ''}",
+                    self.root / "annotations" / f"instances_{split}.json",
+                )
+            category_ids = ids
+            self.cocos[split] = coco
+        self.category_ids = category_ids
+        self.names = {cat["id"]: cat["name"] for cat in coco.loadCats(category_ids)}
+        self.items = {self.names[cat]: [] for cat in category_ids}
+        for split, coco in self.cocos.items():
+            for image in coco.loadImgs(sorted(coco.getImgIds())):
+                photo = f"{split}/{image['id']}"
+                self.images[photo] = (split, image)
+                anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"], iscrowd=False))
+                for cat in sorted({ann["category_id"] for ann in anns}):
+                    self.items[self.names[cat]].append(Item(photo, self.root / split / image["file_name"]))
+
+    def class_names(self, indices: list[int]) -> list[str]:
+        """Class indices (1..80) -> names."""
+        return [self.names[self.category_ids[k - 1]] for k in indices]
+
+    def photo_masks(self, photo: str) -> dict[str, torch.Tensor]:
+        split, image = self.images[photo]
+
+        def load():
+            masks = class_masks(self.cocos[split], image)
+            return {self.names[cat]: mask_tensor(mask, self.size) for cat, mask in masks.items()}
+
+        return self.cached(("masks", photo), load)
+
+    def instances(self, item: Item, cls: str) -> list[np.ndarray]:
+        split, image = self.images[item.photo]
+        coco = self.cocos[split]
+        cat = next(c for c, name in self.names.items() if name == cls)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"], catIds=[cat], iscrowd=False))
+        return [mask_tensor(coco.annToMask(ann), self.size).numpy() == 1 for ann in anns]
 
 
 def convert(

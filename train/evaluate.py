@@ -1,71 +1,230 @@
-"""Few-shot mean-IoU on held-out classes, counted as the official PANet evaluation does.
+"""Few-shot segmentation scores, counted as the official PANet evaluation (``util/metric.py``) does.
 
-Per episode and per class of the episode: true positives, false positives and false negatives of
-the query pixels (pixels labelled 255 are not counted), summed over all episodes; class IoU =
-TP / (TP + FP + FN); mean-IoU = the mean over classes. Episodes come from a Generator seeded with
-``seed`` alone, so the same classes, images and seed give the same episodes in every run.
+Per query image, for the background and each way whose class its labels contain: true positives,
+false positives and false negatives of the query pixels (pixels labelled 255 are not counted),
+summed over the episodes of a run. Class IoU = TP / (TP + FP + FN); **mean-IoU** = the mean over the
+test classes; **binary-IoU** (FB-IoU) = the mean of the background IoU and the foreground IoU, whose
+counts are the sums over all classes. A run draws its episodes from a Generator seeded with its seed
+alone (run r of ``evaluate_runs``: seed + r); reported numbers are the mean and std over runs.
+
+This one implementation serves ``fss-train``'s validation and ``fss-eval``. Episodes go through the
+model in batches: one encoder call for all their images, then the fused kernels of ``fss.kernels``
+(prototypes, then matching with the argmax fused into the upsampling).
 """
 
-from collections import defaultdict
+import time
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from fss import kernels
 from fss.constants import IGNORE_INDEX
-from fss.train.data import EpisodeSampler, FolderDataset
+from fss.models.panet import encode_episode
+from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
 
 EVAL_SEED = 1234  # the official test seed
+EVAL_BATCH = 8  # episodes per model call
 
 
-def episode_counts(pred: torch.Tensor, labels: torch.Tensor, ways: int) -> list[tuple[int, int, int]]:
-    """``Q x H x W`` predicted and true labels -> (TP, FP, FN) of ways 1..N."""
+def query_counts(pred: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """``B x Q x H x W`` predicted and true labels -> ``B x (1+N) x 3`` int64 (TP, FP, FN), background
+    first, summed over each episode's queries; a class counts in a query only where its labels hold it."""
     valid = labels != IGNORE_INDEX
-    counts = []
-    for way in range(1, ways + 1):
-        predicted, true = (pred == way) & valid, labels == way
-        counts.append(
-            (
-                int((predicted & true).sum()),
-                int((predicted & ~true).sum()),
-                int((~predicted & true).sum()),
-            )
+    per_class = []
+    for j in range(ways + 1):
+        predicted, true = (pred == j) & valid, labels == j
+        tp_fp_fn = (predicted & true, predicted & ~true, true & ~predicted)
+        counts = torch.stack([m.flatten(2).sum(-1) for m in tp_fp_fn], dim=-1)  # B x Q x 3
+        present = true.flatten(2).any(-1, keepdim=True)
+        per_class.append((counts * present).sum(dim=1))
+    return torch.stack(per_class, dim=1)
+
+
+class IouCounts:
+    """TP / FP / FN of one run: row 0 the background, then one row per test class."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = list(classes)
+        self.counts = np.zeros((1 + len(self.classes), 3), dtype=np.int64)
+
+    def add(self, episode_classes: list[list[str]], counts: torch.Tensor) -> None:
+        """``counts``: ``B x (1+N) x 3`` of :func:`query_counts`, ways in ``episode_classes`` order."""
+        counts = counts.cpu().numpy()
+        self.counts[0] += counts[:, 0].sum(axis=0)
+        for episode, names in enumerate(episode_classes):
+            for way, name in enumerate(names, start=1):
+                self.counts[1 + self.classes.index(name)] += counts[episode, way]
+
+    def summary(self) -> dict:
+        """mean-IoU, binary-IoU and per-class IoU (a class never counted scores 0)."""
+
+        def iou(tp_fp_fn) -> float:
+            return float(tp_fp_fn[0] / max(tp_fp_fn.sum(), 1))
+
+        class_iou = {cls: iou(self.counts[1 + i]) for i, cls in enumerate(self.classes)}
+        background, foreground = iou(self.counts[0]), iou(self.counts[1:].sum(axis=0))
+        return {
+            "mean_iou": float(np.mean(list(class_iou.values()))),
+            "binary_iou": (background + foreground) / 2,
+            "class_iou": class_iou,
+            "background_iou": background,
+            "foreground_iou": foreground,
+        }
+
+
+def model_device(model) -> torch.device:
+    """Where the model wants its inputs: an exported bundle says so, a torch module has parameters."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+class FeatureCache:
+    """Encoder features per image name, so that a photo drawn again is not encoded again.
+
+    Valid while the model does not change (one evaluation, or the runs of ``evaluate_runs``). Features
+    are kept until ``budget_mb`` is used up; later ones are computed on every use.
+    """
+
+    def __init__(self, encode, budget_mb: float):
+        self.encode = encode
+        self.features: dict[str, torch.Tensor] = {}
+        self.bytes_left = int(budget_mb * 2**20)
+
+    def __call__(self, keys: list[str], images: torch.Tensor) -> torch.Tensor:
+        missing = [i for i, key in enumerate(keys) if key not in self.features]
+        computed = dict(zip(missing, self.encode(images[missing]), strict=True)) if missing else {}
+        for i, feats in computed.items():
+            nbytes = feats.numel() * feats.element_size()
+            if keys[i] not in self.features and nbytes <= self.bytes_left:
+                self.features[keys[i]] = feats.clone()  # a row of a view would keep the whole batch
+                self.bytes_left -= nbytes
+        return torch.stack(
+            [computed[i] if i in computed else self.features[key] for i, key in enumerate(keys)]
         )
-    return counts
+
+
+def predict(model, batch: EpisodeBatch, impl: str = "auto", encode=None, features=None) -> torch.Tensor:
+    """``B x Q x S x S`` uint8 labels of a batch of episodes: one encoder call (``encode``, default
+    ``model.encode``; through ``features``, a :class:`FeatureCache`, where given), then the fused head."""
+    if features is not None:
+        N, K = batch.supp_imgs.shape[1:3]
+        # encode_episode encodes all supports (episode, way, shot order), then all queries.
+        keys = [key for names in batch.image_keys for key in names[: N * K]]
+        keys += [key for names in batch.image_keys for key in names[N * K :]]
+        encode = partial(features, keys)
+    supp_feats, qry_feats = encode_episode(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
+    protos = kernels.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
+    return kernels.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl)
 
 
 @torch.no_grad()
 def evaluate(
     model,
-    dataset: FolderDataset,
+    dataset: EpisodeDataset,
     classes: list[str],
     ways: int = 1,
     shots: int = 1,
     episodes: int = 1000,
     seed: int = EVAL_SEED,
+    batch_episodes: int = EVAL_BATCH,
+    annotation: str = "dense",
+    impl: str = "auto",
+    encode=None,
+    features: FeatureCache | None = None,
+    part: tuple[int, int] = (0, 1),
+    reduce=None,
     progress: bool = False,
+    desc: str = "eval",
 ) -> dict:
-    """Mean-IoU of ``model`` over ``episodes`` seeded episodes of ``classes`` (one query per way)."""
+    """Scores of ``model`` on ``episodes`` seeded episodes of ``classes`` (one query per way).
+
+    ``encode`` replaces ``model.encode`` (e.g. the runtime's channels-last encoder); ``features``
+    (a :class:`FeatureCache` of the same model) encodes each photo once. ``part=(r, W)``
+    computes episodes r, r + W, ... of every batch only, and ``reduce`` (an all-reduce sum of the count
+    array) joins the W parts: W processes share one run.
+    """
     sampler = EpisodeSampler(
-        dataset, classes, ways, shots, queries=1, rng=np.random.default_rng(seed), what="validation classes"
+        dataset,
+        classes,
+        ways,
+        shots,
+        queries=1,
+        rng=np.random.default_rng(seed),
+        what="test classes",
+        annotation=annotation,
     )
-    was_training = model.training
-    model.eval()
-    totals = defaultdict(lambda: np.zeros(3, dtype=np.int64))
-    for _ in tqdm(range(episodes), desc="eval", leave=False, disable=not progress):
-        batch = sampler.batch(1)
-        logits = model(batch.supp_imgs, batch.supp_fg, batch.supp_bg, batch.qry_imgs)
-        counts = episode_counts(logits.argmax(dim=2)[0], batch.qry_labels[0], ways)
-        for cls, tp_fp_fn in zip(batch.classes[0], counts, strict=True):
-            totals[cls] += tp_fp_fn
-    model.train(was_training)
-    class_iou = {cls: float(t[0] / max(t.sum(), 1)) for cls, t in sorted(totals.items())}
+    device = model_device(model)
+    counts = IouCounts(classes)
+    with tqdm(total=episodes, desc=desc, leave=False, disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, episodes, batch_episodes):
+            size = min(batch_episodes, episodes - start)
+            batch = sampler.batch(size, part)
+            if batch is not None:
+                batch = batch.to(device)
+                pred = predict(model, batch, impl, encode, features)
+                counts.add(batch.classes, query_counts(pred, batch.qry_labels, ways))
+            bar.update(size)
+    if reduce is not None:
+        counts.counts = reduce(counts.counts)
     return {
-        "mean_iou": float(np.mean(list(class_iou.values()))),
-        "class_iou": class_iou,
-        "classes": sorted(classes),
+        **counts.summary(),
+        "classes": list(classes),
         "ways": ways,
         "shots": shots,
         "episodes": episodes,
         "seed": seed,
+        "annotation": annotation,
+    }
+
+
+def evaluate_runs(
+    model,
+    dataset,
+    classes,
+    runs: int = 5,
+    seed: int = EVAL_SEED,
+    encode=None,
+    feature_cache_mb: float = 0,
+    **options,
+) -> dict:
+    """``runs`` evaluations (run r seeded with seed + r): per-run scores, their mean and std.
+
+    With ``feature_cache_mb`` > 0 a photo's features are computed once for all runs (up to that budget).
+    """
+    features = FeatureCache(encode or model.encode, feature_cache_mb) if feature_cache_mb > 0 else None
+    per_run = []
+    for run in range(runs):
+        started = time.perf_counter()
+        result = evaluate(
+            model,
+            dataset,
+            classes,
+            seed=seed + run,
+            encode=encode,
+            features=features,
+            desc=f"run {run + 1}/{runs}",
+            **options,
+        )
+        per_run.append({"run": run, **result, "seconds": time.perf_counter() - started})
+    class_iou = np.array([[r["class_iou"][c] for c in classes] for r in per_run])
+    mean_iou = np.array([r["mean_iou"] for r in per_run])
+    binary_iou = np.array([r["binary_iou"] for r in per_run])
+    keep = ("classes", "ways", "shots", "episodes", "annotation")
+    return {
+        **{key: per_run[0][key] for key in keep},
+        "runs": runs,
+        "seed": seed,
+        "mean_iou": float(mean_iou.mean()),
+        "mean_iou_std": float(mean_iou.std()),
+        "binary_iou": float(binary_iou.mean()),
+        "binary_iou_std": float(binary_iou.std()),
+        "class_iou": dict(zip(classes, class_iou.mean(axis=0).tolist(), strict=True)),
+        "class_iou_std": dict(zip(classes, class_iou.std(axis=0).tolist(), strict=True)),
+        "per_run": [
+            {key: r[key] for key in ("run", "seed", "mean_iou", "binary_iou", "class_iou", "seconds")}
+            for r in per_run
+        ],
+        "seconds": sum(r["seconds"] for r in per_run),
     }

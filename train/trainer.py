@@ -1,16 +1,22 @@
-"""Episodic PANet training on a folder dataset, with held-out validation classes.
+"""Episodic PANet training on a folder, PASCAL-5i or COCO-20i dataset, with held-out validation classes.
 
 Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
-20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR).
+20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). ``--fold i`` holds out the
+fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
 RNG): ``resume`` continues bit-for-bit on the same machine. ``OUT/final.pt`` (weights and metadata
 only) is the model to ship; ``OUT/step-XXXXXX.pt`` are periodic snapshots of the same kind.
+
+Under ``torchrun`` every process draws the same global batch of episodes from the same seed and
+builds and trains on its own share (episodes r, r + W, ...); DistributedDataParallel averages the
+gradients, so W processes take the steps one process would take on the whole batch.
 """
 
 import csv
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +33,38 @@ from fss.checkpoint import (
     load_state_strict,
     read_torch_file,
 )
-from fss.constants import PAPER_INPUT_SIZE
+from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
 from fss.errors import FssError
 from fss.models.panet import PANet
-from fss.train.data import EpisodeSampler, FolderDataset
-from fss.train.evaluate import EVAL_SEED, evaluate
+from fss.train.data import EpisodeDataset, EpisodeSampler
+from fss.train.distributed import World, close_world, init_world, resolve_device
+from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
 from fss.train.losses import panet_losses
+from fss.train.protocol import fold_classes, open_dataset
 
-TRAIN_IMPL = "torch"  # plain differentiable torch ops, as panet_losses uses: the same logits in validation
-LOG_FIELDS = ("step", "lr", "query_loss", "align_loss", "loss", "val_mean_iou", "seconds")
+TRAIN_IMPL = "torch"  # the model's head in training: plain differentiable torch ops, as panet_losses uses
+LOG_FIELDS = (
+    "step",
+    "lr",
+    "query_loss",
+    "align_loss",
+    "loss",
+    "val_mean_iou",
+    "val_binary_iou",
+    "seconds",
+)
 
 
 @dataclass
 class TrainConfig:
     data: Path
     out: Path = Path("runs/panet")
-    val_classes: list[str] | None = None  # None: every 4th class (at least `ways`); []: none held out
+    dataset: str = "folder"  # folder | voc | coco (fss.train.protocol)
+    fold: int | None = None  # hold out the fold's test classes (required for voc and coco)
+    split: str | None = None  # voc / coco split(s) of the training episodes; None: the reference's
+    val_split: str | None = None  # split(s) of the validation episodes; None: the training split
+    fold_convention: str = "consecutive"  # COCO-20i folds: consecutive | interleaved
+    val_classes: list[str] | None = None  # folders without a fold: None every 4th class, [] none held out
     ways: int = 1
     shots: int = 1
     queries: int = 1  # per way
@@ -66,8 +88,10 @@ class TrainConfig:
     eval_every: int = 5000
     eval_episodes: int = 1000
     eval_seed: int = EVAL_SEED
+    eval_batch: int = EVAL_BATCH  # validation episodes per model call
     log: Path | None = None  # None: OUT/log.csv
-    cache_mb: float = 2048
+    cache_mb: float = 2048  # decoded images; and encoder features while validating
+    device: str = "auto"  # auto: this process's CUDA device if there is one, else the CPU
     progress: bool = True
 
     def milestones(self) -> list[int]:
@@ -91,8 +115,20 @@ class TrainResult:
     step: int
     train_classes: list[str]
     val_classes: list[str]
-    losses: list[tuple[float, float]] = field(default_factory=list)  # (query, align) of this process's steps
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (query, align) of this run's steps
     val: dict | None = None
+    rank: int = 0  # this process's rank under torchrun
+
+
+@dataclass
+class EpisodeData:
+    """The datasets of training and validation episodes and their classes."""
+
+    train_set: EpisodeDataset
+    val_set: EpisodeDataset
+    train_classes: list[str]
+    val_classes: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # class -> why no episode can use it
 
 
 def default_val_classes(classes: list[str], ways: int) -> list[str]:
@@ -101,10 +137,17 @@ def default_val_classes(classes: list[str], ways: int) -> list[str]:
     return [classes[i * len(classes) // count] for i in range(count)]
 
 
-def split_classes(dataset: FolderDataset, config: TrainConfig) -> tuple[list[str], list[str]]:
+def split_classes(dataset: EpisodeDataset, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(training classes, held-out classes) of the dataset's classes."""
     classes = dataset.classes
-    if config.val_classes is None:
-        val = default_val_classes(classes, config.ways)
+    if config.fold is not None:
+        if config.val_classes is not None:
+            raise FssError("--fold and --val-classes both choose the held-out classes: give one", config.data)
+        val = fold_classes(dataset, config.dataset, config.fold, config.fold_convention)
+    elif config.dataset != "folder":
+        raise FssError(f"--dataset {config.dataset} needs --fold (0..3)", config.data)
+    elif config.val_classes is None:
+        val = default_val_classes(sorted(classes), config.ways)
     else:
         unknown = [c for c in config.val_classes if c not in classes]
         if unknown:
@@ -114,6 +157,24 @@ def split_classes(dataset: FolderDataset, config: TrainConfig) -> tuple[list[str
             )
         val = sorted(set(config.val_classes))
     return [c for c in classes if c not in val], val
+
+
+def episode_data(config: TrainConfig) -> EpisodeData:
+    """Open the dataset(s) and choose the classes; on voc / coco, classes with too few photos for an
+    episode are left out (``skipped``), where a class folder with too few is a user error."""
+    train_set = open_dataset(config.dataset, config.data, config.size, config.split, config.cache_mb)
+    val_set = train_set
+    if config.val_split is not None and config.val_split != config.split:
+        val_set = open_dataset(config.dataset, config.data, config.size, config.val_split, config.cache_mb)
+    train_classes, val_classes = split_classes(train_set, config)
+    skipped = {}
+    if config.dataset != "folder":
+        train_classes, skipped_train = train_set.usable_classes(train_classes, config.shots + config.queries)
+        val_classes, skipped_val = val_set.usable_classes(val_classes, config.shots + 1)
+        skipped = {**skipped_train, **{c: f"{why} (held out)" for c, why in skipped_val.items()}}
+    if val_classes:
+        val_set.check_episodes(val_classes, config.ways, config.shots + 1, "validation classes")
+    return EpisodeData(train_set, val_set, train_classes, val_classes, skipped)
 
 
 def init_from_scratch(model: PANet) -> None:
@@ -176,19 +237,55 @@ class CsvLog:
         self.file.close()
 
 
+class EpisodeLosses(torch.nn.Module):
+    """``panet_losses`` as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: PANet, align: bool):
+        super().__init__()
+        self.model, self.align = model, align
+
+    def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels):
+        return panet_losses(self.model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, align=self.align)
+
+
+def wrap_for_world(losses: EpisodeLosses, world: World) -> torch.nn.Module:
+    if world.size == 1:
+        return losses
+    device_ids = [world.device] if world.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(losses, device_ids=device_ids)
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Train PANet as ``config`` says; checkpoints and the log go to ``config.out``."""
-    dataset = FolderDataset(config.data, config.size, config.cache_mb)
-    train_classes, val_classes = split_classes(dataset, config)
+    """Train PANet as ``config`` says; checkpoints and the log go to ``config.out``.
+
+    Under ``torchrun`` this is one process of the world; the first writes the files.
+    """
+    world = init_world(config.device)
+    try:
+        return train_in_world(config, world)
+    finally:
+        close_world(world)
+
+
+def train_in_world(config: TrainConfig, world: World) -> TrainResult:
+    if config.batch_episodes % world.size:
+        raise FssError(
+            f"--batch-episodes {config.batch_episodes} is not a multiple of the {world.size} processes "
+            f"(each process takes an equal share of every batch)"
+        )
+    data = episode_data(config)
     out = Path(config.out)
     if config.resume is None and (out / "last.pt").exists():
         raise FssError(
             "output folder holds a run already: pass --resume to continue it, or another --out", out
         )
+    if world.is_main:
+        for cls, why in data.skipped.items():
+            tqdm.write(f"note: class {cls!r} left out: {why}", file=sys.stderr)
     rng = np.random.default_rng(config.seed)
     sampler = EpisodeSampler(
-        dataset,
-        train_classes,
+        data.train_set,
+        data.train_classes,
         config.ways,
         config.shots,
         config.queries,
@@ -196,10 +293,7 @@ def train(config: TrainConfig) -> TrainResult:
         rng,
         what="training classes",
     )
-    if val_classes:
-        dataset.check_episodes(val_classes, config.ways, config.shots + 1, "validation classes")
-
-    model = build_model(config)
+    model = build_model(config).to(world.device)
     model.train()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -207,11 +301,12 @@ def train(config: TrainConfig) -> TrainResult:
     step, seconds = 0, 0.0
     if config.resume is not None:
         step, seconds = load_training_state(Path(config.resume), model, optimizer, rng)
-    result = TrainResult(model, step, train_classes, val_classes)
+    losses_of = wrap_for_world(EpisodeLosses(model, config.align), world)
+    result = TrainResult(model, step, data.train_classes, data.val_classes, rank=world.rank)
 
     def meta() -> dict:
         return {
-            "classes": train_classes,
+            "classes": data.train_classes,
             "input_size": config.size,
             "width": float(config.width),
             "train_config": config.as_meta(),
@@ -219,19 +314,39 @@ def train(config: TrainConfig) -> TrainResult:
             "val": result.val,
         }
 
-    def validate() -> float:
+    def validate() -> dict:
         result.val = evaluate(
-            model, dataset, val_classes, config.ways, config.shots, config.eval_episodes, config.eval_seed
+            model,
+            data.val_set,
+            data.val_classes,
+            config.ways,
+            config.shots,
+            config.eval_episodes,
+            config.eval_seed,
+            config.eval_batch,
+            features=FeatureCache(model.encode, config.cache_mb),  # weights are fixed while validating
+            part=(world.rank, world.size),
+            reduce=world.sum,
         )
         result.val["step"] = result.step
-        summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
-        tqdm.write(f"step {result.step}: held-out mean-IoU {result.val['mean_iou']:.4f} ({summary})")
-        return result.val["mean_iou"]
+        if world.is_main:
+            summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
+            tqdm.write(
+                f"step {result.step}: held-out mean-IoU {result.val['mean_iou']:.4f}, "
+                f"binary-IoU {result.val['binary_iou']:.4f} ({summary})"
+            )
+        return result.val
 
-    log = CsvLog(Path(config.log) if config.log else out / "log.csv", append=config.resume is not None)
+    log = None
+    if world.is_main:
+        log = CsvLog(Path(config.log) if config.log else out / "log.csv", append=config.resume is not None)
     started = time.perf_counter() - seconds
     bar = tqdm(
-        total=config.iters, initial=step, desc="train", disable=not config.progress, dynamic_ncols=True
+        total=config.iters,
+        initial=step,
+        desc="train",
+        disable=not (config.progress and world.is_main),
+        dynamic_ncols=True,
     )
     try:
         while result.step < config.iters:
@@ -239,70 +354,77 @@ def train(config: TrainConfig) -> TrainResult:
             lr = config.lr_at(result.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = sampler.batch(config.batch_episodes)
-            query_loss, align_loss = panet_losses(
-                model,
-                batch.supp_imgs,
-                batch.supp_fg,
-                batch.supp_bg,
-                batch.qry_imgs,
-                batch.qry_labels,
-                align=config.align,
+            batch = sampler.batch(config.batch_episodes, (world.rank, world.size)).to(world.device)
+            # Cross-entropy is a mean over the batch's valid query pixels and DDP averages gradients over
+            # processes: weighting each process's query loss by its share of those pixels makes the
+            # average the whole batch's loss (with one process the weight is exactly 1).
+            valid = (batch.qry_labels != IGNORE_INDEX).sum().to(torch.float64)
+            all_valid = world.sum_tensor(valid)
+            query_loss, align_loss = losses_of(
+                batch.supp_imgs, batch.supp_fg, batch.supp_bg, batch.qry_imgs, batch.qry_labels
             )
-            loss = query_loss + config.align_weight * align_loss
+            share = (valid * world.size / all_valid).to(query_loss.dtype)
+            loss = share * query_loss + config.align_weight * align_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.losses.append((query_loss.item(), align_loss.item()))
+            sums = world.sum_tensor(torch.stack([query_loss.double() * valid, align_loss.double()]))
+            step_query, step_align = (sums[0] / all_valid).item(), (sums[1] / world.size).item()
+            result.losses.append((step_query, step_align))
+            step_loss = step_query + config.align_weight * step_align
 
             at_end = result.step == config.iters
-            evaluate_now = val_classes and (
+            evaluate_now = data.val_classes and (
                 at_end or (config.eval_every and result.step % config.eval_every == 0)
             )
-            val_iou = validate() if evaluate_now else None
+            val = validate() if evaluate_now else None
             seconds = time.perf_counter() - started
-            log.write(
-                step=result.step,
-                lr=lr,
-                query_loss=f"{query_loss.item():.6f}",
-                align_loss=f"{align_loss.item():.6f}",
-                loss=f"{loss.item():.6f}",
-                val_mean_iou="" if val_iou is None else f"{val_iou:.6f}",
-                seconds=f"{seconds:.1f}",
-            )
-            if at_end or result.step % config.save_every == 0:
-                ckpt = checkpoint_dict(model, **meta())
-                ckpt["train_state"] = training_state(result.step, optimizer, rng, seconds)
-                atomic_save(ckpt, out / "last.pt")
-            if config.snapshot_every and result.step % config.snapshot_every == 0:
-                atomic_save(checkpoint_dict(model, **meta()), out / f"step-{result.step:06d}.pt")
+            if world.is_main:
+                log.write(
+                    step=result.step,
+                    lr=lr,
+                    query_loss=f"{step_query:.6f}",
+                    align_loss=f"{step_align:.6f}",
+                    loss=f"{step_loss:.6f}",
+                    val_mean_iou="" if val is None else f"{val['mean_iou']:.6f}",
+                    val_binary_iou="" if val is None else f"{val['binary_iou']:.6f}",
+                    seconds=f"{seconds:.1f}",
+                )
+                if at_end or result.step % config.save_every == 0:
+                    ckpt = checkpoint_dict(model, **meta())
+                    ckpt["train_state"] = training_state(result.step, optimizer, rng, seconds)
+                    atomic_save(ckpt, out / "last.pt")
+                if config.snapshot_every and result.step % config.snapshot_every == 0:
+                    atomic_save(checkpoint_dict(model, **meta()), out / f"step-{result.step:06d}.pt")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.0e}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.0e}", refresh=False)
     finally:
         bar.close()
-        log.close()
-    if (
-        val_classes and result.val is None
-    ):  # no iteration ran here (e.g. --iters 0): evaluate the model as it is
+        if log is not None:
+            log.close()
+    if data.val_classes and result.val is None:  # no iteration ran here (e.g. --iters 0): evaluate as is
         validate()
-    atomic_save(checkpoint_dict(model, **meta()), out / "final.pt")
+    if world.is_main:
+        atomic_save(checkpoint_dict(model, **meta()), out / "final.pt")
     return result
 
 
 def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
-    """Held-out mean-IoU of a checkpoint, or (``ckpt`` None) of a fresh model as training starts."""
+    """Held-out scores of a checkpoint, or (``ckpt`` None) of a fresh model as training starts."""
     model = build_model(config) if ckpt is None else load_model(ckpt, impl=TRAIN_IMPL)
-    dataset = FolderDataset(config.data, config.size, config.cache_mb)
-    _, val_classes = split_classes(dataset, config)
-    if not val_classes:
+    model.to(resolve_device(config.device))
+    data = episode_data(config)
+    if not data.val_classes:
         raise FssError("no validation classes to evaluate (--val-classes none)", config.data)
     return evaluate(
         model,
-        dataset,
-        val_classes,
+        data.val_set,
+        data.val_classes,
         config.ways,
         config.shots,
         config.eval_episodes,
         config.eval_seed,
+        config.eval_batch,
+        features=FeatureCache(model.encode, config.cache_mb),
         progress=config.progress,
     )

@@ -1,0 +1,54 @@
+"""The benchmark protocol: which dataset, which split, which classes a fold tests.
+
+- ``voc``: PASCAL-5i (:mod:`fss.train.voc`), split ``trainaug`` by default, fold i tests classes
+  5i+1 .. 5i+5.
+- ``coco``: COCO-20i (:class:`fss.train.coco.CocoDataset`), split ``train2017`` by default (several
+  splits pool: ``train2017,val2017``), fold i tests 20 of the 80 classes, ``consecutive`` or
+  ``interleaved`` (:func:`fss.train.coco.coco20i_fold_indices`).
+- ``folder``: class folders; fold i tests every 4th class in name order, starting at the i-th.
+
+A fold's training classes are all the others. The reference uses the same split for training and
+testing (the classes differ).
+"""
+
+from fss.errors import FssError
+from fss.train.coco import DEFAULT_SPLIT as COCO_DEFAULT_SPLIT
+from fss.train.coco import CocoDataset, coco20i_fold_indices
+from fss.train.data import EpisodeDataset, FolderDataset
+from fss.train.voc import DEFAULT_SPLIT as VOC_DEFAULT_SPLIT
+from fss.train.voc import VocDataset, pascal_fold_classes
+
+DATASETS = ("folder", "voc", "coco")
+FOLDS = 4
+
+
+def default_split(kind: str) -> str | None:
+    return {"voc": VOC_DEFAULT_SPLIT, "coco": COCO_DEFAULT_SPLIT}.get(kind)
+
+
+def open_dataset(
+    kind: str, root, size: int, split: str | None = None, cache_mb: float = 2048
+) -> EpisodeDataset:
+    """A dataset of ``kind``; ``split``: a VOC split or comma-separated COCO splits (None: the default)."""
+    if kind == "folder":
+        if split is not None:
+            raise FssError("--split applies to --dataset voc and coco, not to class folders", root)
+        return FolderDataset(root, size, cache_mb)
+    split = split or default_split(kind)
+    if kind == "voc":
+        return VocDataset(root, size, split, cache_mb)
+    if kind == "coco":
+        return CocoDataset(root, size, [s.strip() for s in split.split(",") if s.strip()], cache_mb)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {kind!r}")
+
+
+def fold_classes(dataset: EpisodeDataset, kind: str, fold: int, convention: str = "consecutive") -> list[str]:
+    """The test classes of fold ``fold`` (0..3)."""
+    if not 0 <= fold < FOLDS:
+        raise FssError(f"fold must be 0..{FOLDS - 1}, got {fold}", dataset.root)
+    if kind == "voc":
+        return pascal_fold_classes(fold)
+    if kind == "coco":
+        return dataset.class_names(coco20i_fold_indices(fold, convention))
+    classes = sorted(dataset.classes)
+    return classes[fold::FOLDS]
