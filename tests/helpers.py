@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import fss
+from fss.constants import voc_palette
 
 
 def random_model(width=0.125, seed=0, input_size=65) -> fss.PANet:
@@ -35,12 +36,9 @@ def save_mask(path: Path, size=(48, 40), box=(8, 6, 30, 28), value=255, palette=
     mask = np.zeros((size[1], size[0]), np.uint8)
     x0, y0, x1, y1 = box
     mask[y0:y1, x0:x1] = value
-    img = Image.fromarray(mask, mode="L")
+    img = Image.fromarray(mask, mode="P" if palette else "L")
     if palette:
-        img = img.convert("P")
-        img.putpalette(fss.constants.voc_palette())
-        img = Image.fromarray(mask, mode="P")
-        img.putpalette(fss.constants.voc_palette())
+        img.putpalette(voc_palette())
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return mask

@@ -9,6 +9,7 @@ from helpers import make_queries, make_support, random_model, save_image, save_m
 from PIL import Image
 
 import fss
+from fss.constants import voc_palette
 from fss.runtime.cli import main
 
 
@@ -109,7 +110,7 @@ def test_flat_folder_is_one_class_and_palette_ignore(tmp_path, ckpt, capsys):
     palette = np.zeros((4, 4), np.uint8)
     palette[0, :2] = [255, 7]
     img = Image.fromarray(palette, mode="P")
-    img.putpalette(fss.constants.voc_palette())
+    img.putpalette(voc_palette())
     img.save(tmp_path / "p.png")
     assert read_mask(tmp_path / "p.png")[0, :3].tolist() == [255, 1, 0]
     code, err = run(
