@@ -315,19 +315,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         }
 
     def validate() -> dict:
-        result.val = evaluate(
-            model,
-            data.val_set,
-            data.val_classes,
-            config.ways,
-            config.shots,
-            config.eval_episodes,
-            config.eval_seed,
-            config.eval_batch,
-            features=FeatureCache(model.encode, config.cache_mb),  # weights are fixed while validating
-            part=(world.rank, world.size),
-            reduce=world.sum,
-        )
+        result.val = evaluate_held_out(model, data, config, part=(world.rank, world.size), reduce=world.sum)
         result.val["step"] = result.step
         if world.is_main:
             summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
@@ -416,6 +404,11 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     data = episode_data(config)
     if not data.val_classes:
         raise FssError("no validation classes to evaluate (--val-classes none)", config.data)
+    return evaluate_held_out(model, data, config, progress=config.progress)
+
+
+def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
+    """Few-shot scores on the held-out classes with the run's evaluation settings."""
     return evaluate(
         model,
         data.val_set,
@@ -425,6 +418,6 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
         config.eval_episodes,
         config.eval_seed,
         config.eval_batch,
-        features=FeatureCache(model.encode, config.cache_mb),
-        progress=config.progress,
+        features=FeatureCache(model.encode, config.cache_mb),  # weights are fixed while evaluating
+        **options,
     )
