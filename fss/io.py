@@ -20,6 +20,8 @@ from fss.errors import FssError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = "_mask"
+NORM_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)  # built once: image_tensor runs per query
+NORM_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def is_image_file(path: Path) -> bool:
@@ -120,9 +122,7 @@ def image_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """``3 x size x size`` float32: bilinear resize, [0, 1], ImageNet-normalised (the official pipeline)."""
     resized = img.resize((size, size), Image.BILINEAR) if img.size != (size, size) else img
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - NORM_MEAN) / NORM_STD
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
