@@ -15,6 +15,7 @@ from official_reference import episode_logits, episode_prototypes
 from PIL import Image
 
 import fss
+from fss.constants import PAPER_NORMALISATION as NORM
 from fss.io import image_tensor, mask_tensor, read_image, read_mask
 from fss.runtime.cli import main as fss_run
 
@@ -51,7 +52,9 @@ def official_style_pipeline(root, model):
     labels = []
     with torch.no_grad():
         for path in sorted((root / "query").glob("*.jpg")):
-            imgs = torch.stack([image_tensor(support, SIZE), image_tensor(read_image(path), SIZE)])
+            imgs = torch.stack(
+                [image_tensor(support, SIZE, NORM), image_tensor(read_image(path), SIZE, NORM)]
+            )
             feats = model.encoder(imgs)
             protos = episode_prototypes(feats[:1][None], fg, bg, [1])
             _, up = episode_logits(feats[1:], protos, (SIZE, SIZE))

@@ -23,6 +23,7 @@ from fss.export.bundle import (
 )
 from fss.export.onnx import DEFAULT_OPSET, export_onnx, require_onnx_tools
 from fss.export.tensorrt import tensorrt_missing
+from fss.models.encoders import get_encoder
 
 DEFAULT_MAX_BATCH = 8
 
@@ -84,11 +85,15 @@ def export_bundle(
     model = load_model(ckpt)
     size = int(size or model.meta["input_size"])
     meta = {**model.meta, "input_size": size}
-    inputs = verify.verification_inputs(size, verify_images)
+    inputs = verify.verification_inputs(size, model.meta["normalisation"], verify_images)
+    ops = get_encoder(model.meta["encoder"]).onnx_ops
 
     with staged_bundle(out) as staging:
-        log(f"exporting the encoder of {ckpt.name} (width {model.encoder.width:g}, {size}x{size})")
-        graph = export_onnx(model.encoder, staging / ONNX_FILE, size, opset)
+        log(
+            f"exporting the encoder of {ckpt.name} ({model.meta['encoder']}, width {model.encoder.width:g}, "
+            f"{size}x{size})"
+        )
+        graph = export_onnx(model.encoder, staging / ONNX_FILE, size, ops, opset)
         with torch.inference_mode():
             references = {name: verify.encode_in_batches(model.encode, x) for name, x in inputs.items()}
         log(f"verifying {ONNX_FILE} with ONNX Runtime (CPU) on {', '.join(inputs)} inputs")
@@ -137,7 +142,8 @@ def build_verified_engine(
         source = staging / ONNX_FILE
         if precision == "float16":
             source = Path(scratch) / "encoder-fp16.onnx"
-            export_onnx(model.encoder, source, size, opset, float16=True)
+            ops = get_encoder(model.meta["encoder"]).onnx_ops
+            export_onnx(model.encoder, source, size, ops, opset, float16=True)
         engine = build_engine(source, staging / ENGINE_FILE, size, max_batch, precision)
     encoder = TensorRTEncoder(staging / ENGINE_FILE, "cuda")
     engine["verification"] = verify.verify_encoder("TensorRT", encoder.encode, inputs, references, precision)

@@ -22,8 +22,8 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 DEFAULT_OPSET = 18  # the dynamo exporter's native floor; TensorRT 8.6+ and ONNX Runtime 1.14+ read it
 BATCH_AXIS = "batch"
-# What a VGG encoder may contain; Cast appears only in the float16 graph built for TensorRT.
-ENCODER_OPS = frozenset({"Conv", "Relu", "MaxPool", "Cast"})
+# Beside the ops of the encoder's registry entry: Cast appears in the float16 graph built for TensorRT.
+EXTRA_OPS = frozenset({"Cast"})
 
 
 def require_onnx_tools() -> None:
@@ -63,8 +63,11 @@ def quiet_exporter():
             logger.setLevel(level)
 
 
-def export_onnx(encoder: nn.Module, path: Path, size: int, opset: int = DEFAULT_OPSET, float16=False) -> dict:
-    """Write ``encoder`` (eval mode, CPU) to ``path`` (+ ``path.data``), then check the graph.
+def export_onnx(
+    encoder: nn.Module, path: Path, size: int, ops, opset: int = DEFAULT_OPSET, float16=False
+) -> dict:
+    """Write ``encoder`` (eval mode, CPU) to ``path`` (+ ``path.data``), then check the graph against
+    ``ops``, the op types its registry entry allows.
 
     Returns :func:`check_graph`'s description. ``float16`` exports :class:`Float16Encoder` instead.
     """
@@ -82,7 +85,7 @@ def export_onnx(encoder: nn.Module, path: Path, size: int, opset: int = DEFAULT_
             verbose=False,
         )
         program.save(str(path), external_data=True)
-    graph = check_graph(path)
+    graph = check_graph(path, ops)
     if graph["opset"] != opset:  # the exporter falls back silently when it cannot convert
         raise FssError(f"the ONNX exporter cannot write opset {opset} (it wrote opset {graph['opset']})")
     return graph
@@ -92,12 +95,12 @@ def tensor_shape(value_info) -> list:
     return [dim.dim_param or dim.dim_value for dim in value_info.type.tensor_type.shape.dim]
 
 
-def check_graph(path: Path) -> dict:
+def check_graph(path: Path, allowed_ops) -> dict:
     """``onnx.checker`` (with shape inference) plus what TensorRT's ONNX parser and the runtime rely on.
 
-    One input and one output, named as above, standard-domain operators a VGG encoder needs, a symbolic
-    batch axis (and no other). Returns opset, operators, shapes and dynamic axes for the manifest;
-    raises ``VerificationError`` otherwise.
+    One input and one output, named as above, standard-domain operators of ``allowed_ops`` (the
+    encoder's registry entry), a symbolic batch axis (and no other). Returns opset, operators, shapes and
+    dynamic axes for the manifest; raises ``VerificationError`` otherwise.
     """
     import onnx
 
@@ -109,7 +112,9 @@ def check_graph(path: Path) -> dict:
     graph = model.graph
     opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
     ops = sorted({(node.domain or "ai.onnx", node.op_type) for node in graph.node})
-    unexpected = [f"{domain}::{op}" for domain, op in ops if domain != "ai.onnx" or op not in ENCODER_OPS]
+    unexpected = [
+        f"{domain}::{op}" for domain, op in ops if domain != "ai.onnx" or op not in allowed_ops | EXTRA_OPS
+    ]
     if unexpected:
         raise VerificationError(f"unexpected operators in the encoder graph: {', '.join(unexpected)}", path)
     if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:

@@ -14,7 +14,7 @@ Tolerances (:data:`TOLERANCE`), by the precision the exported encoder computes i
 
 import torch
 
-from fss.constants import IMAGENET_MEAN, IMAGENET_STD
+from fss.constants import PAPER_NORMALISATION
 from fss.errors import FssError
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -26,27 +26,33 @@ class VerificationError(FssError):
     """The export ran but its result is refused (``fss-export`` exits 1 and writes nothing)."""
 
 
-def smooth_images(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+def smooth_images(
+    count: int, size: int, generator: torch.Generator, normalisation: dict = PAPER_NORMALISATION
+) -> torch.Tensor:
     """Normalised images with the low-frequency structure of photographs (white noise has none)."""
     coarse = torch.rand(count, 3, max(2, size // 16), max(2, size // 16), generator=generator)
     pixels = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(normalisation["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation["std"]).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
-def verification_inputs(size: int, image_paths=(), seed: int = 0) -> dict[str, torch.Tensor]:
+def verification_inputs(
+    size: int, normalisation: dict, image_paths=(), seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Named ``M x 3 x size x size`` batches: Gaussian noise (batch 2, so the batch axis is exercised),
-    a smooth synthetic image, and the real images given (resized and normalised as the runtime does)."""
+    a smooth synthetic image, and the real images given (resized and normalised as the runtime does,
+    with the model's ``normalisation``)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = {
         "random": torch.randn(2, 3, size, size, generator=generator),
-        "smooth": smooth_images(1, size, generator),
+        "smooth": smooth_images(1, size, generator, normalisation),
     }
     if image_paths:
         from fss.io import image_tensor, read_image
 
-        inputs["images"] = torch.stack([image_tensor(read_image(path), size) for path in image_paths])
+        images = [image_tensor(read_image(path), size, normalisation) for path in image_paths]
+        inputs["images"] = torch.stack(images)
     return inputs
 
 

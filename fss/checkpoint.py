@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from fss.errors import CheckpointError
+from fss.errors import CheckpointError, FssError
 from fss.io import atomic_write
-from fss.models.panet import PANet, default_meta
+from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
+from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
 CHECKPOINT_VERSION = 1
-OFFICIAL_PREFIXES = ("module.encoder.backbone.", "encoder.backbone.")
-OUR_PREFIX = "encoder."
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-panet.pt"
+PRETRAINED_ONLY_SUFFIXES = (".h5", ".whl")  # never torch files: straight to the encoder's own reader
 
 
 def read_torch_file(path) -> object:
@@ -34,30 +34,6 @@ def read_torch_file(path) -> object:
     except Exception as exc:  # torch raises many types for corrupt / foreign / pickled files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"unreadable checkpoint: {reason[:200]}", path) from None
-
-
-def encoder_state_from_official(state: dict, path) -> dict:
-    """Official snapshot keys -> our encoder keys; one clear error for anything else."""
-    out, unexpected = {}, []
-    for key, value in state.items():
-        prefix = next((p for p in OFFICIAL_PREFIXES if key.startswith(p)), None)
-        if prefix is None or not torch.is_tensor(value):
-            unexpected.append(key)
-        else:
-            out[OUR_PREFIX + key[len(prefix) :]] = value
-    if not out:
-        sample = ", ".join(sorted(map(str, state))[:3]) or "none"
-        raise CheckpointError(f"not a PANet/fss checkpoint: no encoder tensors (keys: {sample})", path)
-    if unexpected:
-        raise CheckpointError(f"not a PANet checkpoint: unexpected keys {', '.join(unexpected[:5])}", path)
-    return out
-
-
-def infer_width(state: dict, path) -> float:
-    first = state.get(OUR_PREFIX + "features.0.0.weight")
-    if first is None or first.dim() != 4:
-        raise CheckpointError("not a PANet checkpoint: missing key encoder features.0.0.weight", path)
-    return first.shape[0] / 64
 
 
 def load_state_strict(model: PANet, state: dict, path) -> None:
@@ -96,12 +72,28 @@ def model_from_state(obj, path) -> PANet:
         state = obj.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError("fss checkpoint without a state_dict", path)
-        model = PANet(width=float(meta.get("width", 1.0)), meta=meta)
+        encoder = meta.get("encoder", DEFAULT_ENCODER)  # fss checkpoints before the registry: VGG
+        width = meta.get("width") or get_encoder(encoder, path).width_of(encoder_state(state), path)
     else:
-        state = encoder_state_from_official(obj, path)
-        model = PANet(width=infer_width(state, path), meta={"source": "official PANet snapshot"})
+        found = foreign_encoder_state(obj, path)
+        if found is None:
+            sample = ", ".join(sorted(map(str, obj))[:3]) or "none"
+            raise CheckpointError(f"not a PANet/fss checkpoint: no encoder tensors (keys: {sample})", path)
+        encoder, encoder_tensors = found
+        state = {OUR_PREFIX + k: v for k, v in encoder_tensors.items()}
+        width = get_encoder(encoder, path).width_of(encoder_tensors, path)
+        meta = {"source": "official PANet snapshot"}
+    model = build_model(encoder, width, meta, path)
     load_state_strict(model, state, path)
     return model
+
+
+def build_model(encoder: str, width, meta: dict, path) -> PANet:
+    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
+    try:
+        return PANet(width=float(width), meta=meta, encoder=encoder)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint does not fit {encoder}: {exc}", path) from None
 
 
 def load_model(path=None, device=None, impl: str = "auto") -> PANet:
@@ -124,7 +116,7 @@ def atomic_save(obj, path) -> None:
 
 
 def checkpoint_dict(model: PANet, **meta_updates) -> dict:
-    meta = {**default_meta(model.encoder.width), **model.meta, **meta_updates}
+    meta = {**default_meta(model.encoder.width, model.meta["encoder"]), **model.meta, **meta_updates}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
 
@@ -135,35 +127,27 @@ def save_checkpoint(model: PANet, path, **meta_updates) -> None:
 
 
 def init_encoder(model: PANet, path) -> None:
-    """Start ``model``'s encoder from a file: an fss checkpoint or official snapshot of the same width
-    (e.g. a pretrained encoder), or torchvision's ``vgg16-397923af.pth``."""
-    obj = read_torch_file(path)
-    if (
-        isinstance(obj, dict)
-        and obj.get("format") == CHECKPOINT_FORMAT
-        or any(str(k).startswith(OFFICIAL_PREFIXES) for k in (obj if isinstance(obj, dict) else ()))
-    ):
-        load_state_strict(model, model_from_state(obj, path).state_dict(), path)
-    else:
-        load_vgg16_imagenet(model, path)
-
-
-def load_vgg16_imagenet(model: PANet, path) -> None:
-    """Initialise the encoder from torchvision's ``vgg16-397923af.pth``: its first 26 tensors, in order."""
-    state = read_torch_file(path)
-    if not isinstance(state, dict):
-        raise CheckpointError("not a torchvision VGG16 state dict", path)
-    tensors = list(state.values())[:26]
-    params = [p for conv in model.encoder.convs() for p in (conv.weight, conv.bias)]
-    if len(tensors) < len(params):
-        raise CheckpointError(f"VGG16 file has {len(tensors)} tensors, need {len(params)}", path)
-    names = list(state)[:26]
-    with torch.no_grad():
-        for name, src, dst in zip(names, tensors, params, strict=True):
-            if tuple(src.shape) != tuple(dst.shape):
+    """Start ``model``'s encoder from a file: an fss checkpoint or official snapshot of the same encoder
+    and width, or a pretrained file its registry entry knows (torchvision's or HED's VGG16, the
+    EfficientNet-Lite ImageNet weights, ...). ``"auto"`` means the entry's default pretrained weights.
+    The normalisation the weights expect becomes the model's."""
+    entry = get_encoder(model.meta["encoder"])
+    if str(path) == "auto":
+        if entry.default_init is None:
+            raise FssError(f"--init auto: no pretrained weights are known for {entry.name}")
+        path = entry.default_init()
+    path = Path(path)
+    if path.suffix not in PRETRAINED_ONLY_SUFFIXES:
+        obj = read_torch_file(path)
+        if isinstance(obj, dict) and (
+            obj.get("format") == CHECKPOINT_FORMAT or foreign_encoder_state(obj, path) is not None
+        ):
+            source = model_from_state(obj, path)
+            if source.meta["encoder"] != entry.name:
                 raise CheckpointError(
-                    f"VGG16 tensor {name} has shape {tuple(src.shape)}, encoder expects {tuple(dst.shape)} "
-                    f"(ImageNet weights fit width 1.0 only)",
-                    path,
+                    f"checkpoint has encoder {source.meta['encoder']}, the model {entry.name}", path
                 )
-            dst.copy_(src)
+            load_state_strict(model, source.state_dict(), path)
+            model.meta["normalisation"] = source.meta["normalisation"]
+            return
+    model.meta.update(entry.init(model.encoder, path))

@@ -9,19 +9,18 @@ anything else as foreground (FSS-1000 stores 0/255). Parsed masks are ``uint8`` 
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fss.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, voc_palette
+from fss.constants import IGNORE_INDEX, voc_palette
 from fss.errors import FssError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = "_mask"
-NORM_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)  # built once: image_tensor runs per query
-NORM_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def is_image_file(path: Path) -> bool:
@@ -118,11 +117,18 @@ def read_mask(path) -> np.ndarray:
     return values.any(axis=-1).astype(np.uint8)
 
 
-def image_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """``3 x size x size`` float32: bilinear resize, [0, 1], ImageNet-normalised (the official pipeline)."""
+@lru_cache(maxsize=16)
+def _norm_tensors(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)  # built once, not per query
+
+
+def image_tensor(img: Image.Image, size: int, normalisation: dict) -> torch.Tensor:
+    """``3 x size x size`` float32: bilinear resize, [0, 1], then ``(x - mean) / std`` with the model's
+    ``meta["normalisation"]`` (ImageNet's for PANet: the official pipeline)."""
+    mean, std = _norm_tensors(tuple(normalisation["mean"]), tuple(normalisation["std"]))
     resized = img.resize((size, size), Image.BILINEAR) if img.size != (size, size) else img
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - NORM_MEAN) / NORM_STD
+    return (x - mean) / std
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:

@@ -131,6 +131,7 @@ class Segmenter:
             model = load_model(model, device=self.device)
         self.model = model.to(self.device).eval()
         self.size = int(size or model.meta["input_size"])
+        self.normalisation = model.meta["normalisation"]
         self.batch = int(batch)
         self.impl = impl
         self.workers = int(workers)
@@ -211,7 +212,7 @@ class Segmenter:
             if not (parsed == 1).any():
                 raise ValueError("support mask has no foreground pixel")
             resized = mask_tensor(parsed, self.size)
-            imgs.append(image_tensor(img, self.size))
+            imgs.append(image_tensor(img, self.size, self.normalisation))
             fgs.append(resized == 1)
             bgs.append(resized == 0)
         with self._lock:
@@ -283,13 +284,16 @@ class Segmenter:
         if not imgs:
             return ([], []) if return_prob else []
         results = self.segment_encoded(
-            imgs, torch.stack([image_tensor(i, self.size) for i in imgs]), support, return_prob
+            imgs,
+            torch.stack([image_tensor(i, self.size, self.normalisation) for i in imgs]),
+            support,
+            return_prob,
         )
         return tuple(map(list, zip(*results, strict=True))) if return_prob else results
 
     def load_query(self, query) -> tuple[Image.Image, torch.Tensor]:
         img = as_image(query)
-        return img, image_tensor(img, self.size)
+        return img, image_tensor(img, self.size, self.normalisation)
 
     def segment_stream(
         self, queries: Iterable, support: str | None = None, return_prob: bool = False

@@ -5,7 +5,7 @@ import torch
 from helpers import official_snapshot, random_model
 
 import fss
-from fss.checkpoint import load_vgg16_imagenet
+from fss.checkpoint import init_encoder
 from fss.errors import CheckpointError
 
 
@@ -99,12 +99,12 @@ def test_vgg16_imagenet_init_takes_first_26_tensors_in_order(tmp_path):
         state[f"features.{index}.bias"] = torch.randn_like(conv.bias)
     state["classifier.0.weight"] = torch.randn(4, 4)
     torch.save(state, tmp_path / "vgg16-397923af.pth")
-    load_vgg16_imagenet(model, tmp_path / "vgg16-397923af.pth")
+    init_encoder(model, tmp_path / "vgg16-397923af.pth")
     for conv, index in zip(model.encoder.convs(), tv_indices, strict=True):
         assert torch.equal(conv.weight, state[f"features.{index}.weight"])
     narrow = fss.PANet(width=0.5)
     with pytest.raises(CheckpointError, match="fit width 1.0 only"):
-        load_vgg16_imagenet(narrow, tmp_path / "vgg16-397923af.pth")
+        init_encoder(narrow, tmp_path / "vgg16-397923af.pth")
 
 
 def test_encoder_geometry_matches_the_paper():
@@ -116,7 +116,6 @@ def test_encoder_geometry_matches_the_paper():
 
 
 def test_init_encoder_from_an_fss_checkpoint_or_official_snapshot(tmp_path):
-    from fss.checkpoint import init_encoder
 
     source = random_model(width=0.25, seed=3)
     fss.save_checkpoint(source, tmp_path / "pre.pt")

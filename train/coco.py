@@ -92,8 +92,8 @@ class CocoDataset(EpisodeDataset):
     ``train2017`` and ``val2017``) are pooled.
     """
 
-    def __init__(self, root, size: int, splits=(DEFAULT_SPLIT,), cache_mb: float = 2048):
-        super().__init__(root, size, cache_mb)
+    def __init__(self, root, size: int, splits=(DEFAULT_SPLIT,), cache_mb: float = 2048, normalisation=None):
+        super().__init__(root, size, cache_mb, normalisation)
         self.splits = list(splits)
         self.cocos: dict[str, COCO] = {}
         self.images: dict[str, tuple[str, dict]] = {}  # photo -> (split, COCO image record)

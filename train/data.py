@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fss.constants import IGNORE_INDEX
+from fss.constants import IGNORE_INDEX, PAPER_NORMALISATION
 from fss.errors import FssError
 from fss.io import find_support_pairs, image_tensor, mask_tensor, read_image, read_mask
 from fss.train.weak import annotation_rng, box_masks, connected_components, scribble_masks
@@ -77,9 +77,10 @@ class EpisodeDataset:
     # The PASCAL reference pipeline counts void (255) pixels of a support image as its background.
     support_void_is_background = False
 
-    def __init__(self, root, size: int, cache_mb: float = 2048):
+    def __init__(self, root, size: int, cache_mb: float = 2048, normalisation: dict | None = None):
         self.root = Path(root)
         self.size = size
+        self.normalisation = normalisation or PAPER_NORMALISATION
         self.items: dict[str, list[Item]] = {}
         self.cache: dict = {}
         self.cache_bytes_left = int(cache_mb * 2**20)
@@ -99,8 +100,10 @@ class EpisodeDataset:
         return value
 
     def image(self, path: Path) -> torch.Tensor:
-        """``3 x S x S`` normalised, resized bilinearly (``fss.io``, exactly as ``fss-run``)."""
-        return self.cached(("image", path), lambda: image_tensor(read_image(path), self.size))
+        """``3 x S x S`` resized bilinearly and normalised (``fss.io``, exactly as ``fss-run``)."""
+        return self.cached(
+            ("image", path), lambda: image_tensor(read_image(path), self.size, self.normalisation)
+        )
 
     def photo_masks(self, photo: str) -> dict[str, torch.Tensor]:
         """Class -> ``S x S`` uint8 mask (0, 1 the class, 255 ignored) of the classes in a photo."""
@@ -184,8 +187,8 @@ class FolderDataset(EpisodeDataset):
     fss.train.coco`` writes COCO images that way). Masks are read with ``fss.io`` (palette 255 ignored).
     """
 
-    def __init__(self, root, size: int, cache_mb: float = 2048):
-        super().__init__(root, size, cache_mb)
+    def __init__(self, root, size: int, cache_mb: float = 2048, normalisation: dict | None = None):
+        super().__init__(root, size, cache_mb, normalisation)
         pairs = find_support_pairs(self.root)
         ids = photo_identities(pairs)
         self.items = {cls: [Item(ids[img], img) for img, _ in p] for cls, p in pairs.items()}

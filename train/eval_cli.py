@@ -89,7 +89,14 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         encode = make_encoder(model, device, images_per_call, size, config.precision, True, False)
     except (ValueError, RuntimeError) as exc:
         raise FssError(str(exc)) from None
-    dataset = open_dataset(config.dataset, config.data, size, config.split, config.cache_mb)
+    dataset = open_dataset(
+        config.dataset,
+        config.data,
+        size,
+        config.split,
+        config.cache_mb,
+        normalisation=model.meta["normalisation"],
+    )
     trained_on = list(model.meta.get("classes") or [])
     classes = choose_test_classes(config, dataset, trained_on)
     skipped = {}

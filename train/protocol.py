@@ -27,18 +27,20 @@ def default_split(kind: str) -> str | None:
 
 
 def open_dataset(
-    kind: str, root, size: int, split: str | None = None, cache_mb: float = 2048
+    kind: str, root, size: int, split: str | None = None, cache_mb: float = 2048, *, normalisation: dict
 ) -> EpisodeDataset:
-    """A dataset of ``kind``; ``split``: a VOC split or comma-separated COCO splits (None: the default)."""
+    """A dataset of ``kind``; ``split``: a VOC split or comma-separated COCO splits (None: the default);
+    images normalised as the model's ``meta["normalisation"]`` says."""
     if kind == "folder":
         if split is not None:
             raise FssError("--split applies to --dataset voc and coco, not to class folders", root)
-        return FolderDataset(root, size, cache_mb)
+        return FolderDataset(root, size, cache_mb, normalisation)
     split = split or default_split(kind)
     if kind == "voc":
-        return VocDataset(root, size, split, cache_mb)
+        return VocDataset(root, size, split, cache_mb, normalisation)
     if kind == "coco":
-        return CocoDataset(root, size, [s.strip() for s in split.split(",") if s.strip()], cache_mb)
+        splits = [s.strip() for s in split.split(",") if s.strip()]
+        return CocoDataset(root, size, splits, cache_mb, normalisation)
     raise ValueError(f"dataset must be one of {DATASETS}, got {kind!r}")
 
 

@@ -70,8 +70,10 @@ class TrainConfig:
     queries: int = 1  # per way
     iters: int = 30000
     size: int = PAPER_INPUT_SIZE
+    encoder: str = "vgg16-dilated"  # a name of fss.models.encoders
     width: float = 1.0
-    init: Path | None = None  # fss checkpoint / official snapshot / torchvision VGG16; None: from scratch
+    init: Path | str | None = None  # "auto": the encoder's pretrained weights; a file; None: from scratch
+    freeze_stages: int = 0  # the encoder's first stages (stem, blocks) keep their initial weights
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -159,13 +161,20 @@ def split_classes(dataset: EpisodeDataset, config: TrainConfig) -> tuple[list[st
     return [c for c in classes if c not in val], val
 
 
-def episode_data(config: TrainConfig) -> EpisodeData:
+def episode_data(config: TrainConfig, normalisation: dict) -> EpisodeData:
     """Open the dataset(s) and choose the classes; on voc / coco, classes with too few photos for an
-    episode are left out (``skipped``), where a class folder with too few is a user error."""
-    train_set = open_dataset(config.dataset, config.data, config.size, config.split, config.cache_mb)
+    episode are left out (``skipped``), where a class folder with too few is a user error. Images are
+    normalised as the model's ``meta["normalisation"]`` says."""
+
+    def open_split(split):
+        return open_dataset(
+            config.dataset, config.data, config.size, split, config.cache_mb, normalisation=normalisation
+        )
+
+    train_set = open_split(config.split)
     val_set = train_set
     if config.val_split is not None and config.val_split != config.split:
-        val_set = open_dataset(config.dataset, config.data, config.size, config.val_split, config.cache_mb)
+        val_set = open_split(config.val_split)
     train_classes, val_classes = split_classes(train_set, config)
     skipped = {}
     if config.dataset != "folder":
@@ -178,22 +187,32 @@ def episode_data(config: TrainConfig) -> EpisodeData:
 
 
 def init_from_scratch(model: PANet) -> None:
-    """torchvision's VGG initialisation (He normal, fan-out; zero bias): trainable without BatchNorm.
-
-    PyTorch's default conv initialisation shrinks the signal through 13 layers, and SGD barely moves.
-    """
-    for conv in model.encoder.convs():
+    """torchvision's initialisation of its conv nets (He normal, fan-out; zero bias): a plain VGG
+    trains without BatchNorm from it. PyTorch's default conv initialisation shrinks the signal through
+    13 layers, and SGD barely moves."""
+    for conv in (m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)):
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        torch.nn.init.zeros_(conv.bias)
+        if conv.bias is not None:
+            torch.nn.init.zeros_(conv.bias)
+
+
+def freeze_stages(model: PANet, count: int) -> None:
+    """The encoder's first ``count`` stages keep their weights (no gradient, no weight decay)."""
+    stages = model.encoder.stages()
+    if not 0 <= count <= len(stages):
+        raise FssError(f"--freeze-stages {count}: {model.meta['encoder']} has {len(stages)} stages")
+    for stage in stages[:count]:
+        stage.requires_grad_(False)
 
 
 def build_model(config: TrainConfig) -> PANet:
     torch.manual_seed(config.seed)
-    model = PANet(width=config.width, impl=TRAIN_IMPL)
+    model = PANet(width=config.width, impl=TRAIN_IMPL, encoder=config.encoder)
     if config.init is None:
         init_from_scratch(model)
     else:
         init_encoder(model, config.init)
+    freeze_stages(model, config.freeze_stages)
     return model
 
 
@@ -273,7 +292,8 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
             f"--batch-episodes {config.batch_episodes} is not a multiple of the {world.size} processes "
             f"(each process takes an equal share of every batch)"
         )
-    data = episode_data(config)
+    model = build_model(config).to(world.device)
+    data = episode_data(config, model.meta["normalisation"])
     out = Path(config.out)
     if config.resume is None and (out / "last.pt").exists():
         raise FssError(
@@ -293,10 +313,12 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         rng,
         what="training classes",
     )
-    model = build_model(config).to(world.device)
     model.train()
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
     )
     step, seconds = 0, 0.0
     if config.resume is not None:
@@ -308,7 +330,6 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         return {
             "classes": data.train_classes,
             "input_size": config.size,
-            "width": float(config.width),
             "train_config": config.as_meta(),
             "iterations": result.step,
             "val": result.val,
@@ -401,7 +422,7 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     """Held-out scores of a checkpoint, or (``ckpt`` None) of a fresh model as training starts."""
     model = build_model(config) if ckpt is None else load_model(ckpt, impl=TRAIN_IMPL)
     model.to(resolve_device(config.device))
-    data = episode_data(config)
+    data = episode_data(config, model.meta["normalisation"])
     if not data.val_classes:
         raise FssError("no validation classes to evaluate (--val-classes none)", config.data)
     return evaluate_held_out(model, data, config, progress=config.progress)

@@ -94,8 +94,10 @@ class VocDataset(EpisodeDataset):
 
     support_void_is_background = True
 
-    def __init__(self, root, size: int, split: str = DEFAULT_SPLIT, cache_mb: float = 2048):
-        super().__init__(root, size, cache_mb)
+    def __init__(
+        self, root, size: int, split: str = DEFAULT_SPLIT, cache_mb: float = 2048, normalisation=None
+    ):
+        super().__init__(root, size, cache_mb, normalisation)
         self.split = split
         if not self.root.is_dir():
             raise FssError("VOC folder not found", self.root)

@@ -4,17 +4,19 @@ import torch
 from torch import nn
 
 from fss import kernels
-from fss.constants import IMAGENET_MEAN, IMAGENET_STD, PAPER_INPUT_SIZE, PROTOTYPE_SCALE
-from fss.models.vgg import ENCODER_NAME, VGG16Dilated
+from fss.constants import PAPER_INPUT_SIZE, PROTOTYPE_SCALE
+from fss.models.encoders import build_encoder, get_encoder
+
+DEFAULT_ENCODER = "vgg16-dilated"  # the paper's
 
 
-def default_meta(width: float = 1.0) -> dict:
+def default_meta(width: float = 1.0, encoder: str = DEFAULT_ENCODER) -> dict:
     return {
         "method": "panet",
-        "encoder": ENCODER_NAME,
+        "encoder": encoder,
         "width": float(width),
         "input_size": PAPER_INPUT_SIZE,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": get_encoder(encoder).normalisation,
         "classes": [],
         "train_config": {},
     }
@@ -24,13 +26,18 @@ class PANet(nn.Module):
     """The PANet network: an encoder plus the non-parametric prototype head.
 
     ``meta`` describes the checkpoint (method, encoder, width, input size, normalisation, classes seen
-    in training, training config); ``impl`` picks the kernels (``fss.kernels``) of the head.
+    in training, training config); ``impl`` picks the kernels (``fss.kernels``) of the head. The encoder
+    is ``encoder`` (a name of :mod:`fss.models.encoders`), else ``meta["encoder"]``, else the paper's.
     """
 
-    def __init__(self, width: float = 1.0, meta: dict | None = None, impl: str = "auto"):
+    def __init__(
+        self, width: float = 1.0, meta: dict | None = None, impl: str = "auto", encoder: str | None = None
+    ):
         super().__init__()
-        self.encoder = VGG16Dilated(width)
-        self.meta = {**default_meta(width), **(meta or {})}
+        meta = dict(meta or {})
+        encoder = encoder or meta.get("encoder") or DEFAULT_ENCODER
+        self.encoder = build_encoder(encoder, width)
+        self.meta = {**default_meta(width, encoder), **meta, "encoder": encoder, "width": float(width)}
         self.scale = PROTOTYPE_SCALE
         self.impl = impl
 
