@@ -27,7 +27,7 @@ import torch
 from pycocotools.coco import COCO
 
 from fss.constants import IGNORE_INDEX
-from fss.errors import FssError
+from fss.errors import FssError, summary
 from fss.io import mask_tensor, write_json, write_label_png
 from fss.train.data import EpisodeDataset, Item
 
@@ -48,7 +48,7 @@ def load_coco(annotations: Path) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             return COCO(str(annotations))
     except Exception as exc:  # json errors, missing keys: all mean "not a COCO instances file"
-        raise FssError(f"not a COCO instances file: {str(exc).splitlines()[0][:200]}", annotations) from None
+        raise FssError(f"not a COCO instances file: {summary(exc)}", annotations) from None
 
 
 def class_masks(coco, image: dict) -> dict[int, np.ndarray]:
