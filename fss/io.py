@@ -203,8 +203,8 @@ def check_class_names(classes: list[str], where) -> None:
             raise FssError(f"class {name!r} collides with label 0 (background): rename its folder", where)
     if len(classes) > MAX_CLASSES:
         raise FssError(
-            f"{len(classes)} classes, more than the {MAX_CLASSES} a label PNG can hold (labels 1..{MAX_CLASSES}; "
-            "0 is background, 255 means ignored)",
+            f"{len(classes)} classes, more than the {MAX_CLASSES} a label PNG can hold "
+            f"(labels 1..{MAX_CLASSES}; 0 is background, 255 means ignored)",
             where,
         )
 
@@ -295,6 +295,24 @@ def orient(img: Image.Image) -> Image.Image:
         stored = tuple(img.info[FULL_SIZE_KEY])
         out.info[FULL_SIZE_KEY] = stored[::-1] if orientation_swaps(value) else stored
     return out
+
+
+ORIENTATION_TRANSPOSE = {  # EXIF orientation -> the transpose that displays the stored pixels
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orient_array(array: np.ndarray, value: int) -> np.ndarray:
+    """An ``H x W`` array of stored pixels turned as EXIF orientation ``value`` displays them."""
+    if value not in ORIENTATION_TRANSPOSE:
+        return array
+    return np.asarray(Image.fromarray(array).transpose(ORIENTATION_TRANSPOSE[value]))
 
 
 def orientation_swaps(value: int) -> bool:

@@ -125,7 +125,9 @@ def check_meta(meta, path) -> dict:
         if field in meta:
             problem = validate(meta[field])
             if problem:
-                raise CheckpointError(f"checkpoint metadata {field!r} {problem}, got {meta[field]!r:.60}", path)
+                raise CheckpointError(
+                    f"checkpoint metadata {field!r} {problem}, got {meta[field]!r:.60}", path
+                )
     return meta
 
 

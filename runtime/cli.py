@@ -183,7 +183,8 @@ def read_previous(results_path: Path, overwrite: bool) -> dict | None:
         if overwrite:
             return None
         raise FssError(
-            f"--out holds an unreadable {RESULTS_FILE} ({type(exc).__name__}): move it away or pass --overwrite",
+            f"--out holds an unreadable {RESULTS_FILE} ({type(exc).__name__}): move it away or pass "
+            "--overwrite",
             results_path,
         ) from None
     if isinstance(previous, dict) and previous.get("format") == RESULTS_FORMAT:
@@ -215,7 +216,11 @@ def valid_entries(previous: dict | None) -> dict[str, dict]:
     """Output stem -> entry of a previous results file (malformed entries are dropped)."""
     entries = {}
     for entry in (previous or {}).get("queries", []) if isinstance(previous, dict) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("path"), str):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and isinstance(entry.get("path"), str)
+        ):
             entries[Path(entry["file"]).stem] = entry
     return entries
 
@@ -237,7 +242,10 @@ def outputs_intact(out: Path, entry: dict, overlays: bool) -> bool:
 def remove_outputs(out: Path, entries: dict[str, dict]) -> None:
     """Delete the outputs previous entries recorded (only files that still hash as recorded)."""
     for stem, entry in entries.items():
-        for path, key in ((out / f"{stem}.png", "mask_sha256"), (out / OVERLAYS / f"{stem}.jpg", "overlay_sha256")):
+        for path, key in (
+            (out / f"{stem}.png", "mask_sha256"),
+            (out / OVERLAYS / f"{stem}.jpg", "overlay_sha256"),
+        ):
             if path.is_file() and isinstance(entry.get(key), str) and file_sha256(path) == entry[key]:
                 path.unlink()
 
@@ -249,7 +257,12 @@ def plan(queries, hashes, entries, out, overwrite, overlays, results_path):
         entry = entries.get(path.stem)
         same_source = entry is not None and entry.get("path") == str(path.resolve())
         same_content = entry is not None and entry.get("sha256") == hashes[path]
-        if entry is not None and not (same_source or same_content) and not entry.get("error") and not overwrite:
+        if (
+            entry is not None
+            and not (same_source or same_content)
+            and not entry.get("error")
+            and not overwrite
+        ):
             raise FssError(
                 f"{path.stem}.png in --out was written for another query ({entry['path']}): "
                 f"{path} would overwrite it; choose another --out, or pass --overwrite",
@@ -298,7 +311,9 @@ def run(args) -> int:
             stems[path.stem] = path
         support_files = [f for class_pairs in pairs.values() for pair in class_pairs for f in pair]
         check_out_against_inputs(
-            args.out, [args.query, args.support, *(p[0][0].parent for p in pairs.values())], queries + support_files
+            args.out,
+            [args.query, args.support, *(p[0][0].parent for p in pairs.values())],
+            queries + support_files,
         )
         return segment_folder(args, pairs, queries)
 
@@ -391,7 +406,9 @@ def segment_folder(args, pairs, queries) -> int:
                 entry = {"file": path.name, "path": str(path.resolve()), "sha256": hashes[path]}
                 if result.error is not None:
                     failures += 1
-                    message = result.error.message if isinstance(result.error, FssError) else str(result.error)
+                    message = (
+                        result.error.message if isinstance(result.error, FssError) else str(result.error)
+                    )
                     results[path.stem] = {**entry, "error": message}
                     print(f"{PROG}: error: {result.error}", file=sys.stderr)
                 else:

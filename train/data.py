@@ -76,6 +76,8 @@ class EpisodeDataset:
 
     # The PASCAL reference pipeline counts void (255) pixels of a support image as its background.
     support_void_is_background = False
+    # Folder masks refer to the photo as displayed; VOC / COCO annotations to the pixels as stored.
+    orient_exif = True
 
     def __init__(self, root, size: int, cache_mb: float = 2048):
         self.root = Path(root)
@@ -100,7 +102,8 @@ class EpisodeDataset:
 
     def image(self, path: Path) -> torch.Tensor:
         """``3 x S x S`` normalised, resized bilinearly (``fss.io``, exactly as ``fss-run``)."""
-        return self.cached(("image", path), lambda: image_tensor(read_image(path), self.size))
+        load = lambda: image_tensor(read_image(path, self.orient_exif), self.size)  # noqa: E731
+        return self.cached(("image", path), load)
 
     def photo_masks(self, photo: str) -> dict[str, torch.Tensor]:
         """Class -> ``S x S`` uint8 mask (0, 1 the class, 255 ignored) of the classes in a photo."""
