@@ -319,10 +319,11 @@ def orientation_swaps(value: int) -> bool:
     return value in (5, 6, 7, 8)  # transposes and 90-degree rotations
 
 
-def read_image(path, orient_exif: bool = True) -> Image.Image:
+def read_image(path, orient_exif: bool = True, draft: bool = True) -> Image.Image:
     """An 8-bit RGB image as displayed (EXIF orientation applied, unless ``orient_exif`` is False:
-    datasets whose annotations refer to the stored pixels)."""
-    img = open_image(path, "image", draft=True)
+    datasets whose annotations refer to the stored pixels). ``draft``: see :func:`open_image` (off
+    for an image whose mask must match it pixel for pixel)."""
+    img = open_image(path, "image", draft=draft)
     if orient_exif:
         img = orient(img)
     return to_rgb(img)

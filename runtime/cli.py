@@ -125,7 +125,7 @@ def load_supports(pairs):
     for name, class_pairs in pairs.items():
         class_images, class_masks, class_hashes = [], [], []
         for image_path, mask_path in class_pairs:
-            image, mask = read_image(image_path), read_mask(mask_path)
+            image, mask = read_image(image_path, draft=False), read_mask(mask_path)
             if mask.shape != (image.height, image.width):
                 hint = ""
                 if mask.shape == (image.width, image.height):

@@ -102,7 +102,10 @@ class EpisodeDataset:
 
     def image(self, path: Path) -> torch.Tensor:
         """``3 x S x S`` normalised, resized bilinearly (``fss.io``, exactly as ``fss-run``)."""
-        load = lambda: image_tensor(read_image(path, self.orient_exif), self.size)  # noqa: E731
+
+        def load():
+            return image_tensor(read_image(path, self.orient_exif), self.size)
+
         return self.cached(("image", path), load)
 
     def photo_masks(self, photo: str) -> dict[str, torch.Tensor]:
