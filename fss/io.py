@@ -335,9 +335,10 @@ def full_size(img: Image.Image) -> tuple[int, int]:
 
 
 def as_rgb(image) -> Image.Image:
-    """A path, PIL image or ``H x W (x C)`` array (uint8, uint16 or float) as an 8-bit RGB image."""
+    """A path, PIL image or ``H x W (x C)`` array (uint8, uint16 or float) as an 8-bit RGB image; a PIL
+    image that still carries an EXIF orientation is turned as displayed."""
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(orient(image))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint16:
             image = (image.astype(np.float64) / 257).round().astype(np.uint8)

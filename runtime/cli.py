@@ -91,26 +91,35 @@ def warn_line(message: str, path) -> None:
 
 
 # -- inputs --------------------------------------------------------------------------------------------
-def check_out_against_inputs(out: Path, folders: list[Path], files: list[Path]) -> None:
-    """Outputs never overwrite or mix with inputs: ``out`` (and ``out/overlays``) is not an input
-    folder nor inside one, no input folder is inside ``out/overlays``, and no output path is an
-    input file (symbolic links resolved)."""
+def check_out_against_inputs(
+    out: Path, support: Path, folders: list[Path], queries: list[Path], other_inputs: list[Path]
+) -> None:
+    """Outputs never overwrite or mix with inputs (symbolic links resolved).
+
+    Refused: ``out`` or ``out/overlays`` being an input folder (the query folder, the support folder
+    or a class folder), an input folder inside ``out/overlays``, ``out`` directly in the support
+    folder (a later run would read it as a class), and any output path that is an input file.
+    Allowed: ``out`` deeper inside an input folder (e.g. ``--query . --out fss-out``): folders are
+    read one level deep, so a subfolder of the query folder is never read as a query.
+    """
     out_dirs = [out.resolve(), out.resolve() / OVERLAYS]
     for folder in folders:
         resolved = folder.resolve()
-        for d in out_dirs:
-            if d == resolved or resolved in d.parents:
-                where = "is" if d == resolved else "lies inside"
-                raise FssError(
-                    f"--out {where} the input folder {folder}: outputs would overwrite or mix with "
-                    "inputs; choose an --out outside the input folders",
-                    out,
-                )
-        if out_dirs[1] in resolved.parents:
-            raise FssError(f"input folder {folder} lies inside --out/{OVERLAYS}: choose another --out", out)
+        if resolved in out_dirs or out_dirs[1] in resolved.parents:
+            raise FssError(
+                f"--out would write into the input folder {folder}: outputs would overwrite or mix with "
+                "inputs; choose another --out",
+                out,
+            )
+    if out_dirs[0].parent == support.resolve():
+        raise FssError(
+            f"--out lies in the support folder {support}: a later run would read it as a class; choose "
+            "another --out",
+            out,
+        )
     outputs = {out_dirs[0] / RESULTS_FILE, out_dirs[0] / LOCK_FILE}
-    resolved_files = {f.resolve(): f for f in files}
-    for path in files:
+    resolved_files = {f.resolve(): f for f in queries + other_inputs}
+    for path in queries:
         outputs |= {out_dirs[0] / f"{path.stem}.png", out_dirs[1] / f"{path.stem}.jpg"}
     clash = sorted(set(resolved_files) & outputs)
     if clash:
@@ -309,12 +318,10 @@ def run(args) -> int:
                     args.query,
                 )
             stems[path.stem] = path
-        support_files = [f for class_pairs in pairs.values() for pair in class_pairs for f in pair]
-        check_out_against_inputs(
-            args.out,
-            [args.query, args.support, *(p[0][0].parent for p in pairs.values())],
-            queries + support_files,
-        )
+        inputs = [f for class_pairs in pairs.values() for pair in class_pairs for f in pair]
+        inputs += [p for p in (args.ckpt, args.bundle and args.bundle / "manifest.json") if p]
+        folders = [args.query, args.support, *(p[0][0].parent for p in pairs.values())]
+        check_out_against_inputs(args.out, args.support, folders, queries, inputs)
         return segment_folder(args, pairs, queries)
 
 

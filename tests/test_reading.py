@@ -255,3 +255,28 @@ def test_class_names_fit_the_label_format():
     check_class_names([f"c{i}" for i in range(MAX_CLASSES)], "s")
     with pytest.raises(FssError, match=f"256 classes, more than the {MAX_CLASSES}"):
         check_class_names([f"c{i}" for i in range(256)], "s")
+
+
+def test_pil_images_with_an_orientation_tag_are_turned_as_displayed(tmp_path):
+    from fss.io import as_rgb
+
+    stored = (np.random.default_rng(5).random((30, 50, 3)) * 255).astype(np.uint8)
+    save_rotated_jpeg(tmp_path / "p.jpg", stored)
+    from_pil = as_rgb(Image.open(tmp_path / "p.jpg"))
+    assert from_pil.size == (30, 50)
+    assert np.array_equal(np.asarray(from_pil), np.asarray(read_image(tmp_path / "p.jpg")))
+    assert as_rgb(from_pil).size == (30, 50)  # turned once, not twice
+
+
+def test_coco_folder_masks_follow_the_photo_as_displayed(tmp_path):
+    pytest.importorskip("pycocotools")
+    from fss.train.coco import displayed_mask
+
+    mask = np.zeros((30, 50), np.uint8)
+    mask[2:10, 5:40] = 1  # on the stored pixels, as COCO annotates
+    save_rotated_jpeg(tmp_path / "p.jpg", np.zeros((30, 50, 3), np.uint8), orientation=6)
+    turned = displayed_mask(mask, tmp_path / "p.jpg")
+    assert turned.shape == read_image(tmp_path / "p.jpg").size[::-1] == (50, 30)
+    assert np.array_equal(turned, np.rot90(mask, k=-1))
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "plain.jpg")
+    assert displayed_mask(mask, tmp_path / "plain.jpg") is mask

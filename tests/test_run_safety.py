@@ -60,26 +60,50 @@ def base(support, query, out, ckpt, *more):
 
 
 # -- 1. user data is sacred ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("where", ["query", "flat support", "class folder", "inside support", "inside query"])
-def test_out_never_overwrites_or_mixes_with_inputs(tmp_path, ckpt, capsys, where):
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("query", "would write into the input folder"),
+        ("flat support", "would write into the input folder"),
+        ("class folder", "would write into the input folder"),
+        ("overlays is query", "would write into the input folder"),
+        ("query inside overlays", "would write into the input folder"),
+        ("in support", "a later run would read it as a class"),
+    ],
+)
+def test_out_never_overwrites_or_mixes_with_inputs(tmp_path, ckpt, capsys, where, message):
     rng = np.random.default_rng(0)
     flat = tmp_path / "flat"
     save_image(flat / "q0.jpg", rng)  # a support pair named like a query's output
     save_mask(flat / "q0.png")
     support = flat if where == "flat support" else make_support(tmp_path / "s")
-    query = make_queries(tmp_path / "q")
+    query = make_queries(tmp_path / ("overlays" if where == "overlays is query" else "q"))
+    if where == "query inside overlays":
+        query = make_queries(tmp_path / "o" / "overlays" / "q")
     out = {
         "query": query,
         "flat support": flat,
         "class folder": support / "cat",
-        "inside support": support / "results",
-        "inside query": query / "masks",
+        "overlays is query": tmp_path,
+        "query inside overlays": tmp_path / "o",
+        "in support": support / "results",
     }[where]
     before = snapshot(tmp_path)
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 2
-    one_error_line(err, "--out", "input folder")
+    one_error_line(err, "--out", message)
     assert snapshot(tmp_path) == before  # not a byte written or changed
+
+
+def test_out_deeper_inside_the_query_folder_is_fine(setup, ckpt, capsys):
+    support, query, _ = setup
+    before = snapshot(query)
+    code, err = run(capsys, *base(support, query, query / "fss-out", ckpt))
+    assert code == 0, err
+    assert sorted(p.name for p in (query / "fss-out").glob("*.png")) == ["q0.png", "q1.png", "q2.png"]
+    code, err = run(capsys, *base(support, query, query / "fss-out", ckpt))
+    assert code == 0 and "3 already done" in err  # the output folder is not read as queries
+    assert {k: v for k, v in snapshot(query).items() if k.parts[0] != "fss-out"} == before
 
 
 def test_query_link_to_an_output_path_is_refused(setup, ckpt, capsys, tmp_path):

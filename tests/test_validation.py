@@ -362,3 +362,14 @@ def test_long_messages_are_shortened_at_a_sentence_or_word():
     words = summary(Exception("word " * 100), limit=50)
     assert words.endswith("word ...") and "wor " not in words
     assert summary(Exception("one\n  line")) == "one line"
+
+
+def test_export_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    from fss.export.cli import main as export_main
+
+    (tmp_path / "bundle").write_text("mine")
+    args = ["--ckpt", str(saved(tmp_path, fss_ckpt())), "--out", str(tmp_path / "bundle")]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fss-export: error:") and err.count("\n") == 1
+    assert (tmp_path / "bundle").read_text() == "mine"

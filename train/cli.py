@@ -267,11 +267,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def preflight(args: argparse.Namespace, config: TrainConfig) -> None:
     """What would fail after the work is done, checked before it: the run folder, the log, memory."""
-    check_output_folder(config.out, "--out")
+    model = PANet(width=config.width)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
+    # last.pt (weights + momentum) and its temporary while replaced, final.pt, the snapshots
+    check_output_folder(config.out, "--out", need_bytes=weights * (2 * 2 + 1 + snapshots))
     if config.log is not None:
         check_output_file(Path(config.log), "--log")
     images = config.batch_episodes * config.ways * (config.shots + config.queries)
-    model = PANet(width=config.width)
     check_encoder_memory(
         model, config.size, images, resolve_device(config.device), TRAIN_MEMORY_FACTOR, "--batch-episodes"
     )

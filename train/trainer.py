@@ -408,7 +408,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
 def check_finite(model: PANet, loss: float, step: int, out: Path, last_saved: int | None) -> None:
     """Stop at the first non-finite loss or weight, before anything is saved from it."""
     bad = None if np.isfinite(loss) else f"the loss is {loss}"
-    if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if bad is None and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
         bad = "a weight is not finite"
     if bad is not None:
         kept = f"{out / 'last.pt'} keeps step {last_saved}" if last_saved else "no checkpoint was written"
