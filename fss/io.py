@@ -246,7 +246,7 @@ def open_image(path, what: str, draft: bool = False) -> Image.Image:
         raise FssError(f"unreadable or corrupt {what}", path) from None
     width, height = img.size
     if width * height > limit:
-        if not (draft and img.format == "JPEG" and width * height <= DRAFT_FACTOR * limit):
+        if not (draft and img.format in ("JPEG", "MPO") and width * height <= DRAFT_FACTOR * limit):
             img.close()
             raise FssError(too_many_pixels(width, height, limit), path)
         img.draft(img.mode, (math.ceil(width / 2), math.ceil(height / 2)))

@@ -87,7 +87,7 @@ def file_sha256(path) -> str:
 
 
 def warn_line(message: str, path) -> None:
-    print(f"{PROG}: warning: {message} ({path})", file=sys.stderr)
+    print(" ".join(f"{PROG}: warning: {message} ({path})".split()), file=sys.stderr)
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -300,9 +300,10 @@ def full_size_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # -- the command ---------------------------------------------------------------------------------------
 def run(args) -> int:
-    from fss.io import check_class_names, find_support_pairs, list_images, pixel_limit
+    from fss.io import check_class_names, find_support_pairs, list_images, max_pixels, pixel_limit
 
     with pixel_limit(args.max_pixels):
+        max_pixels()  # a malformed $FSS_MAX_PIXELS is refused before any work
         pairs = find_support_pairs(args.support, warn=warn_line)
         check_class_names(list(pairs), args.support)
         queries, skipped = list_images(args.query)
@@ -329,6 +330,7 @@ def segment_folder(args, pairs, queries) -> int:
     from tqdm import tqdm
 
     from fss.checkpoint import load_model
+    from fss.command import error_line
     from fss.io import (
         check_output_folder,
         folder_lock,
@@ -417,7 +419,7 @@ def segment_folder(args, pairs, queries) -> int:
                         result.error.message if isinstance(result.error, FssError) else str(result.error)
                     )
                     results[path.stem] = {**entry, "error": message}
-                    print(f"{PROG}: error: {result.error}", file=sys.stderr)
+                    print(error_line(PROG, str(result.error)), file=sys.stderr)
                 else:
                     width, height = full_size(result.image)
                     labels = full_size_labels(result.labels, (width, height))

@@ -367,3 +367,17 @@ def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch)
     monkeypatch.setattr(fss.io, "write_label_png", real)
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
+
+
+def test_errors_stay_one_line_with_hostile_names_and_environment(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    (query / "new\nline.jpg").write_bytes(b"")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 1
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"fss-run: error: unreadable or corrupt image ({query}/new line.jpg)"
+    ]
+    monkeypatch.setenv("FSS_MAX_PIXELS", "-3")
+    code, err = run(capsys, *base(support, query, out / "other", ckpt))
+    assert code == 2 and not (out / "other").exists()
+    one_error_line(err, "FSS_MAX_PIXELS must be a positive integer")

@@ -373,3 +373,12 @@ def test_export_out_that_is_a_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fss-export: error:") and err.count("\n") == 1
     assert (tmp_path / "bundle").read_text() == "mine"
+
+
+def test_train_out_in_the_data_folder_is_refused(shapes, tmp_path, capsys):
+    from fss.train.cli import main
+
+    assert main(train_args(shapes, shapes / "run")) == 2
+    err = capsys.readouterr().err
+    assert "--out lies in the --data folder" in err and err.count("\n") == 1
+    assert not (shapes / "run").exists()

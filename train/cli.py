@@ -16,6 +16,7 @@ import torch
 from fss.checkpoint import read_torch_file
 from fss.command import run_command
 from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PAPER_INPUT_SIZE
+from fss.errors import FssError
 from fss.io import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
 from fss.models.panet import PANet
@@ -267,6 +268,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def preflight(args: argparse.Namespace, config: TrainConfig) -> None:
     """What would fail after the work is done, checked before it: the run folder, the log, memory."""
+    out, data = Path(config.out).resolve(), Path(config.data).resolve()
+    if out == data or out.parent == data:
+        raise FssError("--out lies in the --data folder: a later run would read it as a class", config.out)
     model = PANet(width=config.width)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
