@@ -374,7 +374,7 @@ def test_errors_stay_one_line_with_hostile_names_and_environment(setup, ckpt, ca
     (query / "new\nline.jpg").write_bytes(b"")
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 1
-    assert [line for line in err.splitlines() if "error" in line] == [
+    assert [line for line in err.splitlines() if line.startswith("fss-run: error")] == [
         f"fss-run: error: unreadable or corrupt image ({query}/new line.jpg)"
     ]
     monkeypatch.setenv("FSS_MAX_PIXELS", "-3")
