@@ -7,7 +7,7 @@ import torch
 
 from fss.errors import FssError
 
-PROBE_SIZE = 32
+PROBE_SIZE = 16  # small: the probe runs the encoder once for real
 DEFAULT_BYTES_PER_PIXEL = 2 * 64 * 4  # input + output of a 64-channel float32 layer at full resolution
 
 
@@ -44,7 +44,7 @@ def address_space_bytes() -> int | None:
 
 def bytes_per_input_pixel(model) -> float:
     """Peak activation bytes per input pixel of one image: the largest layer's input + output,
-    measured with hooks at a small size (a constant for encoders torch does not run)."""
+    measured with hooks on one small image (a constant for encoders torch does not run)."""
     encoder = getattr(model, "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         return DEFAULT_BYTES_PER_PIXEL

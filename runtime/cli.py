@@ -208,17 +208,29 @@ def read_previous(results_path: Path, overwrite: bool) -> dict | None:
     )
 
 
-def check_settings(previous: dict, settings: dict, results_path: Path) -> None:
+def settings_difference(previous: dict, settings: dict) -> str | None:
+    """What differs between a previous run's settings and these (None: nothing, or none recorded)."""
     old = previous.get("settings")
     if not isinstance(old, dict):
-        return
-    for key, what in SETTING_NAMES.items():
-        if old.get(key) != settings[key]:
-            raise FssError(
-                f"output folder holds results made with {what}: pass --overwrite to replace them, or "
-                "choose another --out",
-                results_path,
-            )
+        return None
+    return next((what for key, what in SETTING_NAMES.items() if old.get(key) != settings[key]), None)
+
+
+def reusable_entries(previous, settings: dict, out: Path, overwrite: bool, results_path: Path) -> dict:
+    """Previous entries made with these settings; other settings are refused, or with ``overwrite``
+    their outputs removed."""
+    entries = valid_entries(previous)
+    differs = settings_difference(previous, settings) if previous is not None else None
+    if differs is None:
+        return entries
+    if not overwrite:
+        raise FssError(
+            f"output folder holds results made with {differs}: pass --overwrite to replace them, or choose "
+            "another --out",
+            results_path,
+        )
+    remove_outputs(out, entries)
+    return {}
 
 
 def valid_entries(previous: dict | None) -> dict[str, dict]:
@@ -326,25 +338,47 @@ def run(args) -> int:
         return segment_folder(args, pairs, queries)
 
 
+def load_runtime_model(args):
+    """(model, device) of --ckpt / --bundle / the demo model."""
+    from fss.checkpoint import load_model
+    from fss.runtime.segmenter import resolve_device
+
+    device = resolve_device(args.device)
+    if args.bundle is not None:
+        from fss.export.backends import load_bundle
+
+        wanted = None if args.device == "auto" else device
+        model = load_bundle(args.bundle, backend=args.backend, device=wanted, input_size=args.size)
+        return model, model.device  # the head runs where the bundle's encoder delivers its features
+    if args.ckpt is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+    return load_model(args.ckpt, device=device), device
+
+
+def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict:
+    """A segmented query's mask (at its full size) and overlay; its results entry (without source)."""
+    from fss.io import full_size, write_label_png, write_overlay
+
+    stem = result.query.stem
+    width, height = full_size(result.image)
+    labels = full_size_labels(result.labels, (width, height))
+    write_label_png(out / f"{stem}.png", labels)
+    entry = {"mask_sha256": file_sha256(out / f"{stem}.png")}
+    if overlays:
+        write_overlay(out / OVERLAYS / f"{stem}.jpg", result.image, result.labels, classes)
+        entry["overlay_sha256"] = file_sha256(out / OVERLAYS / f"{stem}.jpg")
+    return {**entry, "size": [width, height], "fractions": fractions(labels, ["background", *classes])}
+
+
 def segment_folder(args, pairs, queries) -> int:
     from tqdm import tqdm
 
-    from fss.checkpoint import load_model
     from fss.command import error_line
-    from fss.io import (
-        check_output_folder,
-        folder_lock,
-        full_size,
-        remove_stale_temporaries,
-        write_json,
-        write_label_png,
-        write_overlay,
-    )
+    from fss.io import check_output_folder, folder_lock, remove_stale_temporaries, write_json
     from fss.memory import check_encoder_memory
-    from fss.runtime.segmenter import Segmenter, resolve_device
+    from fss.runtime.segmenter import Segmenter
 
-    out = args.out
-    overlays = not args.no_overlays
+    out, overlays = args.out, not args.no_overlays
     need = len(queries) * OUTPUT_BYTES_PER_QUERY + (sum(q.stat().st_size for q in queries) if overlays else 0)
     check_output_folder(out, need_bytes=need)
     results_path = out / RESULTS_FILE
@@ -352,41 +386,25 @@ def segment_folder(args, pairs, queries) -> int:
         for folder in (out, out / OVERLAYS):
             remove_stale_temporaries(folder)
         previous = read_previous(results_path, args.overwrite)
-
-        device = resolve_device(args.device)
-        if args.bundle is not None:
-            from fss.export.backends import load_bundle
-
-            wanted = None if args.device == "auto" else device
-            model = load_bundle(args.bundle, backend=args.backend, device=wanted, input_size=args.size)
-            device = model.device  # the head runs where the bundle's encoder delivers its features
-        else:
-            if args.ckpt is None:
-                print(DEMO_NOTICE, file=sys.stderr)
-            model = load_model(args.ckpt, device=device)
+        model, device = load_runtime_model(args)
         size = int(args.size or model.meta["input_size"])
         check_encoder_memory(model, size, args.batch, device)
         classes, images, masks, support_sha = load_supports(pairs)
-        settings = {**model_identity(args, model), "input_size": size, "support_sha256": support_sha}
-        settings["classes"] = classes
-        entries = valid_entries(previous)
-        if previous is not None and previous.get("format") == RESULTS_FORMAT:
-            try:
-                check_settings(previous, settings, results_path)
-            except FssError:
-                if not args.overwrite:
-                    raise
-                remove_outputs(out, entries)  # --overwrite replaces results made with other settings
-                entries = {}
+        settings = {
+            **model_identity(args, model),
+            "input_size": size,
+            "support_sha256": support_sha,
+            "classes": classes,
+        }
+        entries = reusable_entries(previous, settings, out, args.overwrite, results_path)
         hashes = {path: file_sha256(path) for path in queries}
         done, todo = plan(queries, hashes, entries, out, args.overwrite, overlays, results_path)
         this_run = {path.stem for path in queries}
-        kept = {stem: e for stem, e in entries.items() if stem not in this_run}  # other query folders
-        names = ["background", *classes]
+        results = {stem: e for stem, e in entries.items() if stem not in this_run}  # other query folders
+        results.update(done)
 
         seg = Segmenter(model, device=device, size=size, batch=args.batch)
         seg.set_support(images, masks, classes)
-        results = {**kept, **done}
 
         def save_results():
             write_json(
@@ -394,9 +412,9 @@ def segment_folder(args, pairs, queries) -> int:
                 {
                     "format": RESULTS_FORMAT,
                     "version": RESULTS_VERSION,
-                    "classes": {str(k): name for k, name in enumerate(names)},
+                    "classes": {str(k): name for k, name in enumerate(["background", *classes])},
                     "model": str(args.bundle or args.ckpt or "bundled demo model"),
-                    "input_size": seg.size,
+                    "input_size": size,
                     "settings": settings,
                     "support": {
                         "folder": str(Path(args.support).resolve()),
@@ -412,29 +430,15 @@ def segment_folder(args, pairs, queries) -> int:
         with tqdm(total=len(todo), desc=PROG, unit="img", disable=None, file=sys.stderr) as bar:
             for count, result in enumerate(seg.segment_stream(todo), start=1):
                 path = result.query
-                entry = {"file": path.name, "path": str(path.resolve()), "sha256": hashes[path]}
-                if result.error is not None:
-                    failures += 1
-                    message = (
-                        result.error.message if isinstance(result.error, FssError) else str(result.error)
-                    )
-                    results[path.stem] = {**entry, "error": message}
-                    print(error_line(PROG, str(result.error)), file=sys.stderr)
+                source = {"file": path.name, "path": str(path.resolve()), "sha256": hashes[path]}
+                if result.error is None:
+                    written = write_outputs(out, result, classes, overlays)
+                    results[path.stem] = {**source, **written, "time_s": round(result.seconds, 4)}
                 else:
-                    width, height = full_size(result.image)
-                    labels = full_size_labels(result.labels, (width, height))
-                    write_label_png(out / f"{path.stem}.png", labels)
-                    entry["mask_sha256"] = file_sha256(out / f"{path.stem}.png")
-                    if overlays:
-                        overlay = out / OVERLAYS / f"{path.stem}.jpg"
-                        write_overlay(overlay, result.image, result.labels, classes)
-                        entry["overlay_sha256"] = file_sha256(overlay)
-                    results[path.stem] = {
-                        **entry,
-                        "size": [width, height],
-                        "fractions": fractions(labels, names),
-                        "time_s": round(result.seconds, 4),
-                    }
+                    failures += 1
+                    error = result.error
+                    results[path.stem] = {**source, "error": getattr(error, "message", None) or str(error)}
+                    print(error_line(PROG, str(error)), file=sys.stderr)
                 bar.update(1)
                 if count % args.batch == 0 or count == len(todo):
                     save_results()
