@@ -7,7 +7,8 @@ fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
 RNG): ``resume`` continues bit-for-bit on the same machine. ``OUT/final.pt`` (weights and metadata
-only) is the model to ship; ``OUT/step-XXXXXX.pt`` are periodic snapshots of the same kind.
+only) is the model to ship; ``OUT/step-XXXXXX.pt`` are periodic snapshots of the same kind. A step
+whose loss or weights are not finite stops the run before anything is saved from it.
 
 Under ``torchrun`` every process draws the same global batch of episodes from the same seed and
 builds and trains on its own share (episodes r, r + W, ...); DistributedDataParallel averages the
