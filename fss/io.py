@@ -452,7 +452,7 @@ def check_output_folder(folder: Path, what: str = "--out", need_bytes: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
     os.close(fd)
-    os.unlink(probe)
+    Path(probe).unlink(missing_ok=True)  # another process may clean temporaries meanwhile
     check_free_space(folder, need_bytes, what)
 
 

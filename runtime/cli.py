@@ -381,6 +381,8 @@ def segment_folder(args, pairs, queries) -> int:
     out, overlays = args.out, not args.no_overlays
     need = len(queries) * OUTPUT_BYTES_PER_QUERY + (sum(q.stat().st_size for q in queries) if overlays else 0)
     check_output_folder(out, need_bytes=need)
+    if overlays and (out / OVERLAYS).exists() and not (out / OVERLAYS).is_dir():
+        raise FssError(f"--out/{OVERLAYS} is a file, not a folder", out / OVERLAYS)
     results_path = out / RESULTS_FILE
     with folder_lock(out):
         for folder in (out, out / OVERLAYS):

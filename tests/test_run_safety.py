@@ -125,6 +125,11 @@ def test_out_that_is_a_file_is_refused_before_work(setup, ckpt, capsys):
     code, err = run(capsys, *base(support, query, out / "sub", ckpt))
     assert code == 2
     one_error_line(err, "inside a file")
+    (out.parent / "o2").mkdir()
+    (out.parent / "o2" / "overlays").write_text("mine")
+    code, err = run(capsys, *base(support, query, out.parent / "o2", ckpt))
+    assert code == 2 and not (out.parent / "o2" / "q0.png").exists()
+    one_error_line(err, "--out/overlays is a file")
 
 
 def test_second_query_folder_merges_and_a_clashing_name_is_refused(setup, ckpt, capsys, tmp_path):

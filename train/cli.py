@@ -266,8 +266,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def preflight(args: argparse.Namespace, config: TrainConfig) -> None:
-    """What would fail after the work is done, checked before it: the run folder, the log, memory."""
+def preflight(config: TrainConfig, writer: bool) -> None:
+    """What would fail after the work is done, checked before it: the run folder and the log (by the
+    process that writes them), the memory (by every process)."""
     out, data = Path(config.out).resolve(), Path(config.data).resolve()
     if out == data or out.parent == data:
         raise FssError("--out lies in the --data folder: a later run would read it as a class", config.out)
@@ -275,13 +276,13 @@ def preflight(args: argparse.Namespace, config: TrainConfig) -> None:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
     # last.pt (weights + momentum) and its temporary while replaced, final.pt, the snapshots
-    check_output_folder(config.out, "--out", need_bytes=weights * (2 * 2 + 1 + snapshots))
-    if config.log is not None:
-        check_output_file(Path(config.log), "--log")
+    if writer:
+        check_output_folder(config.out, "--out", need_bytes=weights * (2 * 2 + 1 + snapshots))
+        if config.log is not None:
+            check_output_file(Path(config.log), "--log")
     images = config.batch_episodes * config.ways * (config.shots + config.queries)
-    check_encoder_memory(
-        model, config.size, images, resolve_device(config.device), TRAIN_MEMORY_FACTOR, "--batch-episodes"
-    )
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, "--batch-episodes")
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -289,8 +290,8 @@ def train_main(args: argparse.Namespace) -> int:
     if args.eval_only:
         print(json.dumps(evaluate_only(config, args.ckpt), indent=2))
         return 0
-    preflight(args, config)
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 writes
+    preflight(config, writer)
     with folder_lock(config.out) if writer else contextlib.nullcontext():
         if writer:
             remove_stale_temporaries(config.out)
