@@ -102,14 +102,16 @@ def test_valid_metadata_passes_and_missing_fields_take_defaults(tmp_path):
 
 
 def inflating_checkpoint(tmp_path, inflated_bytes):
-    """A real checkpoint re-zipped with an extra deflated record of zeros (``inflated_bytes`` inflated)."""
+    """A real checkpoint whose first weight storage is a deflated record of ``inflated_bytes`` zeros
+    (``torch.load`` would inflate all of it)."""
     plain = saved(tmp_path, fss_ckpt(), "plain.pt")
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w") as dst:
+        storage = next(i.filename for i in src.infolist() if i.filename.endswith("/data/0"))
         for info in src.infolist():
-            dst.writestr(info, src.read(info))
-        prefix = src.infolist()[0].filename.split("/")[0]
-        record = zipfile.ZipInfo(f"{prefix}/data/999")
+            if info.filename != storage:
+                dst.writestr(info, src.read(info))
+        record = zipfile.ZipInfo(storage)
         record.compress_type = zipfile.ZIP_DEFLATED
         with dst.open(record, "w", force_zip64=True) as f:
             chunk = bytes(2**20)
@@ -132,11 +134,11 @@ def test_bomb_refusal_needs_no_memory(tmp_path):
     import subprocess
     import sys
 
-    bomb = inflating_checkpoint(tmp_path, 512 * 2**20)
+    bomb = inflating_checkpoint(tmp_path, 160 * 2**20)
     code = (
         "import resource, sys, fss, fss.checkpoint\n"
         "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (vm + 128 * 2**20, resource.RLIM_INFINITY))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))\n"
         "try:\n    fss.load_model(sys.argv[1])\nexcept fss.FssError as exc:\n    print('refused:', exc)\n"
     )
     done = subprocess.run(
