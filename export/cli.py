@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fss.errors import FssError
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 PROG = "fss-export"
 
@@ -53,8 +53,8 @@ def parse_args(argv):
         help="real images to verify on as well",
     )
     args = p.parse_args(argv)
-    if args.size is not None and args.size < 8:
-        p.error("--size must be at least 8")
+    if args.size is not None and not MIN_INPUT_SIZE <= args.size <= MAX_INPUT_SIZE:
+        p.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
     return args
@@ -74,31 +74,30 @@ def print_report(out: Path, manifest: dict) -> None:
             )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def export_main(args) -> int:
     from fss.export.build import export_bundle
-    from fss.export.verify import VerificationError
 
-    try:
-        out, manifest = export_bundle(
-            args.ckpt,
-            args.out,
-            trt=args.trt,
-            fp16=args.fp16,
-            size=args.size,
-            max_batch=args.max_batch,
-            opset=args.opset,
-            verify_images=args.verify_images,
-            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
-        )
-    except VerificationError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except FssError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    out, manifest = export_bundle(
+        args.ckpt,
+        args.out,
+        trt=args.trt,
+        fp16=args.fp16,
+        size=args.size,
+        max_batch=args.max_batch,
+        opset=args.opset,
+        verify_images=args.verify_images,
+        log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+    )
     print_report(out, manifest)
     return 0
+
+
+def main(argv=None) -> int:
+    from fss.command import run_command
+    from fss.export.verify import VerificationError
+
+    args = parse_args(argv)
+    return run_command(PROG, lambda: export_main(args), exit_codes={VerificationError: 1})
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from fss.errors import CheckpointError, FssError
+from fss.errors import CheckpointError, FssError, summary
 from fss.io import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
+from fss.validation import check_archive, check_checkpoint
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -29,11 +30,11 @@ def read_torch_file(path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path)
+    check_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / foreign / pickled files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"unreadable checkpoint: {reason[:200]}", path) from None
+        raise CheckpointError(f"unreadable checkpoint: {summary(exc)}", path) from None
 
 
 def load_state_strict(model: PANet, state: dict, path) -> None:
@@ -61,12 +62,13 @@ def load_state_strict(model: PANet, state: dict, path) -> None:
 
 
 def model_from_state(obj, path) -> PANet:
+    check_checkpoint(obj, path, CHECKPOINT_FORMAT)
     if not isinstance(obj, dict):
         raise CheckpointError(f"not a PANet/fss checkpoint: holds a {type(obj).__name__}, not a dict", path)
     if obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"unsupported fss checkpoint version {obj.get('version')!r}", path)
-        meta = obj.get("meta") or {}
+        meta = obj.get("meta", {})
         if meta.get("method", "panet") != "panet":
             raise CheckpointError(f"checkpoint is for method {meta.get('method')!r}, not panet", path)
         state = obj.get("state_dict")

@@ -23,3 +23,7 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette += [r, g, b]
     return palette
+
+
+MIN_INPUT_SIZE = 8  # three stride-2 poolings leave at least one feature pixel
+MAX_INPUT_SIZE = 4096  # encoder input side: beyond this the activations need tens of GB

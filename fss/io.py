@@ -1,75 +1,191 @@
 """Files in and out: support folders, images and masks, palette PNGs, overlays, atomic writes.
 
-Mask conventions (one place): palette PNGs (mode P, VOC style) read 0 as background, 255 as ignored
-and any other index as foreground; every other mode (grey, RGB, binary) reads 0 as background and
-anything else as foreground (FSS-1000 stores 0/255). Parsed masks are ``uint8`` with 0 background,
-1 foreground, 255 ignored.
+Images are read as a person sees them: the EXIF orientation is applied, 16-bit and float pixels are
+scaled by their value range to 8 bits, and an image may have at most :func:`max_pixels` pixels
+(checked from the header, before decoding; a JPEG up to ``DRAFT_FACTOR`` times larger is decoded at
+half its side by the JPEG decoder itself).
+
+Mask conventions (one parser, :func:`parse_mask`, for files, PIL images and arrays): palette PNGs
+(mode P, VOC style) read 0 as background, 255 as ignored and any other index as foreground; every
+other mode (grey, 16-bit grey, RGB, binary) reads 0 as background and anything else as foreground
+(FSS-1000 stores 0/255). An array is read as a greyscale image, except one that holds only 0, 1
+and 255 with at least one 1: that is an already parsed mask (what :func:`read_mask` returns).
+Parsed masks are ``uint8`` with 0 background, 1 foreground, 255 ignored. Masks have no orientation:
+they refer to the image as displayed.
 """
 
+import contextlib
+import fcntl
 import json
+import math
 import os
+import re
+import shutil
 import tempfile
+import threading
+import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from fss.constants import IGNORE_INDEX, voc_palette
 from fss.errors import FssError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = "_mask"
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; an RGB decode of that is 192 MB
+MAX_PIXELS_ENV = "FSS_MAX_PIXELS"
+DRAFT_FACTOR = 4  # JPEGs up to 4x the pixel limit decode at half side (JPEG draft mode)
+FULL_SIZE_KEY = "fss_full_size"  # PIL info key: (w, h) as displayed when decoded at a reduced size
+MAX_CLASSES = 254  # labels 1..254 in a uint8 PNG; 0 is background, 255 reads back as "ignored"
+RESERVED_CLASS_NAMES = ("background",)  # label 0
+TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_write's temporaries: .<name>.<random>.tmp
+LOCK_FILE = ".fss.lock"
+
+_open_lock = threading.Lock()  # warnings filters are process-wide: one Image.open at a time
+_max_pixels_override: int | None = None
+
+Warn = Callable[[str, Path], None]
 
 
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTS
+def max_pixels() -> int:
+    """The largest image (width x height) read: ``pixel_limit``, else ``$FSS_MAX_PIXELS``, else 64 M."""
+    if _max_pixels_override is not None:
+        return _max_pixels_override
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        raise FssError(f"{MAX_PIXELS_ENV} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise FssError(f"{MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
+    return value
 
 
-def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
+@contextlib.contextmanager
+def pixel_limit(limit: int | None):
+    """Within the block, images may have at most ``limit`` pixels (None: the default)."""
+    global _max_pixels_override
+    previous, _max_pixels_override = _max_pixels_override, limit
+    try:
+        yield
+    finally:
+        _max_pixels_override = previous
+
+
+# -- folders -----------------------------------------------------------------------------------------
+def scan_folder(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Sorted image files of a folder, and the entries skipped with the reason (hidden files and
+    plain subfolders are neither)."""
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        named_like_image = path.suffix.lower() in IMAGE_EXTS
+        if path.is_symlink() and not path.exists():
+            skipped.append((path, "dangling or looping symbolic link"))
+        elif path.is_dir():
+            if named_like_image:
+                skipped.append((path, "folder named like an image"))
+        elif not path.is_file():
+            skipped.append((path, "special file (not a regular file)"))
+        elif named_like_image:
+            images.append(path)
+        else:
+            skipped.append((path, "non-image file"))
+    return images, skipped
+
+
+def warn_skipped(skipped, warn: Warn | None) -> None:
+    for path, reason in skipped:
+        if warn is None:
+            warnings.warn(f"skipping {reason} ({path})", stacklevel=3)
+        else:
+            warn(f"skipping {reason}", path)
+
+
+def mask_candidates(image: Path) -> list[str]:
+    """Names a mask of ``image`` may have: ``<stem>_mask.png``, and ``<stem>.png`` beside a non-PNG."""
+    names = [image.stem + MASK_SUFFIX + ".png"]
+    if image.suffix.lower() != ".png":
+        names.append(image.stem + ".png")
+    return names
+
+
+def class_pairs(folder: Path, warn: Warn | None = None) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of one class folder, sorted by image name.
 
-    A mask is ``<stem>_mask.png`` beside any image, or ``<stem>.png`` beside a non-PNG image.
+    A mask is ``<stem>_mask.png`` beside any image, or ``<stem>.png`` beside a non-PNG image (so
+    ``foo_mask.jpg`` + ``foo_mask.png`` is a pair). Every other image file is an image.
     """
-    files = {p.name: p for p in folder.iterdir() if is_image_file(p)}
-    masks = {name for name in files if name.lower().endswith(MASK_SUFFIX + ".png")}
-    for name in masks:
-        stem = name[: -len(MASK_SUFFIX + ".png")]
-        if not any(other not in masks and Path(other).stem == stem for other in files):
-            raise FssError("mask without image", files[name])
-    non_png_stems = {Path(n).stem for n in files if n not in masks and Path(n).suffix.lower() != ".png"}
-    images = [
-        n
-        for n in files
-        if n not in masks and not (Path(n).suffix.lower() == ".png" and Path(n).stem in non_png_stems)
-    ]
+    files, skipped = scan_folder(folder)
+    warn_skipped(skipped, warn)
+    by_name = {p.name: p for p in files}
+    stems = {}
+    for p in files:
+        stems.setdefault(p.stem, []).append(p)
+
+    def is_mask(p: Path) -> bool:
+        if p.suffix.lower() != ".png":
+            return False
+        base = p.stem[: -len(MASK_SUFFIX)] if p.stem.endswith(MASK_SUFFIX) else None
+        if base is not None and any(o != p for o in stems.get(base, [])):
+            return True  # <stem>_mask.png beside an image <stem>.*
+        return any(o.suffix.lower() != ".png" for o in stems.get(p.stem, []))  # <stem>.png beside a JPEG...
+
+    masks = {p.name for p in files if is_mask(p)}
+    owner: dict[str, Path] = {}
     pairs = []
-    for name in sorted(images):
-        stem = Path(name).stem
-        mask = files.get(stem + MASK_SUFFIX + ".png") or files.get(stem + ".png")
-        if mask is None or mask.name == name:
-            raise FssError(
-                f"image without mask (expected {stem}{MASK_SUFFIX}.png or {stem}.png)", files[name]
-            )
-        pairs.append((files[name], mask))
+    for image in files:
+        if image.name in masks:
+            continue
+        found = [by_name[n] for n in mask_candidates(image) if n in masks]
+        if not found:
+            if image.stem.endswith(MASK_SUFFIX) and image.suffix.lower() == ".png":
+                raise FssError("mask without image", image)
+            expected = " or ".join(mask_candidates(image))
+            raise FssError(f"image without mask (expected {expected})", image)
+        if len(found) > 1:
+            raise FssError(f"two masks for one image ({found[0].name} and {found[1].name})", image)
+        mask = found[0]
+        if mask.name in owner:
+            raise FssError(f"one mask for two images ({owner[mask.name].name} and {image.name})", mask)
+        owner[mask.name] = image
+        pairs.append((image, mask))
     return pairs
 
 
-def find_support_pairs(root) -> dict[str, list[tuple[Path, Path]]]:
+def find_support_pairs(root, warn: Warn | None = None) -> dict[str, list[tuple[Path, Path]]]:
     """Class name -> sorted (image, mask) pairs of a support folder.
 
     ``root/<class>/...`` gives one class per subfolder (sorted by name); a flat ``root`` of pairs is
-    one class named after the folder.
+    one class named after the folder. Pairs beside class subfolders are an error (they would belong
+    to no class). ``warn(message, path)`` hears of skipped entries (default: ``warnings.warn``).
     """
     root = Path(root)
     if not root.is_dir():
         raise FssError("support folder not found", root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    folders = subdirs or [root]
+    subdirs = [p for p in subdirs if p.suffix.lower() not in IMAGE_EXTS]  # scan_folder warns of those
+    if subdirs:
+        loose, _ = scan_folder(root)
+        if loose:
+            raise FssError(
+                f"support folder has class subfolders and loose images ({loose[0].name}): move the "
+                "image+mask pairs into a class folder",
+                root,
+            )
+        _, skipped = scan_folder(root)
+        warn_skipped([s for s in skipped if s[1] != "non-image file"], warn)
     classes = {}
-    for folder in folders:
-        pairs = class_pairs(folder)
+    for folder in subdirs or [root]:
+        pairs = class_pairs(folder, warn)
         if pairs:
             classes[folder.name] = pairs
         elif subdirs:
@@ -79,42 +195,192 @@ def find_support_pairs(root) -> dict[str, list[tuple[Path, Path]]]:
     return classes
 
 
-def list_images(folder) -> tuple[list[Path], list[Path]]:
-    """Sorted image files of a folder and, separately, the other files that were skipped."""
+def check_class_names(classes: list[str], where) -> None:
+    """Class names fit the label format: not a reserved name, at most ``MAX_CLASSES`` classes."""
+    for name in classes:
+        if name.lower() in RESERVED_CLASS_NAMES:
+            raise FssError(f"class {name!r} collides with label 0 (background): rename its folder", where)
+    if len(classes) > MAX_CLASSES:
+        raise FssError(
+            f"{len(classes)} classes, more than the {MAX_CLASSES} a label PNG can hold "
+            f"(labels 1..{MAX_CLASSES}; 0 is background, 255 means ignored)",
+            where,
+        )
+
+
+def list_images(folder) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Sorted image files of a folder and, separately, the entries skipped with the reason."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FssError("query folder not found", folder)
-    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in entries if is_image_file(p)]
-    return images, [p for p in entries if p not in images]
+    return scan_folder(folder)
 
 
-def open_image(path, what: str) -> Image.Image:
+# -- images and masks --------------------------------------------------------------------------------
+def too_many_pixels(width: int, height: int, limit: int) -> str:
+    return (
+        f"image has {width} x {height} = {width * height:,} pixels, more than the limit of {limit:,} "
+        f"(--max-pixels or ${MAX_PIXELS_ENV})"
+    )
+
+
+def open_image(path, what: str, draft: bool = False) -> Image.Image:
+    """A decoded image of at most :func:`max_pixels` pixels (checked before decoding).
+
+    ``draft``: a JPEG of up to ``DRAFT_FACTOR`` times the limit is decoded at half side instead, and
+    ``info[FULL_SIZE_KEY]`` keeps its stored size.
+    """
+    limit = max_pixels()
     try:
-        img = Image.open(path)
-        img.load()
-        return img
+        with _open_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked below
+            img = Image.open(path)
     except FileNotFoundError:
         raise FssError(f"{what} not found", path) from None
+    except IsADirectoryError:
+        raise FssError(f"{what} is a folder", path) from None
+    except Image.DecompressionBombError:
+        raise FssError(f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", path) from None
     except Exception:  # Pillow raises several types for truncated or foreign files
         raise FssError(f"unreadable or corrupt {what}", path) from None
+    width, height = img.size
+    if width * height > limit:
+        if not (draft and img.format in ("JPEG", "MPO") and width * height <= DRAFT_FACTOR * limit):
+            img.close()
+            raise FssError(too_many_pixels(width, height, limit), path)
+        img.draft(img.mode, (math.ceil(width / 2), math.ceil(height / 2)))
+        img.info[FULL_SIZE_KEY] = (width, height)
+    try:
+        img.load()
+    except Exception:
+        raise FssError(f"unreadable or corrupt {what}", path) from None
+    return img
 
 
-def read_image(path) -> Image.Image:
-    """An RGB image (pixels as stored: masks refer to the stored orientation)."""
-    return open_image(path, "image").convert("RGB")
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, 16-bit / 32-bit / float greyscale scaled by their value range (not clipped)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 1.0 / 257 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        out = Image.fromarray(grey, mode="L").convert("RGB")
+        out.info = dict(img.info)
+        return out
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 = as stored)."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block: show the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def orient(img: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied (a no-op without one)."""
+    value = orientation(img)
+    if value == 1:
+        return img
+    try:
+        out = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: show the pixels as stored
+        return img
+    if FULL_SIZE_KEY in img.info:
+        stored = tuple(img.info[FULL_SIZE_KEY])
+        out.info[FULL_SIZE_KEY] = stored[::-1] if orientation_swaps(value) else stored
+    return out
+
+
+ORIENTATION_TRANSPOSE = {  # EXIF orientation -> the transpose that displays the stored pixels
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orient_array(array: np.ndarray, value: int) -> np.ndarray:
+    """An ``H x W`` array of stored pixels turned as EXIF orientation ``value`` displays them."""
+    if value not in ORIENTATION_TRANSPOSE:
+        return array
+    return np.asarray(Image.fromarray(array).transpose(ORIENTATION_TRANSPOSE[value]))
+
+
+def orientation_swaps(value: int) -> bool:
+    return value in (5, 6, 7, 8)  # transposes and 90-degree rotations
+
+
+def read_image(path, orient_exif: bool = True, draft: bool = True) -> Image.Image:
+    """An 8-bit RGB image as displayed (EXIF orientation applied, unless ``orient_exif`` is False:
+    datasets whose annotations refer to the stored pixels). ``draft``: see :func:`open_image` (off
+    for an image whose mask must match it pixel for pixel)."""
+    img = open_image(path, "image", draft=draft)
+    if orient_exif:
+        img = orient(img)
+    return to_rgb(img)
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """(w, h) of the image as displayed at full resolution (it may be decoded at a reduced size)."""
+    return tuple(img.info.get(FULL_SIZE_KEY, img.size))
+
+
+def as_rgb(image) -> Image.Image:
+    """A path, PIL image or ``H x W (x C)`` array (uint8, uint16 or float) as an 8-bit RGB image; a PIL
+    image that still carries an EXIF orientation is turned as displayed."""
+    if isinstance(image, Image.Image):
+        return to_rgb(orient(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            image = (image.astype(np.float64) / 257).round().astype(np.uint8)
+        elif image.dtype.kind == "f":
+            image = np.clip(np.rint(image * (255.0 if image.size and image.max() <= 1 else 1)), 0, 255)
+            image = image.astype(np.uint8)
+        elif image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    return read_image(image)
+
+
+def parse_mask(mask) -> np.ndarray:
+    """A mask file, PIL image or array -> ``H x W`` uint8: 0 background, 1 foreground, 255 ignored.
+
+    The one mask parser of fss (rules in the module docstring).
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        mask = open_image(mask, "mask")
+    if isinstance(mask, Image.Image):
+        if mask.mode == "P":
+            index = np.asarray(mask)
+            parsed = (index != 0).astype(np.uint8)
+            parsed[index == IGNORE_INDEX] = IGNORE_INDEX
+            return parsed
+        if len(mask.getbands()) > 1:
+            return np.asarray(mask.convert("RGB")).any(axis=-1).astype(np.uint8)
+        return (np.asarray(mask) != 0).astype(np.uint8)
+    values = np.asarray(mask)
+    if values.ndim == 3:
+        values = values.any(axis=-1)
+    if values.ndim != 2:
+        raise ValueError(f"a mask is H x W (or H x W x C), got shape {values.shape}")
+    if values.dtype == bool:
+        return values.astype(np.uint8)
+    if (values == 1).any() and np.isin(values, (0, 1, IGNORE_INDEX)).all():
+        return values.astype(np.uint8)  # already parsed: 0 / 1 / 255 ignored
+    return (values != 0).astype(np.uint8)
 
 
 def read_mask(path) -> np.ndarray:
     """``H x W`` uint8: 0 background, 1 foreground, 255 ignored (see the module docstring)."""
-    img = open_image(path, "mask")
-    if img.mode == "P":
-        index = np.asarray(img)
-        mask = (index != 0).astype(np.uint8)
-        mask[index == IGNORE_INDEX] = IGNORE_INDEX
-        return mask
-    values = np.asarray(img.convert("RGB"))
-    return values.any(axis=-1).astype(np.uint8)
+    return parse_mask(Path(path))
 
 
 @lru_cache(maxsize=16)
@@ -138,6 +404,7 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(mask, dtype=np.uint8))  # a writable copy
 
 
+# -- writing -------------------------------------------------------------------------------------------
 def atomic_write(path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
@@ -151,6 +418,65 @@ def atomic_write(path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries a killed :func:`atomic_write` left in ``folder`` (hold its lock first)."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if TEMP_FILE.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock on an output folder: a second writer is refused, not interleaved."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FssError("another fss command is writing into this folder", folder) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_output_folder(folder: Path, what: str = "--out", need_bytes: int = 0) -> None:
+    """Before any work: ``folder`` is (or can be made) a writable folder with ``need_bytes`` free."""
+    if folder.exists() and not folder.is_dir():
+        raise FssError(f"{what} is a file, not a folder", folder)
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FssError(f"{what} is inside a file, not a folder", parent)
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)  # another process may clean temporaries meanwhile
+    check_free_space(folder, need_bytes, what)
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Before any work: ``path`` can be written as a file (not a folder; its folder writable)."""
+    if path.is_dir():
+        raise FssError(f"{what} is a folder, not a file", path)
+    check_output_folder(path.parent, f"the folder of {what}")
+
+
+def check_free_space(folder: Path, need_bytes: int, what: str = "--out") -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise FssError(
+            f"not enough free space for {what}: {free / 2**20:.0f} MiB free, about "
+            f"{need_bytes / 2**20:.0f} MiB needed",
+            folder,
+        )
 
 
 def write_json(path, obj) -> None:

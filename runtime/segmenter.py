@@ -18,7 +18,7 @@ from PIL import Image
 
 from fss import kernels
 from fss.errors import FssError
-from fss.io import IGNORE_INDEX, image_tensor, mask_tensor, read_image, read_mask
+from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
 from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
@@ -34,25 +34,13 @@ def resolve_device(device) -> torch.device:
 
 
 def as_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    return read_image(image)
+    """A path, PIL image or array as 8-bit RGB, as ``fss.io`` reads images (EXIF orientation, 16 bit)."""
+    return as_rgb(image)
 
 
 def as_mask(mask) -> np.ndarray:
-    """A parsed ``H x W`` uint8 mask (0 background, 1 foreground, 255 ignored)."""
-    if isinstance(mask, (str, Path)):
-        return read_mask(mask)
-    if isinstance(mask, Image.Image):
-        return np.asarray(mask.convert("L")).astype(bool).astype(np.uint8)
-    mask = np.asarray(mask)
-    if mask.dtype == bool:
-        return mask.astype(np.uint8)
-    parsed = (mask != 0).astype(np.uint8)
-    parsed[mask == IGNORE_INDEX] = IGNORE_INDEX
-    return parsed
+    """A parsed ``H x W`` uint8 mask (0 background, 1 foreground, 255 ignored): ``fss.io.parse_mask``."""
+    return parse_mask(mask)
 
 
 @dataclass
@@ -94,8 +82,9 @@ class Segmenter:
     >>> seg.set_support([[img_a1, img_a2], [img_b1]], [[mask_a1, mask_a2], [mask_b1]], ["cat", "dog"])
     >>> labels = seg.segment([query1, query2])   # list of H x W uint8: 0 background, n class n
 
-    Images are PIL images, ``H x W x 3`` uint8 arrays or paths; masks are arrays (0 background, 255
-    ignored, other values foreground), bool arrays, PIL images or paths to mask files.
+    Images are PIL images, ``H x W x 3`` arrays or paths; masks are arrays, PIL images or paths to
+    mask files, read by ``fss.io.parse_mask`` (0 background, other values foreground; palette 255
+    and arrays of only 0 / 1 / 255 mark ignored pixels).
 
     Args:
         model: a PANet (moved to ``device``; channels-last where chosen), a checkpoint path, or None

@@ -4,23 +4,32 @@ Also ``python -m fss.train`` (what ``torchrun --nproc-per-node G -m fss.train ..
 """
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from fss.checkpoint import read_torch_file
-from fss.constants import PAPER_INPUT_SIZE
+from fss.command import run_command
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PAPER_INPUT_SIZE
 from fss.errors import FssError
+from fss.io import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
+from fss.memory import check_encoder_memory
 from fss.models.encoders import encoder_names
-from fss.models.panet import DEFAULT_ENCODER
+from fss.models.panet import DEFAULT_ENCODER, PANet
 from fss.train.coco import FOLD_CONVENTIONS
+from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
 from fss.train.protocol import DATASETS, FOLDS
 from fss.train.trainer import TrainConfig, evaluate_only, train
+from fss.validation import check_meta
 
 PROG = "fss-train"
+TRAIN_MEMORY_FACTOR = 3.0  # activations kept for the backward pass, and their gradients
 
 
 def positive_int(text: str) -> int:
@@ -34,6 +43,34 @@ def fold_index(text: str) -> int:
     value = int(text)
     if not 0 <= value < FOLDS:
         raise argparse.ArgumentTypeError(f"must be 0..{FOLDS - 1}, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def input_size(text: str) -> int:
+    value = int(text)
+    if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {value}")
     return value
 
 
@@ -103,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=count, default=30000, help="training iterations (default 30000)")
     p.add_argument(
         "--size",
-        type=positive_int,
+        type=input_size,
         default=None,
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
@@ -113,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ENCODER,
         help=f"encoder (default {DEFAULT_ENCODER}, the paper's)",
     )
-    p.add_argument("--width", type=float, default=1.0, help="encoder width multiplier (VGG; 1.0 = VGG16)")
+    p.add_argument(
+        "--width", type=positive_float, default=1.0, help="encoder width multiplier (VGG; 1.0 = VGG16)"
+    )
     p.add_argument(
         "--init",
         default=None,
@@ -129,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="SGD learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=non_negative_float, default=0.9)
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument(
         "--lr-milestones",
         type=int_list,
@@ -139,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I,J,...",
         help="iterations after which lr is multiplied by --lr-gamma (default 1/3 and 2/3 of --iters)",
     )
-    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--lr-gamma", type=positive_float, default=0.1)
     p.add_argument("--batch-episodes", type=positive_int, default=1, help="episodes per batch (default 1)")
-    p.add_argument("--align-weight", type=float, default=1.0, help="weight of the PAR loss (default 1)")
+    p.add_argument(
+        "--align-weight", type=non_negative_float, default=1.0, help="weight of the PAR loss (default 1)"
+    )
     p.add_argument("--no-align", action="store_true", help="train without prototype alignment (PAR)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the episodes (default 0)")
@@ -179,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=None, help="CSV log (default OUT/log.csv)")
     p.add_argument(
         "--cache-mb",
-        type=float,
+        type=non_negative_float,
         default=2048,
         help="memory for decoded images, and for encoder features while validating (default 2048 each)",
     )
@@ -193,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoint_input_size(path: Path) -> int:
     ckpt = read_torch_file(path)
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    return int((meta or {}).get("input_size", PAPER_INPUT_SIZE))
+    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+    return int(check_meta(meta, path).get("input_size", PAPER_INPUT_SIZE))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -244,26 +285,47 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def preflight(config: TrainConfig, writer: bool) -> None:
+    """What would fail after the work is done, checked before it: the run folder and the log (by the
+    process that writes them), the memory (by every process)."""
+    out, data = Path(config.out).resolve(), Path(config.data).resolve()
+    if out == data or out.parent == data:
+        raise FssError("--out lies in the --data folder: a later run would read it as a class", config.out)
+    model = PANet(width=config.width, encoder=config.encoder)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
+    # last.pt (weights + momentum) and its temporary while replaced, final.pt, the snapshots
+    if writer:
+        check_output_folder(config.out, "--out", need_bytes=weights * (2 * 2 + 1 + snapshots))
+        if config.log is not None:
+            check_output_file(Path(config.log), "--log")
+    images = config.batch_episodes * config.ways * (config.shots + config.queries)
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, "--batch-episodes")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.eval_only:
+        print(json.dumps(evaluate_only(config, args.ckpt), indent=2))
+        return 0
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 writes
+    preflight(config, writer)
+    with folder_lock(config.out) if writer else contextlib.nullcontext():
+        if writer:
+            remove_stale_temporaries(config.out)
+        result = train(config)
+    if result.rank == 0:
+        val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
+        print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        config = config_from_args(args)
-        if args.eval_only:
-            print(json.dumps(evaluate_only(config, args.ckpt), indent=2))
-        else:
-            result = train(config)
-            if result.rank == 0:
-                val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
-                print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
-    except FssError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(PROG, lambda: train_main(args), "interrupted; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
+from fss.command import run_command
 from fss.constants import IGNORE_INDEX
-from fss.errors import FssError
-from fss.io import mask_tensor, write_json, write_label_png
+from fss.errors import FssError, summary
+from fss.io import mask_tensor, orient_array, orientation, write_json, write_label_png
 from fss.train.data import EpisodeDataset, Item
 
 PROG = "python -m fss.train.coco"
@@ -48,7 +50,7 @@ def load_coco(annotations: Path) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             return COCO(str(annotations))
     except Exception as exc:  # json errors, missing keys: all mean "not a COCO instances file"
-        raise FssError(f"not a COCO instances file: {str(exc).splitlines()[0][:200]}", annotations) from None
+        raise FssError(f"not a COCO instances file: {summary(exc)}", annotations) from None
 
 
 def class_masks(coco, image: dict) -> dict[int, np.ndarray]:
@@ -91,6 +93,8 @@ class CocoDataset(EpisodeDataset):
     instances are merged into one mask and its crowd regions are ignored (255). Several splits (e.g.
     ``train2017`` and ``val2017``) are pooled.
     """
+
+    orient_exif = False  # annotations refer to the stored pixels
 
     def __init__(self, root, size: int, splits=(DEFAULT_SPLIT,), cache_mb: float = 2048, normalisation=None):
         super().__init__(root, size, cache_mb, normalisation)
@@ -207,10 +211,17 @@ def convert(
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, folder / path.name)
-            write_label_png(folder / f"{path.stem}.png", mask)
+            # COCO masks refer to the stored pixels, folder masks to the photo as displayed.
+            write_label_png(folder / f"{path.stem}.png", displayed_mask(mask, path))
             sources.setdefault(path.stem, {**source, "classes": []})["classes"].append(name)
     write_json(out / "sources.json", sources)
     return {name: len(items) for name, items in kept.items()}
+
+
+def displayed_mask(mask: np.ndarray, image_path: Path) -> np.ndarray:
+    """A mask of an image's stored pixels turned as the image is displayed (its EXIF orientation)."""
+    with Image.open(image_path) as img:
+        return orient_array(mask, orientation(img))
 
 
 def id_set(text: str) -> set[int]:
@@ -240,19 +251,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--classes", default=None, metavar="A,B", help="keep only these classes (folder names)")
     args = p.parse_args(argv)
-    try:
-        counts = convert(
-            args.coco,
-            args.out,
-            args.split,
-            args.min_area,
-            args.min_images,
-            licenses=args.licenses,
-            classes=None if args.classes is None else [c.strip() for c in args.classes.split(",")],
-        )
-    except FssError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: convert_main(args))
+
+
+def convert_main(args) -> int:
+    counts = convert(
+        args.coco,
+        args.out,
+        args.split,
+        args.min_area,
+        args.min_images,
+        licenses=args.licenses,
+        classes=None if args.classes is None else [c.strip() for c in args.classes.split(",")],
+    )
     for name, n in counts.items():
         print(f"{name}: {n}")
     print(f"{len(counts)} classes, {sum(counts.values())} image+mask pairs: {args.out}")

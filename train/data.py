@@ -76,6 +76,8 @@ class EpisodeDataset:
 
     # The PASCAL reference pipeline counts void (255) pixels of a support image as its background.
     support_void_is_background = False
+    # Folder masks refer to the photo as displayed; VOC / COCO annotations to the pixels as stored.
+    orient_exif = True
 
     def __init__(self, root, size: int, cache_mb: float = 2048, normalisation: dict | None = None):
         self.root = Path(root)
@@ -101,9 +103,11 @@ class EpisodeDataset:
 
     def image(self, path: Path) -> torch.Tensor:
         """``3 x S x S`` resized bilinearly and normalised (``fss.io``, exactly as ``fss-run``)."""
-        return self.cached(
-            ("image", path), lambda: image_tensor(read_image(path), self.size, self.normalisation)
-        )
+
+        def load():
+            return image_tensor(read_image(path, self.orient_exif), self.size, self.normalisation)
+
+        return self.cached(("image", path), load)
 
     def photo_masks(self, photo: str) -> dict[str, torch.Tensor]:
         """Class -> ``S x S`` uint8 mask (0, 1 the class, 255 ignored) of the classes in a photo."""

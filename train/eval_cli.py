@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 
 from fss.checkpoint import load_model
+from fss.command import run_command
 from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
-from fss.io import write_json
+from fss.io import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
+from fss.memory import check_encoder_memory
 from fss.runtime.encoders import PRECISIONS, make_encoder
-from fss.train.cli import class_list, fold_index, positive_int
+from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.data import ANNOTATIONS
 from fss.train.distributed import resolve_device
@@ -84,6 +86,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     model = load_model(config.ckpt, device=device, impl=config.impl)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
+    check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes")
     try:
         resolve_impl(config.impl, torch.empty(0, device=device), "--impl")
         encode = make_encoder(model, device, images_per_call, size, config.precision, True, False)
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r has seed + r (default 5)")
     p.add_argument("--episodes", type=positive_int, default=1000, help="episodes per run (default 1000)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"seed of run 1 (default {EVAL_SEED})")
-    p.add_argument("--size", type=positive_int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--size", type=input_size, default=None, help="input size (default: the checkpoint's)")
     p.add_argument(
         "--annotation", choices=ANNOTATIONS, default="dense", help="support masks: dense, box or scribble"
     )
@@ -220,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
     )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--cache-mb", type=float, default=2048, help="memory for decoded images (default 2048)")
+    p.add_argument(
+        "--cache-mb", type=non_negative_float, default=2048, help="memory for decoded images (default 2048)"
+    )
     p.add_argument(
         "--feature-cache-mb",
-        type=float,
+        type=non_negative_float,
         default=2048,
         help="memory (on the device) for encoder features, each photo encoded once (default 2048; 0: off)",
     )
@@ -259,16 +264,15 @@ def main(argv=None) -> int:
         feature_cache_mb=args.feature_cache_mb,
         progress=not args.no_progress,
     )
-    try:
-        result = run_eval(config, note=lambda line: print(line, file=sys.stderr))
-        if args.json is not None:
-            write_json(args.json, result)
-    except FssError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(PROG, lambda: eval_main(config, args.json))
+
+
+def eval_main(config: EvalConfig, json_path: Path | None) -> int:
+    if json_path is not None:
+        check_output_file(json_path, "--json")  # before the work, not after it
+    result = run_eval(config, note=lambda line: print(line, file=sys.stderr))
+    if json_path is not None:
+        write_json(json_path, result)
     print("\n".join(summary_lines(result)))
     return 0
 

@@ -7,7 +7,8 @@ fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
 RNG): ``resume`` continues bit-for-bit on the same machine. ``OUT/final.pt`` (weights and metadata
-only) is the model to ship; ``OUT/step-XXXXXX.pt`` are periodic snapshots of the same kind.
+only) is the model to ship; ``OUT/step-XXXXXX.pt`` are periodic snapshots of the same kind. A step
+whose loss or weights are not finite stops the run before anything is saved from it.
 
 Under ``torchrun`` every process draws the same global batch of episodes from the same seed and
 builds and trains on its own share (episodes r, r + W, ...); DistributedDataParallel averages the
@@ -34,13 +35,14 @@ from fss.checkpoint import (
     read_torch_file,
 )
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
-from fss.errors import FssError
+from fss.errors import FssError, summary
 from fss.models.panet import PANet
 from fss.train.data import EpisodeDataset, EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
 from fss.train.losses import panet_losses
 from fss.train.protocol import fold_classes, open_dataset
+from fss.validation import check_checkpoint
 
 TRAIN_IMPL = "torch"  # the model's head in training: plain differentiable torch ops, as panet_losses uses
 LOG_FIELDS = (
@@ -231,10 +233,14 @@ def load_training_state(path: Path, model: PANet, optimizer, rng: np.random.Gene
     state = ckpt.get("train_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise FssError("not a resumable fss-train checkpoint (no training state); use last.pt", path)
+    check_checkpoint(ckpt, path)
     load_state_strict(model, ckpt["state_dict"], path)
-    optimizer.load_state_dict(state["optimizer"])
-    rng.bit_generator.state = state["rng"]
-    return int(state["step"]), float(state["seconds"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        return int(state["step"]), float(state["seconds"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FssError(f"damaged training state in the checkpoint: {summary(exc)}", path) from None
 
 
 class CsvLog:
@@ -350,6 +356,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         log = CsvLog(Path(config.log) if config.log else out / "log.csv", append=config.resume is not None)
     started = time.perf_counter() - seconds
+    last_saved = step if config.resume is not None else None
     bar = tqdm(
         total=config.iters,
         initial=step,
@@ -381,6 +388,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
             step_query, step_align = (sums[0] / all_valid).item(), (sums[1] / world.size).item()
             result.losses.append((step_query, step_align))
             step_loss = step_query + config.align_weight * step_align
+            check_finite(model, step_loss, result.step, out, last_saved)
 
             at_end = result.step == config.iters
             evaluate_now = data.val_classes and (
@@ -403,6 +411,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
                     ckpt = checkpoint_dict(model, **meta())
                     ckpt["train_state"] = training_state(result.step, optimizer, rng, seconds)
                     atomic_save(ckpt, out / "last.pt")
+                    last_saved = result.step
                 if config.snapshot_every and result.step % config.snapshot_every == 0:
                     atomic_save(checkpoint_dict(model, **meta()), out / f"step-{result.step:06d}.pt")
             bar.update(1)
@@ -416,6 +425,16 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         atomic_save(checkpoint_dict(model, **meta()), out / "final.pt")
     return result
+
+
+def check_finite(model: PANet, loss: float, step: int, out: Path, last_saved: int | None) -> None:
+    """Stop at the first non-finite loss or weight, before anything is saved from it."""
+    bad = None if np.isfinite(loss) else f"the loss is {loss}"
+    if bad is None and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        bad = "a weight is not finite"
+    if bad is not None:
+        kept = f"{out / 'last.pt'} keeps step {last_saved}" if last_saved else "no checkpoint was written"
+        raise FssError(f"training diverged at step {step}: {bad} (lower --lr?); {kept}", out)
 
 
 def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:

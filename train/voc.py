@@ -93,6 +93,7 @@ class VocDataset(EpisodeDataset):
     """The images of one split, listed per class; label maps and instance maps at the input size."""
 
     support_void_is_background = True
+    orient_exif = False  # annotations refer to the stored pixels
 
     def __init__(
         self, root, size: int, split: str = DEFAULT_SPLIT, cache_mb: float = 2048, normalisation=None

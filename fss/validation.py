@@ -1,0 +1,157 @@
+"""Checkpoints that cannot work are refused up front, with one line naming what is wrong.
+
+- :func:`check_archive` (before ``torch.load``): a zip checkpoint may not declare records that
+  inflate to more than ``MAX_INFLATION`` times its size (plus ``INFLATION_SLACK``): torch writes
+  records uncompressed, so only a crafted file comes near.
+- :func:`check_checkpoint` (after ``torch.load``): an fss checkpoint's fields against the schema
+  (:data:`META_FIELDS`; absent metadata fields take their defaults, present ones must be valid;
+  unknown ones are kept), and every floating-point weight finite (also in official snapshots).
+
+The encoder's name is only checked to be a non-empty string: the model construction knows which
+encoders exist.
+"""
+
+import math
+import numbers
+import zipfile
+from pathlib import Path
+
+import torch
+
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.errors import CheckpointError
+
+MAX_INFLATION = 16
+INFLATION_SLACK = 64 * 2**20
+MAX_WIDTH = 16.0  # encoder width multiplier: 16x VGG16 is already 3.5 G parameters
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip checkpoint whose records would inflate far beyond its size."""
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # torch's legacy format is read as it is stored: bounded by the file size
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports what is wrong with it
+    stored = path.stat().st_size
+    if inflated > MAX_INFLATION * stored + INFLATION_SLACK:
+        raise CheckpointError(
+            f"refused: checkpoint archive inflates to {inflated / 2**20:,.0f} MiB from "
+            f"{stored / 2**20:,.1f} MiB (more than {MAX_INFLATION}x its size)",
+            path,
+        )
+
+
+# -- metadata fields: each validator returns what is wrong with a value, or None -----------------------
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def non_empty_string(value):
+    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
+
+
+def positive_width(value):
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= MAX_WIDTH:
+        return f"must be a finite number in (0, {MAX_WIDTH:g}]"
+    return None
+
+
+def input_size(value):
+    if not _is_int(value) or not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
+        return f"must be an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}"
+    return None
+
+
+def normalisation(value):
+    if not isinstance(value, dict):
+        return "must be a dict with 'mean' and 'std' (3 numbers each)"
+    for key, positive in (("mean", False), ("std", True)):
+        numbers_ = value.get(key)
+        if not isinstance(numbers_, (list, tuple)) or len(numbers_) != 3:
+            return f"{key} must be a list of 3 numbers"
+        if not all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in numbers_):
+            return f"{key} must hold 3 finite{' positive' if positive else ''} numbers"
+    return None
+
+
+def string_list(value):
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return None if ok else "must be a list of strings"
+
+
+def a_dict(value):
+    return None if isinstance(value, dict) else "must be a dict"
+
+
+def dict_or_none(value):
+    return None if value is None or isinstance(value, dict) else "must be a dict or null"
+
+
+def count(value):
+    return None if _is_int(value) and value >= 0 else "must be a non-negative integer"
+
+
+def a_string(value):
+    return None if isinstance(value, str) else "must be a string"
+
+
+META_FIELDS = {
+    "method": non_empty_string,
+    "encoder": non_empty_string,
+    "width": positive_width,
+    "input_size": input_size,
+    "normalisation": normalisation,
+    "classes": string_list,
+    "train_config": a_dict,
+    "iterations": count,
+    "val": dict_or_none,
+    "source": a_string,
+}
+
+
+def check_meta(meta, path) -> dict:
+    """The metadata of an fss checkpoint, every known field valid; returns it."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata is a {type(meta).__name__}, not a dict", path)
+    for field, validate in META_FIELDS.items():
+        if field in meta:
+            problem = validate(meta[field])
+            if problem:
+                raise CheckpointError(
+                    f"checkpoint metadata {field!r} {problem}, got {meta[field]!r:.60}", path
+                )
+    return meta
+
+
+def check_weights(state: dict, path) -> None:
+    """Every floating-point tensor of a state dict finite (NaN / Inf give meaningless masks)."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"checkpoint weights are not finite: {key} holds NaN or Inf", path)
+
+
+def check_checkpoint(obj, path, fss_format: str = "fss-checkpoint") -> None:
+    """Schema and finiteness of a loaded checkpoint object (an fss checkpoint or a plain state dict)."""
+    if not isinstance(obj, dict):
+        return  # model construction says what it holds instead
+    if obj.get("format") == fss_format:
+        check_meta(obj.get("meta", {}), path)
+        state = obj.get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError("fss checkpoint without a state_dict", path)
+        for key, value in state.items():
+            if not isinstance(key, str) or not torch.is_tensor(value):
+                raise CheckpointError(
+                    f"state_dict entry {key!r} is a {type(value).__name__}, not a named tensor", path
+                )
+    else:
+        state = obj
+    check_weights(state, path)

@@ -1,0 +1,388 @@
+"""fss-run never overwrites an input, resumes only what the same inputs and settings made, and keeps
+its error promise (one line, exit 2, before the work)."""
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers import make_queries, make_support, random_model, save_image, save_mask
+from hostile import save_pixel_bomb, save_rotated_jpeg
+from PIL import Image
+
+import fss
+from fss.runtime.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    fss.save_checkpoint(random_model(input_size=65), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "other.pt"
+    fss.save_checkpoint(random_model(input_size=65, seed=1), path)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("fss-run: error: ") and "Traceback" not in err, err
+    assert all(n in lines[-1] for n in needles), err
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def entries(out):
+    return {q["file"]: q for q in json.loads((out / "results.json").read_text())["queries"]}
+
+
+@pytest.fixture
+def setup(tmp_path, ckpt):
+    support, query = make_support(tmp_path / "s"), make_queries(tmp_path / "q")
+    return support, query, tmp_path / "out"
+
+
+def base(support, query, out, ckpt, *more):
+    return ["--support", support, "--query", query, "--out", out, "--ckpt", ckpt, *more]
+
+
+# -- 1. user data is sacred ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("query", "would write into the input folder"),
+        ("flat support", "would write into the input folder"),
+        ("class folder", "would write into the input folder"),
+        ("overlays is query", "would write into the input folder"),
+        ("query inside overlays", "would write into the input folder"),
+        ("in support", "a later run would read it as a class"),
+    ],
+)
+def test_out_never_overwrites_or_mixes_with_inputs(tmp_path, ckpt, capsys, where, message):
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat"
+    save_image(flat / "q0.jpg", rng)  # a support pair named like a query's output
+    save_mask(flat / "q0.png")
+    support = flat if where == "flat support" else make_support(tmp_path / "s")
+    query = make_queries(tmp_path / ("overlays" if where == "overlays is query" else "q"))
+    if where == "query inside overlays":
+        query = make_queries(tmp_path / "o" / "overlays" / "q")
+    out = {
+        "query": query,
+        "flat support": flat,
+        "class folder": support / "cat",
+        "overlays is query": tmp_path,
+        "query inside overlays": tmp_path / "o",
+        "in support": support / "results",
+    }[where]
+    before = snapshot(tmp_path)
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "--out", message)
+    assert snapshot(tmp_path) == before  # not a byte written or changed
+
+
+def test_out_deeper_inside_the_query_folder_is_fine(setup, ckpt, capsys):
+    support, query, _ = setup
+    before = snapshot(query)
+    code, err = run(capsys, *base(support, query, query / "fss-out", ckpt))
+    assert code == 0, err
+    assert sorted(p.name for p in (query / "fss-out").glob("*.png")) == ["q0.png", "q1.png", "q2.png"]
+    code, err = run(capsys, *base(support, query, query / "fss-out", ckpt))
+    assert code == 0 and "3 already done" in err  # the output folder is not read as queries
+    assert {k: v for k, v in snapshot(query).items() if k.parts[0] != "fss-out"} == before
+
+
+def test_query_link_to_an_output_path_is_refused(setup, ckpt, capsys, tmp_path):
+    support, query, out = setup
+    out.mkdir()
+    save_image(out / "elsewhere.png", np.random.default_rng(0))
+    (query / "elsewhere.png").symlink_to(out / "elsewhere.png")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "would overwrite the input")
+
+
+def test_out_that_is_a_file_is_refused_before_work(setup, ckpt, capsys):
+    support, query, out = setup
+    out.write_text("mine")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and out.read_text() == "mine"
+    one_error_line(err, "--out is a file, not a folder")
+    code, err = run(capsys, *base(support, query, out / "sub", ckpt))
+    assert code == 2
+    one_error_line(err, "inside a file")
+    (out.parent / "o2").mkdir()
+    (out.parent / "o2" / "overlays").write_text("mine")
+    code, err = run(capsys, *base(support, query, out.parent / "o2", ckpt))
+    assert code == 2 and not (out.parent / "o2" / "q0.png").exists()
+    one_error_line(err, "--out/overlays is a file")
+
+
+def test_second_query_folder_merges_and_a_clashing_name_is_refused(setup, ckpt, capsys, tmp_path):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    other = tmp_path / "q2"
+    save_image(other / "z.jpg", np.random.default_rng(5))
+    code, err = run(capsys, *base(support, other, out, ckpt))
+    assert code == 0, err
+    assert sorted(entries(out)) == ["q0.jpg", "q1.jpg", "q2.jpg", "z.jpg"]  # nothing dropped
+    save_image(other / "q0.jpg", np.random.default_rng(9))  # another photo with a name already written
+    before = (out / "q0.png").read_bytes()
+    code, err = run(capsys, *base(support, other, out, ckpt))
+    assert code == 2 and (out / "q0.png").read_bytes() == before
+    one_error_line(err, "q0.png in --out was written for another query")
+    # the same bytes under another folder are the same query: already done
+    shutil.copy(query / "q0.jpg", other / "q0.jpg")
+    code, err = run(capsys, *base(support, other, out, ckpt))
+    assert code == 0 and "0 segmented, 2 already done" in err
+
+
+# -- 2. resume is keyed on content ------------------------------------------------------------------------
+def test_replaced_query_is_recomputed(setup, ckpt, capsys):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    save_image(query / "q1.jpg", np.random.default_rng(42), size=(30, 20))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "1 segmented, 2 already done" in err
+    assert Image.open(out / "q1.png").size == (30, 20) and entries(out)["q1.jpg"]["size"] == [30, 20]
+
+
+@pytest.mark.parametrize("change", ["mask", "size", "ckpt"])
+def test_other_settings_are_refused_then_replaced_with_overwrite(setup, ckpt, other_ckpt, capsys, change):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    args = base(support, query, out, ckpt)
+    if change == "mask":
+        save_mask(support / "cat" / "cat0.png", box=(1, 1, 12, 12))
+        needle = "another support set"
+    elif change == "size":
+        args += ["--size", "49"]
+        needle = "another --size"
+    else:
+        args = base(support, query, out, other_ckpt)
+        needle = "another model"
+    code, err = run(capsys, *args)
+    assert code == 2
+    one_error_line(err, needle, "--overwrite")
+    code, err = run(capsys, *args, "--overwrite")
+    assert code == 0 and "3 segmented" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["input_size"] == (49 if change == "size" else 65)
+    assert run(capsys, *args)[1].count("3 already done") == 1
+
+
+def test_byte_identical_support_elsewhere_resumes(setup, ckpt, capsys, tmp_path):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    shutil.copytree(support, tmp_path / "copy")
+    code, err = run(capsys, *base(tmp_path / "copy", query, out, ckpt))
+    assert code == 0 and "0 segmented, 3 already done" in err
+
+
+def test_damaged_outputs_are_recomputed(setup, ckpt, capsys):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    good = (out / "q0.png").read_bytes()
+    (out / "q0.png").write_bytes(good[: len(good) // 2])  # truncated
+    (out / "overlays" / "q2.jpg").write_bytes(b"garbage")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "2 segmented, 1 already done" in err
+    assert (out / "q0.png").read_bytes() == good
+    Image.open(out / "overlays" / "q2.jpg").load()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"hello": "world"}', "[1, 2]", "\udcff"])
+def test_foreign_or_garbled_results_json_is_refused_not_crashed(setup, ckpt, capsys, content):
+    support, query, out = setup
+    out.mkdir()
+    (out / "results.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and not (out / "q0.png").exists()
+    one_error_line(err, "results.json")
+    code, err = run(capsys, *base(support, query, out, ckpt, "--overwrite"))
+    assert code == 0 and "3 segmented" in err and len(entries(out)) == 3
+
+
+def test_garbled_entries_and_older_results_are_recomputed(setup, ckpt, capsys):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    results["queries"] = [7, {"file": 3}, results["queries"][0]]
+    (out / "results.json").write_text(json.dumps(results))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "2 segmented, 1 already done" in err
+    # a results.json of the earlier fss-run (no settings recorded): nothing can be verified, redo
+    (out / "results.json").write_text(json.dumps({"support": {}, "queries": [{"file": "q0.jpg"}]}))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "3 segmented" in err
+
+
+def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt, "--no-overlays"))[0] == 0
+    assert not (out / "overlays").exists()
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "3 segmented" in err and len(list((out / "overlays").glob("*.jpg"))) == 3
+    assert run(capsys, *base(support, query, out, ckpt, "--no-overlays"))[1].count("3 already done") == 1
+
+
+def test_temporaries_of_a_killed_run_are_removed(setup, ckpt, capsys):
+    support, query, out = setup
+    (out / "overlays").mkdir(parents=True)
+    for stale in (out / ".q0.png.abc123xy.tmp", out / "overlays" / ".q0.jpg.zz9.tmp"):
+        stale.write_bytes(b"half")
+    (out / "keep.tmp").write_text("not ours")
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    assert not list(out.rglob(".*.tmp")) and (out / "keep.tmp").exists()
+
+
+def test_a_second_writer_into_the_same_out_is_refused(setup, ckpt, capsys):
+    from fss.io import folder_lock
+
+    support, query, out = setup
+    with folder_lock(out):
+        code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "another fss command is writing into this folder")
+
+
+# -- 3. images as a person sees them ------------------------------------------------------------------------
+def test_exif_rotated_photos_get_masks_as_displayed(tmp_path, ckpt, capsys):
+    rng = np.random.default_rng(3)
+    support = tmp_path / "s" / "thing"
+    support.mkdir(parents=True)
+    save_rotated_jpeg(support / "a.jpg", (rng.random((30, 50, 3)) * 255).astype(np.uint8))
+    save_mask(support / "a.png", size=(30, 50), box=(5, 5, 25, 40))  # drawn on the photo as displayed
+    query = tmp_path / "q"
+    query.mkdir()
+    save_rotated_jpeg(query / "r.jpg", (rng.random((20, 44, 3)) * 255).astype(np.uint8))
+    code, err = run(capsys, *base(tmp_path / "s", query, tmp_path / "out", ckpt))
+    assert code == 0, err
+    assert Image.open(tmp_path / "out" / "r.png").size == (20, 44)
+    assert Image.open(tmp_path / "out" / "overlays" / "r.jpg").size == (20, 44)
+    save_mask(support / "a.png", size=(50, 30))  # drawn on the stored pixels
+    code, err = run(capsys, *base(tmp_path / "s", query, tmp_path / "out2", ckpt))
+    assert code == 2
+    one_error_line(err, "differs from image size 30x50", "as displayed")
+
+
+def test_pixel_bomb_query_fails_alone(setup, ckpt, capsys):
+    support, query, out = setup
+    save_pixel_bomb(query / "bomb.png")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 1 and "Warning" not in err and "DecompressionBomb" not in err
+    assert "bomb.png" in err and "more than the limit of 64,000,000" in err
+    assert entries(out)["bomb.png"]["error"].startswith("image has 12500 x 12500")
+    assert all((out / f"q{i}.png").exists() for i in range(3))
+
+
+def test_max_pixels_option_and_draft_decoded_jpeg_mask_at_full_size(setup, ckpt, capsys):
+    support, query, out = setup
+    Image.fromarray((np.random.default_rng(4).random((90, 120, 3)) * 255).astype(np.uint8)).save(
+        query / "big.jpg"
+    )
+    code, err = run(capsys, *base(support, query, out, ckpt, "--max-pixels", "5000"))
+    assert code == 0, err  # the supports (48 x 40) and small queries fit; big.jpg decodes at half side
+    assert Image.open(out / "big.png").size == (120, 90) and entries(out)["big.jpg"]["size"] == [120, 90]
+    code, err = run(capsys, *base(support, query, out, ckpt, "--max-pixels", "1000", "--overwrite"))
+    assert code == 2
+    one_error_line(err, "more than the limit of 1,000", "cat0.jpg")
+
+
+# -- 5. the error promise ------------------------------------------------------------------------------------
+def test_disk_full_before_and_during_the_run(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    import fss.io
+
+    real = fss.io.shutil.disk_usage
+    monkeypatch.setattr(fss.io.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and not (out / "results.json").exists()
+    one_error_line(err, "not enough free space for --out")
+    monkeypatch.setattr(fss.io.shutil, "disk_usage", real)
+
+    def full(path, labels):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(fss.io, "write_label_png", full)
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "No space left on device", "q0.png")
+
+
+def test_too_many_classes_says_the_limit_before_reading_images(tmp_path, ckpt, capsys):
+    rng = np.random.default_rng(0)
+    for k in range(255):
+        save_image(tmp_path / "s" / f"c{k:03d}" / "a.jpg", rng, size=(4, 4))
+        (tmp_path / "s" / f"c{k:03d}" / "a.png").write_bytes(b"not decoded before the check")
+    code, err = run(capsys, *base(tmp_path / "s", make_queries(tmp_path / "q", 1), tmp_path / "o", ckpt))
+    assert code == 2
+    one_error_line(err, "255 classes, more than the 254")
+
+
+def test_background_class_folder_is_refused(tmp_path, ckpt, capsys):
+    support = make_support(tmp_path / "s", classes=("background", "cat"), shots=(1, 1))
+    code, err = run(capsys, *base(support, make_queries(tmp_path / "q", 1), tmp_path / "o", ckpt))
+    assert code == 2
+    one_error_line(err, "'background' collides with label 0")
+
+
+def test_size_beyond_memory_or_bounds_is_refused_before_work(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    import fss.memory
+
+    monkeypatch.setattr(fss.memory, "available_bytes", lambda device: 50 * 2**20)
+    code, err = run(capsys, *base(support, query, out, ckpt, "--size", "2048"))
+    assert code == 2 and not (out / "q0.png").exists()
+    one_error_line(err, "--size 2048 needs about", "lower --size or --batch")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in base(support, query, out, ckpt, "--size", "100000")])
+    assert exit_.value.code == 2 and "--size must be from 8 to 4096" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    import fss.io
+
+    real, calls = fss.io.write_label_png, []
+
+    def interrupted(path, labels):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, labels)
+
+    monkeypatch.setattr(fss.io, "write_label_png", interrupted)
+    code, err = run(capsys, *base(support, query, out, ckpt, "--batch", "1"))
+    assert code == 130 and "re-run to resume" in err and "Traceback" not in err
+    monkeypatch.setattr(fss.io, "write_label_png", real)
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0 and "2 segmented, 1 already done" in err
+
+
+def test_errors_stay_one_line_with_hostile_names_and_environment(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    (query / "new\nline.jpg").write_bytes(b"")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("fss-run: error")] == [
+        f"fss-run: error: unreadable or corrupt image ({query}/new line.jpg)"
+    ]
+    monkeypatch.setenv("FSS_MAX_PIXELS", "-3")
+    code, err = run(capsys, *base(support, query, out / "other", ckpt))
+    assert code == 2 and not (out / "other").exists()
+    one_error_line(err, "FSS_MAX_PIXELS must be a positive integer")
