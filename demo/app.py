@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from fss.demo.session import (
+    BRUSH,
     DemoError,
     Engine,
     Session,
@@ -227,7 +228,7 @@ def build_app(engine: Engine, examples: Path | None = None):
                     type="numpy",
                     image_mode="RGBA",
                     sources=[],
-                    brush=gr.Brush(colors=[("#ff0000", 0.6)], color_mode="fixed"),
+                    brush=gr.Brush(colors=[("#{:02x}{:02x}{:02x}".format(*BRUSH), 0.6)], color_mode="fixed"),
                     eraser=gr.Eraser(),
                     layers=False,
                     transforms=[],

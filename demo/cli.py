@@ -64,13 +64,13 @@ def load_engine(args):
 
 def serve(args, block: bool = True):
     """Build the page and start the server; returns the Gradio app (``block=False`` for tests)."""
+    engine = load_engine(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise FssError("the demo needs Gradio: pip install 'fss[demo]'") from None
     from fss.demo.app import build_app
 
-    engine = load_engine(args)
     app = build_app(engine, args.examples if args.examples and args.examples.is_dir() else None)
     if args.host not in LOOPBACK:
         print(f"{PROG}: warning: serving on {args.host}: anyone who can reach it can use it", file=sys.stderr)

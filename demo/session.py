@@ -86,28 +86,38 @@ def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) ->
     return mask
 
 
-def mask_from_layers(layers: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask (1 where anything is painted).
+BRUSH = (255, 0, 0)  # the editor's fixed brush colour: foreground
+IGNORED = (128, 128, 128)  # ignored pixels of an uploaded mask file are shown (and kept) grey
 
-    The editor's canvas may differ from the image by rounding: the mask is resized (nearest) to ``size``.
+
+def mask_from_layers(layers: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask: 1 painted, 255 grey, 0 else.
+
+    Grey marks the ignored pixels of a loaded mask file (the brush is red, so a person paints only
+    foreground; the eraser makes pixels background). The editor's canvas may differ from the image
+    by rounding: the mask is resized (nearest) to ``size`` (W, H).
     """
     mask = np.zeros((size[1], size[0]), np.uint8)
     for layer in layers:
         layer = np.asarray(layer)
-        painted = layer[..., 3] > 0 if layer.ndim == 3 and layer.shape[-1] == 4 else layer > 0
-        if painted.ndim == 3:
-            painted = painted.any(-1)
+        if layer.ndim != 3 or layer.shape[-1] != 4:
+            raise DemoError("the editor sent a layer that is not RGBA")
+        drawn = layer[..., 3] > 0
+        grey = layer[..., 0].astype(int) - layer[..., 1] < 64  # not red (red over grey is still red)
+        painted = np.where(drawn, np.where(grey, IGNORE_INDEX, 1), 0).astype(np.uint8)
         if painted.shape != mask.shape:
             painted = np.asarray(Image.fromarray(painted).resize(size, Image.NEAREST))
-        mask |= painted.astype(np.uint8)
-    return mask
+        mask = np.where(
+            painted == 1, 1, np.where((painted == IGNORE_INDEX) & (mask == 0), IGNORE_INDEX, mask)
+        )
+    return mask.astype(np.uint8)
 
 
-def mask_layer(mask: np.ndarray, colour=(255, 0, 0), alpha: int = 255) -> np.ndarray:
-    """``H x W`` mask -> ``H x W x 4`` RGBA editor layer (foreground painted, ignored pixels grey)."""
+def mask_layer(mask: np.ndarray, alpha: int = 255) -> np.ndarray:
+    """``H x W`` mask -> ``H x W x 4`` RGBA editor layer: foreground in the brush colour, ignored grey."""
     layer = np.zeros((*mask.shape, 4), np.uint8)
-    layer[mask == 1] = (*colour, alpha)
-    layer[mask == IGNORE_INDEX] = (128, 128, 128, alpha)
+    layer[mask == 1] = (*BRUSH, alpha)
+    layer[mask == IGNORE_INDEX] = (*IGNORED, alpha)
     return layer
 
 
