@@ -29,10 +29,10 @@ from fss.io import is_image_file, overlay_image
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
 
-HELP = """**1.** Pick an example or upload a support image, paint the object with the brush (eraser and
-clear in the editor's toolbar), or upload a mask file; name its class and **Add shot**. Add more
-shots or classes at any time. **2.** Drop query images: each is encoded once, and every change of
-the shots updates all of them."""
+HELP = """**1.** Pick an example or upload a support image, paint the object with the brush (eraser
+and clear in the editor's toolbar) or upload a mask file (painting adds to it); name its class and
+**Add shot**. Add more shots or classes at any time. **2.** Drop query images: each is encoded once,
+and every change of the shots updates all of them."""
 
 
 def example_supports(root: Path | None) -> list[tuple[str, str]]:
@@ -99,11 +99,14 @@ def build_app(engine: Engine, examples: Path | None = None):
         }
 
     def editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict:
-        layers = [Image.fromarray(mask_layer(mask, alpha=153))] if mask is not None else []
-        return {"background": image, "layers": layers, "composite": None}
+        """The editor shows a mask file's mask drawn into its background (Gradio's editor misplaces
+        layers set from the server), so the mask file is kept as is and paint adds to it."""
+        if mask is not None:
+            image = Image.alpha_composite(image.convert("RGBA"), Image.fromarray(mask_layer(mask, alpha=153)))
+        return {"background": image, "layers": [], "composite": None}
 
     def load_support(session: Session, image: Image.Image, source: str) -> dict:
-        session.pending = image
+        session.pending, session.pending_mask = image, None
         session.selected = None
         return {
             editor: editor_value(image),
@@ -114,7 +117,10 @@ def build_app(engine: Engine, examples: Path | None = None):
     def on_support_file(session, path):
         if not path:
             return {}
-        return load_support(session, read_support_image(path, max_pixels), Path(path).name)
+        return {
+            **load_support(session, read_support_image(path, max_pixels), Path(path).name),
+            support_file: None,
+        }
 
     @guarded
     def on_example(session, evt: gr.SelectData):
@@ -134,7 +140,12 @@ def build_app(engine: Engine, examples: Path | None = None):
         mask = read_mask_file(path, image.size, max_pixels)
         if not (mask == 1).any():
             raise DemoError("mask has no foreground pixel", Path(path).name)
-        return {editor: editor_value(image, mask), status: "Mask loaded: edit it or **Add shot**."}
+        session.pending_mask = mask
+        return {
+            editor: editor_value(image, mask),
+            mask_input: None,
+            status: "Mask loaded: paint to add to it, or **Add shot**.",
+        }
 
     @guarded
     def on_add_shot(session, value, name):
@@ -142,7 +153,7 @@ def build_app(engine: Engine, examples: Path | None = None):
         if image is None:
             raise DemoError("load a support image first (upload one or pick an example)")
         name = check_class_name(name)
-        mask = mask_from_layers((value or {}).get("layers") or [], image.size)
+        mask = mask_from_layers((value or {}).get("layers") or [], image.size, session.pending_mask)
         message = session.add_shot(name, image, mask)
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
         return {**results_view(session), status: f"{added} {message}"}
@@ -281,14 +292,14 @@ def build_app(engine: Engine, examples: Path | None = None):
                     zip_file = gr.File(label="Results zip", interactive=False, elem_id="zip-file")
 
         results = [state, status, shots, gallery, table, zip_file]
-        support_file.upload(on_support_file, [state, support_file], [state, status, editor])
+        support_file.upload(on_support_file, [state, support_file], [state, status, editor, support_file])
         example_gallery.select(on_example, [state], [state, status, editor, class_name])
-        mask_input.upload(on_mask_file, [state, mask_input], [state, status, editor])
+        mask_input.upload(on_mask_file, [state, mask_input], [state, status, editor, mask_input])
         add.click(on_add_shot, [state, editor, class_name], results)
         shots.select(on_select_shot, [state], [state, status])
         remove.click(on_remove_shot, [state], results)
         queries.upload(on_queries, [state, queries], [*results, queries])
-        add_examples.click(on_example_queries, [state], results)
+        add_examples.click(on_example_queries, [state], [*results, queries])
         clear.click(on_clear_queries, [state], results)
         zip_button.click(on_zip, [state], [state, status, zip_file])
     app.queue(default_concurrency_limit=4)

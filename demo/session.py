@@ -86,35 +86,32 @@ def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) ->
     return mask
 
 
-BRUSH = (255, 0, 0)  # the editor's fixed brush colour: foreground
-IGNORED = (128, 128, 128)  # ignored pixels of an uploaded mask file are shown (and kept) grey
+BRUSH = (255, 0, 0)  # the editor's brush colour: foreground
+IGNORED = (128, 128, 128)  # ignored pixels of a mask file are shown grey
 
 
-def mask_from_layers(layers: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask: 1 painted, 255 grey, 0 else.
+def mask_from_layers(
+    layers: list[np.ndarray], size: tuple[int, int], base: np.ndarray | None = None
+) -> np.ndarray:
+    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask, 1 wherever anything is painted.
 
-    Grey marks the ignored pixels of a loaded mask file (the brush is red, so a person paints only
-    foreground; the eraser makes pixels background). The editor's canvas may differ from the image
-    by rounding: the mask is resized (nearest) to ``size`` (W, H).
+    ``base`` (a mask file's mask: 0 / 1 / 255) is kept and the paint is added to it as foreground.
+    The editor's canvas may differ from the image by rounding: paint is resized (nearest) to ``size``.
     """
-    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask = np.zeros((size[1], size[0]), np.uint8) if base is None else base.copy()
     for layer in layers:
         layer = np.asarray(layer)
         if layer.ndim != 3 or layer.shape[-1] != 4:
             raise DemoError("the editor sent a layer that is not RGBA")
-        drawn = layer[..., 3] > 0
-        grey = layer[..., 0].astype(int) - layer[..., 1] < 64  # not red (red over grey is still red)
-        painted = np.where(drawn, np.where(grey, IGNORE_INDEX, 1), 0).astype(np.uint8)
+        painted = (layer[..., 3] > 0).astype(np.uint8)
         if painted.shape != mask.shape:
             painted = np.asarray(Image.fromarray(painted).resize(size, Image.NEAREST))
-        mask = np.where(
-            painted == 1, 1, np.where((painted == IGNORE_INDEX) & (mask == 0), IGNORE_INDEX, mask)
-        )
-    return mask.astype(np.uint8)
+        mask[painted == 1] = 1
+    return mask
 
 
 def mask_layer(mask: np.ndarray, alpha: int = 255) -> np.ndarray:
-    """``H x W`` mask -> ``H x W x 4`` RGBA editor layer: foreground in the brush colour, ignored grey."""
+    """``H x W`` mask -> ``H x W x 4`` RGBA overlay: foreground in the brush colour, ignored grey."""
     layer = np.zeros((*mask.shape, 4), np.uint8)
     layer[mask == 1] = (*BRUSH, alpha)
     layer[mask == IGNORE_INDEX] = (*IGNORED, alpha)
@@ -210,6 +207,7 @@ class Session:
         self.queries: dict[str, Query] = {}
         self.feature_bytes = 0
         self.pending: Image.Image | None = None  # the support image in the editor
+        self.pending_mask: np.ndarray | None = None  # its mask file, if one was loaded
         self.selected: tuple[str, int] | None = None  # (class, shot index) picked in the shot list
         self.lock = threading.Lock()  # one tab's events may arrive together
         self.tmp = tempfile.TemporaryDirectory(prefix="fss-demo-")

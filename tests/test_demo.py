@@ -216,15 +216,18 @@ def test_painted_layers_become_the_mask():
     mask[5:20, 10:30] = 1
     layer = mask_layer(mask, alpha=153)
     assert np.array_equal(mask_from_layers([layer], (40, 30)), mask)
-    eraser = layer.copy()
-    eraser[5:20, 10:20, 3] = 0  # erased pixels are transparent again
-    assert mask_from_layers([eraser], (40, 30)).sum() == 15 * 10
+    erased = layer.copy()
+    erased[5:20, 10:20, 3] = 0  # the eraser makes pixels transparent again
+    assert mask_from_layers([erased], (40, 30)).sum() == 15 * 10
     half = layer[::2, ::2]  # a canvas at another scale is brought to the image's size
-    assert mask_from_layers([half], (40, 30)).shape == (30, 40)
+    assert np.array_equal(mask_from_layers([half], (40, 30))[::2, ::2], mask[::2, ::2])
     assert not mask_from_layers([], (40, 30)).any()
-    with_ignored = mask.copy()
-    with_ignored[20:25] = IGNORE_INDEX  # a mask file's ignored pixels survive the editor (shown grey)
-    assert np.array_equal(mask_from_layers([mask_layer(with_ignored, alpha=153)], (40, 30)), with_ignored)
+    from_file = np.zeros((30, 40), np.uint8)
+    from_file[20:25] = IGNORE_INDEX
+    from_file[0:3] = 1
+    combined = mask_from_layers([layer], (40, 30), base=from_file)  # paint adds to a mask file's mask
+    assert (combined[mask == 1] == 1).all() and (combined[0:3] == 1).all() and (combined[20:25] == 255).all()
+    assert (combined == 0).sum() == 30 * 40 - 15 * 20 - 3 * 40 - 5 * 40
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -22,11 +22,17 @@ from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytest.importorskip("gradio")
-webdriver = pytest.importorskip("selenium.webdriver")
+REQUIRED = os.environ.get("FSS_REQUIRE_BROWSER") == "1"  # CI: fail, never skip
+if not REQUIRED:
+    pytest.importorskip("gradio")
+    pytest.importorskip("selenium")
+from selenium import webdriver  # noqa: E402
+
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromium-driver"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER or REQUIRED), reason="needs chromium and chromium-driver"
+    ),
 ]
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -132,6 +138,10 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     painted = np.asarray(Image.open(archive.open("support/bus/shot01_mask.png")))
     assert painted.shape == shot.shape[:2] and set(np.unique(painted)) == {0, 1}
     assert 0.002 < painted.mean() < 0.3, "a brush stroke, not an empty or full mask"
+    ys, xs = np.nonzero(painted)  # the stroke crossed the middle of the displayed image, left to right
+    height, width = painted.shape
+    assert abs(xs.mean() - width / 2) < 0.15 * width and abs(ys.mean() - height / 2) < 0.15 * height
+    assert xs.max() - xs.min() > 0.25 * width
 
     # fss-run on the same support image, the mask read back from the page, and the same query.
     support = tmp_path / "support" / "bus"
