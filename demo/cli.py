@@ -57,6 +57,11 @@ def load_engine(args):
         model = load_bundle(args.bundle, backend=args.backend, device=wanted)
         device = model.device
     else:
+        if args.ckpt is None:
+            print(
+                f"{PROG}: no --ckpt given: using the bundled demo model (see README, 'Demo model')",
+                file=sys.stderr,
+            )
         model = load_model(args.ckpt, device=device)
     name = str(args.bundle or args.ckpt or "bundled demo model")
     return Engine(model, name, device=device, batch=args.batch, feature_budget_mb=args.feature_budget_mb)

@@ -190,11 +190,11 @@ class Engine:
 
     def call(self, method: str, *args, **kwargs):
         """A Segmenter support method under the engine's lock (``add_shot`` etc.)."""
-        if method in ("add_shot", "add_support"):
-            shots = 1 if method == "add_shot" else sum(len(c) for c in args[1])
-            self.encoded_images += shots
         with self.lock:
-            return getattr(self.segmenter, method)(*args, **kwargs)
+            result = getattr(self.segmenter, method)(*args, **kwargs)
+            if method in ("add_shot", "add_support"):
+                self.encoded_images += 1 if method == "add_shot" else sum(len(c) for c in args[1])
+            return result
 
 
 class Session:
