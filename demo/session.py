@@ -31,6 +31,8 @@ from fss.io import IGNORE_INDEX, overlay_image, read_mask, write_json, write_lab
 from fss.runtime.cli import fractions
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
+MAX_QUERY_PIXELS = 400_000_000  # the queries one tab may hold (kept decoded for re-matching, ~1.2 GB)
+DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
 MAX_CLASSES = 20
 CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,39}")
 
@@ -145,6 +147,7 @@ class Engine:
         model_name: what ``results.json`` calls the model (as ``fss-run``: the checkpoint path).
         feature_budget_mb: query features kept per session; beyond it, queries are re-encoded on change.
         max_pixels: larger uploads are refused (checked from the file's header, before decoding).
+        max_query_pixels: the query pixels one session may hold; further queries are refused.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class Engine:
         batch: int = 4,
         feature_budget_mb: int = 512,
         max_pixels: int = MAX_PIXELS,
+        max_query_pixels: int = MAX_QUERY_PIXELS,
     ):
         from fss.runtime.segmenter import Segmenter
 
@@ -162,6 +166,7 @@ class Engine:
         self.model_name = model_name
         self.feature_budget = feature_budget_mb * 2**20
         self.max_pixels = max_pixels
+        self.max_query_pixels = max_query_pixels
         self.lock = threading.Lock()
         self.encoded_images = 0  # queries + shots encoded since start (the tests count re-use with it)
 
@@ -281,10 +286,20 @@ class Session:
     def add_queries(self, paths) -> list[str]:
         """Decode, check and encode uploaded queries (once); returns a message per refused file."""
         messages, decoded = [], []
+        held = sum(q.image.width * q.image.height for q in self.queries.values() if q.image is not None)
         for path in paths:
             path = Path(path)
             try:
-                decoded.append(Query(path.name, read_support_image(path, self.engine.max_pixels)))
+                image = read_support_image(path, self.engine.max_pixels)
+                held += image.width * image.height
+                if held > self.engine.max_query_pixels:
+                    held -= image.width * image.height
+                    raise DemoError(
+                        f"the queries of this tab would pass {self.engine.max_query_pixels / 1e6:g} "
+                        "megapixels: clear some first",
+                        path.name,
+                    )
+                decoded.append(Query(path.name, image))
             except DemoError as err:
                 messages.append(str(err))
                 decoded.append(Query(path.name, error=err.message))
@@ -391,12 +406,23 @@ class Session:
         }
 
     def overlays(self) -> list[tuple[Image.Image, str]]:
-        """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them."""
+        """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them.
+
+        Photos larger than ``DISPLAY_SIDE`` are shown scaled down (image bilinear, labels nearest)
+        before drawing, so that the legend stays readable and the page light; the zip has full size.
+        """
         out = []
         for query in self.queries.values():
-            if query.labels is not None:
-                caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
-                out.append((overlay_image(query.image, query.labels, self.classes), caption))
+            if query.labels is None:
+                continue
+            image, labels = query.image, query.labels
+            scale = DISPLAY_SIDE / max(image.size)
+            if scale < 1:
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                image = image.resize(size, Image.BILINEAR)
+                labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+            caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
+            out.append((overlay_image(image, labels, self.classes), caption))
         return out
 
     def table(self) -> list[list]:

@@ -211,6 +211,24 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
         session.write_zip()
 
 
+def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_path):
+    engine = Engine(model, "test model", device="cpu", max_query_pixels=3300)
+    session = Session(engine)
+    rng = np.random.default_rng(5)
+    session.add_shot("cat", *shot(rng))
+    paths = queries(tmp_path, n=3)  # 1440, 1755 and 2100 pixels
+    messages = session.add_queries(paths)
+    assert messages == ["the queries of this tab would pass 0.0033 megapixels: clear some first (q2.jpg)"]
+    assert set(labels(session)) == {"q0.jpg", "q1.jpg"}
+    big = tmp_path / "big.jpg"
+    save_image(big, rng, size=(2000, 100))
+    engine.max_query_pixels = 10**9
+    session.add_queries([big])
+    shown = dict((caption.split(":")[0], image) for image, caption in session.overlays())
+    assert shown["big.jpg"].size == (1024, 51) and shown["q0.jpg"].size == (40, 36)
+    assert session.queries["big"].labels.shape == (100, 2000)  # full size for the zip
+
+
 def test_painted_layers_become_the_mask():
     mask = np.zeros((30, 40), np.uint8)
     mask[5:20, 10:30] = 1
