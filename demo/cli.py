@@ -88,8 +88,8 @@ def serve(args, block: bool = True):
             max_file_size="64mb",
             quiet=not block,
         )
-    except OSError as err:
-        raise FssError(f"cannot serve on {args.host}:{args.port}: {err}") from None
+    except OSError:
+        raise FssError(f"cannot serve on {args.host}:{args.port}: is the port in use? (--port)") from None
     return app
 
 
