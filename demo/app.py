@@ -1,7 +1,8 @@
 """The Gradio page: paint support masks, drop queries, see overlays, download the masks.
 
-Every handler takes the tab's :class:`Session` (a ``gr.State``, freed when the tab closes) and
-returns updates for the components it changes; a bad input becomes a message in the status line.
+Every handler takes the tab's :class:`Session` (a ``gr.State``, freed by Gradio's session clean-up
+after the tab closes) and returns updates for the components it changes; a bad input becomes a
+message in the status line.
 """
 
 import logging
@@ -24,7 +25,7 @@ from fss.demo.session import (
     read_support_image,
 )
 from fss.errors import FssError
-from fss.io import is_image_file, overlay_image
+from fss.io import find_support_pairs, is_image_file, overlay_image
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -39,8 +40,6 @@ def example_supports(root: Path | None) -> list[tuple[str, str]]:
     """(image path, class name) of ``root/<class>/<image>`` (the support-folder layout), sorted."""
     if root is None or not root.is_dir():
         return []
-    from fss.io import find_support_pairs
-
     try:
         pairs = find_support_pairs(root)
     except FssError:
@@ -55,9 +54,10 @@ def build_app(engine: Engine, examples: Path | None = None):
     max_pixels = engine.max_pixels
 
     supports = example_supports(examples / "support" if examples else None)
+    query_folder = examples / "query" if examples else None
     example_queries = (
-        sorted(str(p) for p in (examples / "query").glob("*") if examples and is_image_file(p))
-        if examples and (examples / "query").is_dir()
+        sorted(str(p) for p in query_folder.iterdir() if is_image_file(p))
+        if query_folder and query_folder.is_dir()
         else []
     )
 
@@ -69,7 +69,7 @@ def build_app(engine: Engine, examples: Path | None = None):
             session = session or Session(engine)
             try:
                 updates = handler(session, *args)
-            except DemoError as err:
+            except FssError as err:  # DemoError and fss's own (unreadable file, ...)
                 updates = {status: f"**Error:** {err}"}
             except Exception as err:  # never a dead page: say what failed, keep the session
                 log.exception("fss-demo handler %s failed", handler.__name__)
@@ -155,8 +155,9 @@ def build_app(engine: Engine, examples: Path | None = None):
         name = check_class_name(name)
         mask = mask_from_layers((value or {}).get("layers") or [], image.size, session.pending_mask)
         message = session.add_shot(name, image, mask)
+        session.pending_mask = None  # the editor starts clean for the next object on this image
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
-        return {**results_view(session), status: f"{added} {message}"}
+        return {**results_view(session), editor: editor_value(image), status: f"{added} {message}"}
 
     @guarded
     def on_select_shot(session, evt: gr.SelectData):
@@ -295,7 +296,7 @@ def build_app(engine: Engine, examples: Path | None = None):
         support_file.upload(on_support_file, [state, support_file], [state, status, editor, support_file])
         example_gallery.select(on_example, [state], [state, status, editor, class_name])
         mask_input.upload(on_mask_file, [state, mask_input], [state, status, editor, mask_input])
-        add.click(on_add_shot, [state, editor, class_name], results)
+        add.click(on_add_shot, [state, editor, class_name], [*results, editor])
         shots.select(on_select_shot, [state], [state, status])
         remove.click(on_remove_shot, [state], results)
         queries.upload(on_queries, [state, queries], [*results, queries])
