@@ -155,9 +155,8 @@ def build_app(engine: Engine, examples: Path | None = None):
         name = check_class_name(name)
         mask = mask_from_layers((value or {}).get("layers") or [], image.size, session.pending_mask)
         message = session.add_shot(name, image, mask)
-        session.pending_mask = None  # the editor starts clean for the next object on this image
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
-        return {**results_view(session), editor: editor_value(image), status: f"{added} {message}"}
+        return {**results_view(session), status: f"{added} {message}"}
 
     @guarded
     def on_select_shot(session, evt: gr.SelectData):
@@ -296,7 +295,8 @@ def build_app(engine: Engine, examples: Path | None = None):
         support_file.upload(on_support_file, [state, support_file], [state, status, editor, support_file])
         example_gallery.select(on_example, [state], [state, status, editor, class_name])
         mask_input.upload(on_mask_file, [state, mask_input], [state, status, editor, mask_input])
-        add.click(on_add_shot, [state, editor, class_name], [*results, editor])
+        # The editor is no output here: its loading overlay would swallow the next brush stroke.
+        add.click(on_add_shot, [state, editor, class_name], results)
         shots.select(on_select_shot, [state], [state, status])
         remove.click(on_remove_shot, [state], results)
         queries.upload(on_queries, [state, queries], [*results, queries])

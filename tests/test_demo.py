@@ -1,7 +1,10 @@
 """The demo without a browser: masks as Segmenter and fss-run make them, re-use, isolation, bad input."""
 
 import json
+import subprocess
+import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -174,6 +177,29 @@ def test_sessions_do_not_see_each_other(engine, model, tmp_path):
     assert np.array_equal(
         labels(b)[paths[0].name], reference(model, {"cat": [shot_b, shot_a]}, paths)[paths[0].name]
     )
+
+
+def test_concurrent_sessions_get_their_own_masks(engine, model, tmp_path):
+    rng = np.random.default_rng(6)
+    supports = [[shot(rng, box=(4 + 9 * i, 4, 30 + 5 * i, 30 + i)) for _ in range(2)] for i in range(3)]
+    paths = queries(tmp_path, n=3)
+    sessions = [Session(engine) for _ in supports]
+
+    def work(session, shots):
+        session.add_queries(paths)
+        for image, mask in shots:
+            session.add_shot("thing", image, mask)
+
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        list(pool.map(work, sessions, supports))
+    for session, shots in zip(sessions, supports, strict=True):
+        expected = reference(model, {"thing": shots}, paths)
+        assert all(np.array_equal(labels(session)[k], v) for k, v in expected.items())
+
+
+def test_import_stays_light():
+    code = "import sys, fss.demo.session, fss.demo.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):

@@ -165,6 +165,15 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     assert page_query["fractions"] == run_results["queries"][0]["fractions"]
     assert {q["file"]: q.get("error") for q in page_results["queries"]}["corrupt.jpg"]
 
+    # Removing the only shot leaves the queries waiting for a support.
+    browser.find_elements(By.CSS_SELECTOR, "#shots .thumbnail-item")[0].click()
+    wait_status(browser, lambda t: "Selected bus #1" in t, "the shot selected")
+    browser.find_element(By.ID, "remove-shot").click()
+    wait_status(browser, lambda t: "Removed bus #1" in t, "the shot removed")
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda d: "waiting for a support shot" in d.find_element(By.ID, "table").text
+    )
+
 
 def test_a_second_tab_does_not_see_the_first_tabs_supports(server, browser):
     browser.switch_to.new_window("tab")
