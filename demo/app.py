@@ -48,7 +48,7 @@ def example_supports(root: Path | None) -> list[tuple[str, str]]:
 
 
 def build_app(engine: Engine, examples: Path | None = None):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # also when built without fss-demo
     import gradio as gr
 
     max_pixels = engine.max_pixels

@@ -1,6 +1,7 @@
 """``fss-demo``: serve the paint-and-segment page on loopback, the bundled model by default."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def load_engine(args):
 def serve(args, block: bool = True):
     """Build the page and start the server; returns the Gradio app (``block=False`` for tests)."""
     engine = load_engine(args)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the page works offline
     try:
         import gradio  # noqa: F401
     except ImportError:
