@@ -1,0 +1,111 @@
+"""``fss-demo``: serve the paint-and-segment page on loopback, the bundled model by default."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fss.errors import FssError
+
+PROG = "fss-demo"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the repository's examples, when run from it
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="A web page to paint support masks and see query images segmented (Gradio).",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--ckpt", type=Path, help="official PANet snapshot or fss checkpoint (default: demo model)"
+    )
+    source.add_argument("--bundle", type=Path, help="bundle directory written by fss-export")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--batch", type=int, default=4, help="queries encoded together")
+    p.add_argument(
+        "--feature-budget-mb",
+        type=int,
+        default=512,
+        help="query features kept per tab, so that a shot change does not re-encode them (default 512)",
+    )
+    p.add_argument("--examples", type=Path, default=EXAMPLES, help="folder with support/ and query/ examples")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        p.error("--port must be in 1..65535")
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
+    if args.bundle is None and args.backend not in ("auto", "torch"):
+        p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
+    return args
+
+
+def load_engine(args):
+    """The model of ``--ckpt`` / ``--bundle`` (or the bundled one) in an Engine; errors are FssError."""
+    from fss.checkpoint import load_model
+    from fss.demo.session import Engine
+    from fss.runtime.segmenter import resolve_device
+
+    device = resolve_device(args.device)
+    if args.bundle is not None:
+        from fss.export.backends import load_bundle
+
+        wanted = None if args.device == "auto" else device
+        model = load_bundle(args.bundle, backend=args.backend, device=wanted)
+        device = model.device
+    else:
+        if args.ckpt is None:
+            print(
+                f"{PROG}: no --ckpt given: using the bundled demo model (see README, 'Demo model')",
+                file=sys.stderr,
+            )
+        model = load_model(args.ckpt, device=device)
+    name = str(args.bundle or args.ckpt or "bundled demo model")
+    return Engine(model, name, device=device, batch=args.batch, feature_budget_mb=args.feature_budget_mb)
+
+
+def serve(args, block: bool = True):
+    """Build the page and start the server; returns the Gradio app (``block=False`` for tests)."""
+    engine = load_engine(args)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the page works offline
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise FssError("the demo needs Gradio: pip install 'fss[demo]'") from None
+    from fss.demo.app import build_app
+
+    app = build_app(engine, args.examples if args.examples and args.examples.is_dir() else None)
+    if args.host not in LOOPBACK:
+        print(f"{PROG}: warning: serving on {args.host}: anyone who can reach it can use it", file=sys.stderr)
+    try:
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            prevent_thread_lock=not block,
+            ssr_mode=False,
+            max_file_size="64mb",
+            quiet=not block,
+        )
+    except OSError:
+        raise FssError(f"cannot serve on {args.host}:{args.port}: is the port in use? (--port)") from None
+    return app
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        serve(args)
+    except FssError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""The demo's state, free of any web framework: one shared model, one support set per browser session.
+
+An :class:`Engine` owns the model (one :class:`fss.Segmenter`, encoded once per process) and
+serialises its device work. Each browser tab gets a :class:`Session` whose support set lives in
+the Segmenter under the session's own name, so concurrent users never see each other's shots.
+Query features are encoded once and kept (within a memory budget): when a shot changes only the
+prototypes change, and the cached features are matched again without re-encoding.
+
+Everything the page shows and downloads is written with the same ``fss.io`` writers as ``fss-run``
+(palette PNGs, overlays, ``results.json``), so the zip is what ``fss-run`` writes for the zip's
+``support/`` folder and the same queries.
+"""
+
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fss import kernels
+from fss.errors import FssError
+from fss.io import IGNORE_INDEX, overlay_image, read_mask, write_json, write_label_png, write_overlay
+from fss.runtime.cli import fractions
+
+MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
+MAX_QUERY_PIXELS = 400_000_000  # the queries one tab may hold (kept decoded for re-matching, ~1.2 GB)
+DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
+MAX_CLASSES = 20
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,39}")
+
+
+class DemoError(FssError):
+    """A message for the page: bad input, never a crash."""
+
+
+def check_class_name(name: str) -> str:
+    name = (name or "").strip()
+    if not CLASS_NAME.fullmatch(name):
+        raise DemoError(
+            f"class name {name!r} must be 1-40 letters, digits, spaces or _ . + - (starting with a letter "
+            "or digit)"
+        )
+    return name
+
+
+def open_checked(path, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an uploaded file, refusing corrupt files and huge images (checked from the header)."""
+    name = Path(path).name
+    try:
+        img = Image.open(path)
+    except Exception:  # Pillow raises several types for foreign files
+        raise DemoError(f"unreadable or corrupt {what}", name) from None
+    pixels = img.width * img.height
+    if pixels > max_pixels:
+        raise DemoError(
+            f"{what} too large: {img.width}x{img.height} is over {max_pixels / 1e6:.0f} megapixels, "
+            "resize it first",
+            name,
+        )
+    try:
+        img.load()
+    except Exception:
+        raise DemoError(f"unreadable or corrupt {what}", name) from None
+    return img
+
+
+def read_support_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    return open_checked(path, "image", max_pixels).convert("RGB")
+
+
+def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A mask file parsed with fss-run's conventions, its size checked against the image's ``size``."""
+    open_checked(path, "mask", max_pixels)
+    mask = read_mask(path)
+    if mask.shape != (size[1], size[0]):
+        raise DemoError(
+            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {size[0]}x{size[1]}",
+            Path(path).name,
+        )
+    return mask
+
+
+BRUSH = (255, 0, 0)  # the editor's brush colour: foreground
+IGNORED = (128, 128, 128)  # ignored pixels of a mask file are shown grey
+
+
+def mask_from_layers(
+    layers: list[np.ndarray], size: tuple[int, int], base: np.ndarray | None = None
+) -> np.ndarray:
+    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask, 1 wherever anything is painted.
+
+    ``base`` (a mask file's mask: 0 / 1 / 255) is kept and the paint is added to it as foreground.
+    The editor's canvas may differ from the image by rounding: paint is resized (nearest) to ``size``.
+    """
+    mask = np.zeros((size[1], size[0]), np.uint8) if base is None else base.copy()
+    for layer in layers:
+        layer = np.asarray(layer)
+        if layer.ndim != 3 or layer.shape[-1] != 4:
+            raise DemoError("the editor sent a layer that is not RGBA")
+        painted = (layer[..., 3] > 0).astype(np.uint8)
+        if painted.shape != mask.shape:
+            painted = np.asarray(Image.fromarray(painted).resize(size, Image.NEAREST))
+        mask[painted == 1] = 1
+    return mask
+
+
+def mask_layer(mask: np.ndarray, alpha: int = 255) -> np.ndarray:
+    """``H x W`` mask -> ``H x W x 4`` RGBA overlay: foreground in the brush colour, ignored grey."""
+    layer = np.zeros((*mask.shape, 4), np.uint8)
+    layer[mask == 1] = (*BRUSH, alpha)
+    layer[mask == IGNORE_INDEX] = (*IGNORED, alpha)
+    return layer
+
+
+@dataclass(eq=False)
+class Shot:
+    image: Image.Image
+    mask: np.ndarray  # H x W uint8: 0 background, 1 foreground, 255 ignored
+
+
+@dataclass(eq=False)
+class Query:
+    """One uploaded query: its features (``C x h x w``, kept within the budget) and latest labels."""
+
+    name: str
+    image: Image.Image | None = None
+    features: torch.Tensor | None = None
+    encode_s: float = 0.0
+    labels: np.ndarray | None = None
+    segment_s: float = 0.0
+    error: str | None = None
+
+
+class Engine:
+    """One model for every session; its device work (encoding, matching) runs one call at a time.
+
+    Args:
+        model: a loaded PANet or bundle (``fss.load_model``); input size and normalisation come from it.
+        model_name: what ``results.json`` calls the model (as ``fss-run``: the checkpoint path).
+        feature_budget_mb: query features kept per session; beyond it, queries are re-encoded on change.
+        max_pixels: larger uploads are refused (checked from the file's header, before decoding).
+        max_query_pixels: the query pixels one session may hold; further queries are refused.
+    """
+
+    def __init__(
+        self,
+        model,
+        model_name: str,
+        device=None,
+        batch: int = 4,
+        feature_budget_mb: int = 512,
+        max_pixels: int = MAX_PIXELS,
+        max_query_pixels: int = MAX_QUERY_PIXELS,
+    ):
+        from fss.runtime.segmenter import Segmenter
+
+        self.segmenter = Segmenter(model, device=device, batch=batch)
+        self.model_name = model_name
+        self.feature_budget = feature_budget_mb * 2**20
+        self.max_pixels = max_pixels
+        self.max_query_pixels = max_query_pixels
+        self.lock = threading.Lock()
+        self.encoded_images = 0  # queries + shots encoded since start (the tests count re-use with it)
+
+    @property
+    def meta(self) -> dict:
+        return self.segmenter.model.meta
+
+    def encode_queries(self, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
+        """Queries -> ``M x C x h x w`` features (Segmenter's preprocessing) and seconds per query."""
+        seg = self.segmenter
+        batch = torch.stack([seg.load_query(img)[1] for img in images])
+        with self.lock:
+            start = time.perf_counter()
+            feats = seg.encode(batch)
+            seconds = time.perf_counter() - start
+            self.encoded_images += len(images)
+        return feats, seconds / len(images)
+
+    def segment_features(self, features: torch.Tensor, protos: torch.Tensor, size) -> np.ndarray:
+        """``C x h x w`` query features -> ``H x W`` uint8 labels at the query's ``size`` (W, H)."""
+        with self.lock, torch.inference_mode():
+            out = kernels.segment(
+                features[None, None], protos[None], (size[1], size[0]), impl=self.segmenter.impl
+            )
+            return out[0, 0].cpu().numpy()
+
+    def call(self, method: str, *args, **kwargs):
+        """A Segmenter support method under the engine's lock (``add_shot`` etc.)."""
+        with self.lock:
+            result = getattr(self.segmenter, method)(*args, **kwargs)
+            if method in ("add_shot", "add_support"):
+                self.encoded_images += 1 if method == "add_shot" else sum(len(c) for c in args[1])
+            return result
+
+
+class Session:
+    """One browser tab: classes of painted shots, uploaded queries, and their results."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.id = f"demo-{uuid.uuid4().hex}"
+        self.shots: dict[str, list[Shot]] = {}
+        self.queries: dict[str, Query] = {}
+        self.feature_bytes = 0
+        self.pending: Image.Image | None = None  # the support image in the editor
+        self.pending_mask: np.ndarray | None = None  # its mask file, if one was loaded
+        self.selected: tuple[str, int] | None = None  # (class, shot index) picked in the shot list
+        self.lock = threading.Lock()  # one tab's events may arrive together
+        self.tmp = tempfile.TemporaryDirectory(prefix="fss-demo-")
+
+    # -- supports -------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class names: label k is the k-th class, 0 background (fss-run's rule)."""
+        return sorted(self.shots)
+
+    def add_shot(self, class_name: str, image: Image.Image, mask: np.ndarray) -> str:
+        class_name = check_class_name(class_name)
+        if mask.shape != (image.height, image.width):
+            raise DemoError(
+                f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+                f"{image.width}x{image.height}"
+            )
+        if not (mask == 1).any():
+            raise DemoError(f"the mask of this {class_name} shot has no foreground: paint the object first")
+        if class_name not in self.shots and len(self.shots) >= MAX_CLASSES:
+            raise DemoError(f"at most {MAX_CLASSES} classes")
+        shot = Shot(image, mask)
+        with self.lock:
+            existing = self.classes
+            if not existing:
+                self.engine.call("add_support", self.id, [[image]], [[mask]], [class_name])
+            elif class_name in self.shots or class_name > existing[-1]:
+                # Only the new shot is encoded; a new class sorting last is appended as Segmenter does.
+                self.engine.call("add_shot", class_name, image, mask, support=self.id)
+            else:
+                self.shots[class_name] = [shot]
+                self.rebuild()
+                return self.refresh()
+            self.shots.setdefault(class_name, []).append(shot)
+            return self.refresh()
+
+    def remove_shot(self, class_name: str, index: int) -> str:
+        with self.lock:
+            if class_name not in self.shots or not 0 <= index < len(self.shots[class_name]):
+                raise DemoError(f"no shot {index + 1} of class {class_name!r}")
+            if len(self.shots[class_name]) > 1:
+                self.engine.call("remove_shot", class_name, index, support=self.id)
+                del self.shots[class_name][index]
+            else:
+                del self.shots[class_name]
+                self.rebuild()
+            return self.refresh()
+
+    def rebuild(self) -> None:
+        """Register the whole support set again (a class added in the middle or removed): re-encodes it."""
+        if not self.shots:
+            self.close_support()
+            return
+        names = self.classes
+        images = [[s.image for s in self.shots[n]] for n in names]
+        masks = [[s.mask for s in self.shots[n]] for n in names]
+        self.engine.call("add_support", self.id, images, masks, names)
+
+    def close_support(self) -> None:
+        if self.id in self.engine.segmenter.supports:
+            self.engine.call("remove_support", self.id)
+
+    def close(self) -> None:
+        """The tab is gone: free its support set, features and files."""
+        with self.lock:
+            self.close_support()
+            self.queries.clear()
+            self.tmp.cleanup()
+
+    # -- queries --------------------------------------------------------------------------------
+    def add_queries(self, paths) -> list[str]:
+        """Decode, check and encode uploaded queries (once); returns a message per refused file."""
+        messages, decoded = [], []
+        held = sum(q.image.width * q.image.height for q in self.queries.values() if q.image is not None)
+        for path in paths:
+            path = Path(path)
+            try:
+                image = read_support_image(path, self.engine.max_pixels)
+                held += image.width * image.height
+                if held > self.engine.max_query_pixels:
+                    held -= image.width * image.height
+                    raise DemoError(
+                        f"the queries of this tab would pass {self.engine.max_query_pixels / 1e6:g} "
+                        "megapixels: clear some first",
+                        path.name,
+                    )
+                decoded.append(Query(path.name, image))
+            except DemoError as err:
+                messages.append(str(err))
+                decoded.append(Query(path.name, error=err.message))
+        with self.lock:
+            for query in decoded:
+                stem = Path(query.name).stem
+                old = self.queries.pop(stem, None)
+                if old is not None:
+                    self.forget_features(old)
+                    messages.append(f"{query.name} replaces the earlier {old.name} (same name)")
+                self.queries[stem] = query
+            fresh = [q for q in decoded if q.image is not None]
+            self.encode(fresh)
+            self.segment(fresh)
+        return messages
+
+    def encode(self, queries: list[Query]) -> None:
+        batch = self.engine.segmenter.batch
+        for start in range(0, len(queries), batch):
+            chunk = queries[start : start + batch]
+            feats, seconds = self.engine.encode_queries([q.image for q in chunk])
+            for query, feat in zip(chunk, feats, strict=True):
+                query.encode_s = seconds
+                size = feat.numel() * feat.element_size()
+                if self.feature_bytes + size <= self.engine.feature_budget:
+                    query.features = feat
+                    self.feature_bytes += size
+                else:
+                    query.features = None  # over the budget: encoded again when the supports change
+                    query.labels = self.label(query, feat)
+
+    def forget_features(self, query: Query) -> None:
+        if query.features is not None:
+            self.feature_bytes -= query.features.numel() * query.features.element_size()
+            query.features = None
+
+    def remove_query(self, name: str) -> None:
+        with self.lock:
+            query = self.queries.pop(Path(name).stem, None)
+            if query is not None:
+                self.forget_features(query)
+
+    def clear_queries(self) -> None:
+        with self.lock:
+            self.queries.clear()
+            self.feature_bytes = 0
+
+    def label(self, query: Query, features: torch.Tensor) -> np.ndarray | None:
+        if not self.shots:
+            return None
+        protos = self.engine.segmenter.support(self.id).protos
+        start = time.perf_counter()
+        labels = self.engine.segment_features(features, protos, query.image.size)
+        query.segment_s = time.perf_counter() - start
+        return labels
+
+    def refresh(self) -> str:
+        """Match every query with the current prototypes (features re-used where kept)."""
+        good = [q for q in self.queries.values() if q.image is not None]
+        uncached = [q for q in good if q.features is None]
+        if uncached and self.shots:
+            self.encode(uncached)  # over the feature budget: encoded (and labelled) again
+        self.segment(good)  # the queries over the budget were labelled while encoded
+        if not self.shots:
+            for query in good:
+                query.labels = None
+        return f"{len(good)} queries segmented" if self.shots and good else ""
+
+    def segment(self, queries: list[Query]) -> None:
+        for query in queries:
+            if query.features is not None:
+                query.labels = self.label(query, query.features)
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return ["background", *self.classes]
+
+    def results(self) -> dict:
+        """``results.json`` as ``fss-run`` writes it, for the zip's ``support/`` folder."""
+        entries = []
+        for query in self.queries.values():
+            if query.error is not None:
+                entries.append({"file": query.name, "error": query.error})
+            elif query.labels is not None:
+                entries.append(
+                    {
+                        "file": query.name,
+                        "size": [query.image.width, query.image.height],
+                        "fractions": fractions(query.labels, self.names),
+                        "time_s": round(query.encode_s + query.segment_s, 4),
+                    }
+                )
+        return {
+            "classes": {str(k): name for k, name in enumerate(self.names)},
+            "model": self.engine.model_name,
+            "input_size": self.engine.segmenter.size,
+            "support": {
+                "folder": "support",
+                "classes": self.classes,
+                "shots": [len(self.shots[n]) for n in self.classes],
+            },
+            "queries": entries,
+        }
+
+    def overlays(self) -> list[tuple[Image.Image, str]]:
+        """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them.
+
+        Photos larger than ``DISPLAY_SIDE`` are shown scaled down (image bilinear, labels nearest)
+        before drawing, so that the legend stays readable and the page light; the zip has full size.
+        """
+        out = []
+        for query in self.queries.values():
+            if query.labels is None:
+                continue
+            image, labels = query.image, query.labels
+            scale = DISPLAY_SIDE / max(image.size)
+            if scale < 1:
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                image = image.resize(size, Image.BILINEAR)
+                labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+            caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
+            out.append((overlay_image(image, labels, self.classes), caption))
+        return out
+
+    def table(self) -> list[list]:
+        """One row per query: file, then the pixel fraction of each class, time in ms, or the error."""
+        rows = []
+        for query in self.queries.values():
+            if query.error is not None:
+                rows.append([query.name, *[""] * len(self.names), f"error: {query.error}"])
+            elif query.labels is not None:
+                frac = fractions(query.labels, self.names)
+                timing = f"{1000 * query.encode_s:.0f} + {1000 * query.segment_s:.0f}"
+                rows.append([query.name, *[f"{frac[n]:.3f}" for n in self.names], timing])
+            else:
+                rows.append([query.name, *[""] * len(self.names), "waiting for a support shot"])
+        return rows
+
+    def write_zip(self) -> Path:
+        """Every mask, overlay, ``results.json`` and the support folder (``fss-run`` layout) as one zip."""
+        with self.lock:
+            if not any(q.labels is not None for q in self.queries.values()):
+                raise DemoError("nothing to download yet: add a support shot and a query")
+            root = Path(self.tmp.name) / "zip"
+            shutil.rmtree(root, ignore_errors=True)
+            for name in self.classes:
+                for k, shot in enumerate(self.shots[name], start=1):
+                    folder = root / "support" / name
+                    folder.mkdir(parents=True, exist_ok=True)
+                    shot.image.save(folder / f"shot{k:02d}.png")  # lossless: fss-run reads the same pixels
+                    write_label_png(folder / f"shot{k:02d}_mask.png", shot.mask)
+            for query in self.queries.values():
+                if query.labels is not None:
+                    stem = Path(query.name).stem
+                    write_label_png(root / f"{stem}.png", query.labels)
+                    write_overlay(root / "overlays" / f"{stem}.jpg", query.image, query.labels, self.classes)
+            write_json(root / "results.json", self.results())
+            path = Path(self.tmp.name) / "fss-demo-results.zip"
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+                for file in sorted(root.rglob("*")):
+                    if file.is_file():
+                        zf.write(file, file.relative_to(root).as_posix())
+            return path

@@ -1,0 +1,286 @@
+"""The demo without a browser: masks as Segmenter and fss-run make them, re-use, isolation, bad input."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from helpers import random_model, save_image
+from PIL import Image
+
+import fss
+from fss.constants import IGNORE_INDEX
+from fss.demo.cli import main as demo_main
+from fss.demo.session import DemoError, Engine, Session, mask_from_layers, mask_layer
+from fss.runtime.cli import main as fss_run
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(input_size=65)
+
+
+@pytest.fixture
+def engine(model):
+    return Engine(model, "test model", device="cpu", batch=2)
+
+
+def shot(rng, size=(48, 40), box=(8, 6, 30, 28)):
+    image = Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 1
+    return image, mask
+
+
+def queries(tmp_path, n=3, seed=1):
+    rng = np.random.default_rng(seed)
+    paths = [tmp_path / f"q{i}.jpg" for i in range(n)]
+    for i, path in enumerate(paths):
+        save_image(path, rng, size=(40 + 5 * i, 36 + 3 * i))
+    return paths
+
+
+def labels(session):
+    return {q.name: q.labels for q in session.queries.values() if q.labels is not None}
+
+
+def reference(model, shots: dict, paths) -> dict:
+    """Segmenter with the same shots, classes in fss-run's order (sorted names)."""
+    seg = fss.Segmenter(model, device="cpu")
+    names = sorted(shots)
+    seg.set_support(
+        [[s[0] for s in shots[n]] for n in names], [[s[1] for s in shots[n]] for n in names], names
+    )
+    return {p.name: out for p, out in zip(paths, seg.segment(paths), strict=True)}
+
+
+def test_masks_equal_segmenter_and_fss_run_zip(engine, model, tmp_path):
+    rng = np.random.default_rng(0)
+    shots = {"dog": [shot(rng)], "cat": [shot(rng, box=(4, 4, 20, 30)), shot(rng, box=(10, 2, 40, 20))]}
+    session = Session(engine)
+    paths = queries(tmp_path)
+    session.add_queries(paths)  # before any shot: kept, segmented when the first shot arrives
+    assert not labels(session)
+    for name in ("dog", "cat"):  # "cat" sorts before "dog": the support set is rebuilt in fss-run's order
+        for image, mask in shots[name]:
+            session.add_shot(name, image, mask)
+    assert session.classes == ["cat", "dog"]
+    expected = reference(model, shots, paths)
+    got = labels(session)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+    assert any((m > 0).any() for m in got.values()) and any((m == 0).any() for m in got.values())
+
+    # The zip is fss-run's output for the zip's own support folder and the same queries.
+    archive = zipfile.ZipFile(session.write_zip())
+    unpacked = tmp_path / "zip"
+    archive.extractall(unpacked)
+    ckpt = tmp_path / "model.pt"
+    fss.save_checkpoint(model, ckpt)
+    out = tmp_path / "run"
+    query_dir = paths[0].parent
+    code = fss_run(
+        [
+            "--support",
+            str(unpacked / "support"),
+            "--query",
+            str(query_dir),
+            "--out",
+            str(out),
+            "--ckpt",
+            str(ckpt),
+        ]
+    )
+    assert code == 0
+    for path in paths:
+        assert np.array_equal(
+            np.asarray(Image.open(unpacked / f"{path.stem}.png")),
+            np.asarray(Image.open(out / f"{path.stem}.png")),
+        )
+        overlay = f"overlays/{path.stem}.jpg"
+        assert (unpacked / overlay).read_bytes() == (out / overlay).read_bytes()
+    page, run = (
+        json.loads((unpacked / "results.json").read_text()),
+        json.loads((out / "results.json").read_text()),
+    )
+    assert page["classes"] == run["classes"] == {"0": "background", "1": "cat", "2": "dog"}
+    assert page["support"]["shots"] == run["support"]["shots"] == [2, 1]
+    assert [(q["file"], q["fractions"]) for q in page["queries"]] == [
+        (q["file"], q["fractions"]) for q in run["queries"]
+    ]
+    session.close()
+
+
+def test_shot_changes_match_cached_query_features_without_re_encoding(engine, model, tmp_path):
+    rng = np.random.default_rng(1)
+    first, second, other = shot(rng), shot(rng, box=(2, 2, 25, 35)), shot(rng, box=(20, 10, 46, 38))
+    session = Session(engine)
+    session.add_shot("cat", *first)
+    paths = queries(tmp_path, n=4)
+    session.add_queries(paths)
+    assert engine.encoded_images == 1 + 4
+    session.add_shot("cat", *second)  # one more shot: only it is encoded, the queries are re-matched
+    assert engine.encoded_images == 1 + 4 + 1
+    assert all(
+        np.array_equal(labels(session)[k], v)
+        for k, v in reference(model, {"cat": [first, second]}, paths).items()
+    )
+    session.add_shot("zebra", *other)  # a new class sorting last is appended without re-encoding
+    assert engine.encoded_images == 7
+    session.remove_shot("cat", 0)  # removing a shot re-encodes nothing
+    assert engine.encoded_images == 7
+    expected = reference(model, {"cat": [second], "zebra": [other]}, paths)
+    assert all(np.array_equal(labels(session)[k], v) for k, v in expected.items())
+    session.remove_shot("zebra", 0)  # the last shot of a class removes the class (the rest is rebuilt)
+    assert session.classes == ["cat"]
+    assert all(
+        np.array_equal(labels(session)[k], v) for k, v in reference(model, {"cat": [second]}, paths).items()
+    )
+    session.remove_shot("cat", 0)
+    assert not labels(session) and session.id not in engine.segmenter.supports
+
+
+def test_feature_budget_re_encodes_queries_it_could_not_keep(model, tmp_path):
+    engine = Engine(model, "test model", device="cpu", batch=2, feature_budget_mb=0)
+    rng = np.random.default_rng(2)
+    first, second = shot(rng), shot(rng, box=(2, 2, 25, 35))
+    session = Session(engine)
+    session.add_shot("cat", *first)
+    paths = queries(tmp_path, n=2)
+    session.add_queries(paths)
+    session.add_shot("cat", *second)
+    assert engine.encoded_images == 2 + 2 * 2  # two shots, the queries twice
+    expected = reference(model, {"cat": [first, second]}, paths)
+    assert all(np.array_equal(labels(session)[k], v) for k, v in expected.items())
+
+
+def test_sessions_do_not_see_each_other(engine, model, tmp_path):
+    rng = np.random.default_rng(3)
+    a, b = Session(engine), Session(engine)
+    shot_a, shot_b = shot(rng), shot(rng, box=(20, 10, 46, 38))
+    a.add_shot("cat", *shot_a)
+    b.add_shot("cat", *shot_b)
+    paths = queries(tmp_path)
+    a.add_queries(paths)
+    b.add_queries(paths[:1])
+    assert set(labels(b)) == {paths[0].name}
+    for session, support in ((a, shot_a), (b, shot_b)):
+        expected = reference(model, {"cat": [support]}, paths)
+        assert all(np.array_equal(v, expected[k]) for k, v in labels(session).items())
+    a.close()
+    assert a.id not in engine.segmenter.supports and b.id in engine.segmenter.supports
+    b.add_shot("cat", *shot_a)
+    assert np.array_equal(
+        labels(b)[paths[0].name], reference(model, {"cat": [shot_b, shot_a]}, paths)[paths[0].name]
+    )
+
+
+def test_concurrent_sessions_get_their_own_masks(engine, model, tmp_path):
+    rng = np.random.default_rng(6)
+    supports = [[shot(rng, box=(4 + 9 * i, 4, 30 + 5 * i, 30 + i)) for _ in range(2)] for i in range(3)]
+    paths = queries(tmp_path, n=3)
+    sessions = [Session(engine) for _ in supports]
+
+    def work(session, shots):
+        session.add_queries(paths)
+        for image, mask in shots:
+            session.add_shot("thing", image, mask)
+
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        list(pool.map(work, sessions, supports))
+    for session, shots in zip(sessions, supports, strict=True):
+        expected = reference(model, {"thing": shots}, paths)
+        assert all(np.array_equal(labels(session)[k], v) for k, v in expected.items())
+
+
+def test_import_stays_light():
+    code = "import sys, fss.demo.session, fss.demo.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
+    rng = np.random.default_rng(4)
+    session = Session(engine)
+    image, mask = shot(rng)
+    with pytest.raises(DemoError, match="no foreground"):
+        session.add_shot("cat", image, np.zeros_like(mask))
+    with pytest.raises(DemoError, match="differs from image size"):
+        session.add_shot("cat", image, mask[:-1])
+    with pytest.raises(DemoError, match="class name"):
+        session.add_shot("../etc", image, mask)
+    session.add_shot("cat", image, mask)
+    with pytest.raises(DemoError, match="no shot 3"):
+        session.remove_shot("cat", 2)
+    corrupt, huge, text = tmp_path / "corrupt.jpg", tmp_path / "huge.png", tmp_path / "notes.png"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    Image.new("L", (10_000, 5_000)).save(huge)  # 50 MP: refused from the header, never decoded
+    text.write_text("not an image")
+    good = queries(tmp_path, n=1)
+    messages = session.add_queries([corrupt, huge, text, *good])
+    assert any("unreadable or corrupt image (corrupt.jpg)" in m for m in messages)
+    assert any("too large: 10000x5000" in m and "huge.png" in m for m in messages)
+    assert any("notes.png" in m for m in messages)
+    assert set(labels(session)) == {"q0.jpg"}
+    results = session.results()
+    assert {q["file"]: "error" in q for q in results["queries"]} == {
+        "corrupt.jpg": True,
+        "huge.png": True,
+        "notes.png": True,
+        "q0.jpg": False,
+    }
+    session.clear_queries()
+    with pytest.raises(DemoError, match="nothing to download"):
+        session.write_zip()
+
+
+def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_path):
+    engine = Engine(model, "test model", device="cpu", max_query_pixels=3300)
+    session = Session(engine)
+    rng = np.random.default_rng(5)
+    session.add_shot("cat", *shot(rng))
+    paths = queries(tmp_path, n=3)  # 1440, 1755 and 2100 pixels
+    messages = session.add_queries(paths)
+    assert messages == ["the queries of this tab would pass 0.0033 megapixels: clear some first (q2.jpg)"]
+    assert set(labels(session)) == {"q0.jpg", "q1.jpg"}
+    big = tmp_path / "big.jpg"
+    save_image(big, rng, size=(2000, 100))
+    engine.max_query_pixels = 10**9
+    session.add_queries([big])
+    shown = dict((caption.split(":")[0], image) for image, caption in session.overlays())
+    assert shown["big.jpg"].size == (1024, 51) and shown["q0.jpg"].size == (40, 36)
+    assert session.queries["big"].labels.shape == (100, 2000)  # full size for the zip
+
+
+def test_painted_layers_become_the_mask():
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:20, 10:30] = 1
+    layer = mask_layer(mask, alpha=153)
+    assert np.array_equal(mask_from_layers([layer], (40, 30)), mask)
+    erased = layer.copy()
+    erased[5:20, 10:20, 3] = 0  # the eraser makes pixels transparent again
+    assert mask_from_layers([erased], (40, 30)).sum() == 15 * 10
+    half = layer[::2, ::2]  # a canvas at another scale is brought to the image's size
+    assert np.array_equal(mask_from_layers([half], (40, 30))[::2, ::2], mask[::2, ::2])
+    assert not mask_from_layers([], (40, 30)).any()
+    from_file = np.zeros((30, 40), np.uint8)
+    from_file[20:25] = IGNORE_INDEX
+    from_file[0:3] = 1
+    combined = mask_from_layers([layer], (40, 30), base=from_file)  # paint adds to a mask file's mask
+    assert (combined[mask == 1] == 1).all() and (combined[0:3] == 1).all() and (combined[20:25] == 255).all()
+    assert (combined == 0).sum() == 30 * 40 - 15 * 20 - 3 * 40 - 5 * 40
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert demo_main(["--ckpt", str(bad), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fss-demo: error: ") and "bad.pt" in err[0]
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(["--port", "0"])
+    assert exit_info.value.code == 2
