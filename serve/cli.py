@@ -61,6 +61,7 @@ def parse_args(argv):
     p.add_argument(
         "--exit-timeout", type=int, default=30, help="seconds in-flight requests get to finish on shutdown"
     )
+    p.add_argument("--triton-log", type=Path, help="write the Triton server's log here (default: stdout)")
     args = p.parse_args(argv)
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8")
@@ -105,6 +106,7 @@ def config_from_args(args):
         max_supports=args.max_supports,
         support_root=args.support_root,
         exit_timeout_s=args.exit_timeout,
+        triton_log=args.triton_log,
         limits=Limits(args.max_image_bytes, args.max_pixels, args.max_shots),
     )
 

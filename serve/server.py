@@ -54,6 +54,7 @@ class ServeConfig:
     max_supports: int = 64
     support_root: Path | None = None
     exit_timeout_s: int = 30
+    triton_log: Path | None = None
     limits: Limits = field(default_factory=Limits)
 
 
@@ -336,6 +337,7 @@ def triton_config(config: ServeConfig):
         metrics_address=config.address,
         metrics_port=config.metrics_port,
         exit_timeout_secs=config.exit_timeout_s,
+        log_file=config.triton_log,
     )
 
 
