@@ -52,6 +52,12 @@ def parse_args(argv):
         metavar="IMG",
         help="real images to verify on as well",
     )
+    p.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="also write a Triton Inference Server model repository for the bundle (see docs/serving.md)",
+    )
     args = p.parse_args(argv)
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8")
@@ -80,6 +86,10 @@ def main(argv=None) -> int:
     from fss.export.verify import VerificationError
 
     try:
+        if args.triton_repo is not None:
+            from fss.export.triton_repo import check_repo_replaceable
+
+            check_repo_replaceable(args.triton_repo)  # before the export, not after
         out, manifest = export_bundle(
             args.ckpt,
             args.out,
@@ -98,6 +108,15 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print_report(out, manifest)
+    if args.triton_repo is not None:
+        from fss.export.triton_repo import write_triton_repo
+
+        try:
+            repo = write_triton_repo(out, args.triton_repo, max_batch=args.max_batch)
+        except FssError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{PROG}: wrote the Triton model repository {repo}")
     return 0
 
 

@@ -37,6 +37,9 @@ def parse_args(argv):
     source = p.add_mutually_exclusive_group()
     source.add_argument("--ckpt", type=Path, help="official PANet snapshot or fss checkpoint (default: demo)")
     source.add_argument("--bundle", type=Path, help="bundle directory written by fss-export")
+    source.add_argument(
+        "--repository", type=Path, help="serve a model repository written by fss-export --triton-repo"
+    )
     p.add_argument(
         "--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="for --bundle"
     )
@@ -86,6 +89,8 @@ def config_from_args(args):
 
     if args.support_root is not None and not args.support_root.is_dir():
         raise FssError("--support-root is not a folder", args.support_root)
+    if args.repository is not None and not (args.repository / "fss-repo.json").is_file():
+        raise FssError("not a model repository written by fss-export --triton-repo", args.repository)
     if args.ckpt is not None and not args.ckpt.is_file():
         raise FssError("checkpoint not found", args.ckpt)
     for number in (args.http_port, args.grpc_port, args.metrics_port):
@@ -107,6 +112,7 @@ def config_from_args(args):
         support_root=args.support_root,
         exit_timeout_s=args.exit_timeout,
         triton_log=args.triton_log,
+        repository=args.repository,
         limits=Limits(args.max_image_bytes, args.max_pixels, args.max_shots),
     )
 
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.ckpt is None and args.bundle is None:
+        if args.ckpt is None and args.bundle is None and args.repository is None:
             print(DEMO_NOTICE, file=sys.stderr)
         if args.address not in ("127.0.0.1", "localhost", "::1"):
             print(f"{PROG}: warning: listening on {args.address}, not only on loopback", file=sys.stderr)

@@ -42,3 +42,33 @@ def support_id(classes: list[str], shots: list[list[str]]) -> str:
         raise ValueError("one shot list per class")
     canonical = json.dumps([[name, list(digests)] for name, digests in zip(classes, shots, strict=True)])
     return ID_PREFIX + digest(canonical.encode())
+
+
+# The models' tensors, one place for fss-serve (PyTriton) and the model repository (config.pbtxt):
+# (name, datatype, shape without the batch axis, optional). BYTES are encoded files or UTF-8 text.
+SUPPORT_INPUTS = [
+    ("op", "BYTES", (1,), False),
+    ("images", "BYTES", (-1,), True),
+    ("masks", "BYTES", (-1,), True),
+    ("classes", "BYTES", (-1,), True),
+    ("support_id", "BYTES", (1,), True),
+    ("index", "INT32", (1,), True),
+    ("folder", "BYTES", (1,), True),
+]
+SUPPORT_OUTPUTS = [
+    ("support_id", "BYTES", (1,), False),
+    ("classes", "BYTES", (-1,), False),
+    ("shots", "INT32", (-1,), False),
+    ("info", "BYTES", (1,), False),
+    ("error", "BYTES", (1,), False),
+]
+SEGMENT_INPUTS = [
+    ("support_id", "BYTES", (1,), False),
+    ("image", "BYTES", (1,), False),
+]
+SEGMENT_OUTPUTS = [
+    ("labels", "UINT8", (-1, -1), False),
+    ("size", "INT32", (2,), False),
+    ("prob", "FP32", (-1, -1), False),
+    ("error", "BYTES", (1,), False),
+]

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ class ServeConfig:
     support_root: Path | None = None
     exit_timeout_s: int = 30
     triton_log: Path | None = None
+    repository: Path | None = None  # run a model repository (fss-export --triton-repo) instead
     limits: Limits = field(default_factory=Limits)
 
 
@@ -86,15 +86,20 @@ def load_served_model(config: ServeConfig):
 
 
 class Services:
-    """The model (loaded once), the shared support cache, one registrar and ``instances`` segmenters."""
+    """The model (loaded once), the shared support cache, one registrar and ``instances`` segmenters.
 
-    def __init__(self, config: ServeConfig):
+    ``model`` / ``device`` / ``store`` default to ``config``'s model and an in-memory LRU cache; the
+    model repository's Python backend passes its own (an encoder behind BLS, a cache on disk).
+    """
+
+    def __init__(self, config: ServeConfig, model=None, device=None, store: SupportStore | None = None):
         from fss.runtime.segmenter import Segmenter
 
         self.config = config
-        model, device = load_served_model(config)
+        if model is None:
+            model, device = load_served_model(config)
         self.meta = dict(model.meta)
-        self.store = SupportStore(config.max_supports)
+        self.store = store if store is not None else SupportStore(config.max_supports)
         batch = config.max_batch
 
         def segmenter():
@@ -281,44 +286,34 @@ def make_segment_infer(service: SegmentService):
     return infer
 
 
+NUMPY_TYPES = {"BYTES": bytes, "INT32": np.int32, "UINT8": np.uint8, "FP32": np.float32}
+
+
+def tensors(spec) -> list:
+    from pytriton.model_config import Tensor
+
+    return [
+        Tensor(name=name, dtype=NUMPY_TYPES[dtype], shape=shape, optional=optional)
+        for name, dtype, shape, optional in spec
+    ]
+
+
 def bind_models(triton, services: Services) -> None:
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.model_config import DynamicBatcher, ModelConfig
 
     c = services.config
     triton.bind(
         model_name=protocol.SUPPORT_MODEL,
         infer_func=make_support_infer(services),
-        inputs=[
-            Tensor(name="op", dtype=bytes, shape=(1,)),
-            Tensor(name="images", dtype=bytes, shape=(-1,), optional=True),
-            Tensor(name="masks", dtype=bytes, shape=(-1,), optional=True),
-            Tensor(name="classes", dtype=bytes, shape=(-1,), optional=True),
-            Tensor(name="support_id", dtype=bytes, shape=(1,), optional=True),
-            Tensor(name="index", dtype=np.int32, shape=(1,), optional=True),
-            Tensor(name="folder", dtype=bytes, shape=(1,), optional=True),
-        ],
-        outputs=[
-            Tensor(name="support_id", dtype=bytes, shape=(1,)),
-            Tensor(name="classes", dtype=bytes, shape=(-1,)),
-            Tensor(name="shots", dtype=np.int32, shape=(-1,)),
-            Tensor(name="info", dtype=bytes, shape=(1,)),
-            Tensor(name="error", dtype=bytes, shape=(1,)),
-        ],
+        inputs=tensors(protocol.SUPPORT_INPUTS),
+        outputs=tensors(protocol.SUPPORT_OUTPUTS),
         config=ModelConfig(batching=False),
     )
     triton.bind(
         model_name=protocol.SEGMENT_MODEL,
         infer_func=[make_segment_infer(s) for s in services.segmenters],
-        inputs=[
-            Tensor(name="support_id", dtype=bytes, shape=(1,)),
-            Tensor(name="image", dtype=bytes, shape=(1,)),
-        ],
-        outputs=[
-            Tensor(name="labels", dtype=np.uint8, shape=(-1, -1)),
-            Tensor(name="size", dtype=np.int32, shape=(2,)),
-            Tensor(name="prob", dtype=np.float32, shape=(-1, -1)),
-            Tensor(name="error", dtype=bytes, shape=(1,)),
-        ],
+        inputs=tensors(protocol.SEGMENT_INPUTS),
+        outputs=tensors(protocol.SEGMENT_OUTPUTS),
         config=ModelConfig(
             max_batch_size=c.max_batch,
             batcher=DynamicBatcher(max_queue_delay_microseconds=c.max_queue_delay_us),
@@ -338,6 +333,7 @@ def triton_config(config: ServeConfig):
         metrics_port=config.metrics_port,
         exit_timeout_secs=config.exit_timeout_s,
         log_file=config.triton_log,
+        model_repository=config.repository,
     )
 
 
@@ -351,19 +347,20 @@ def stop_on_sigterm() -> None:
 
 
 def serve(config: ServeConfig, log=print) -> None:
-    """Load the model, start Triton on ``config``'s ports, serve until SIGINT / SIGTERM."""
+    """Load the model (or a repository), start Triton on ``config``'s ports, serve until SIGINT / SIGTERM."""
     from pytriton.triton import Triton
 
-    services = Services(config)
+    services = None if config.repository is not None else Services(config)
     os.environ.update(python_libdir_env(dict(os.environ)))
     stop_on_sigterm()
     with Triton(config=triton_config(config)) as triton:
-        bind_models(triton, services)
-        triton.connect()  # waits until both models are loaded
+        if services is not None:
+            bind_models(triton, services)
+        triton.connect()  # waits until the models are loaded
+        what = f"repository {config.repository}" if services is None else f"input size {services.input_size}"
         log(
             f"fss-serve: ready: http://{config.address}:{config.http_port} grpc {config.address}:"
             f"{config.grpc_port} metrics {config.address}:{config.metrics_port} "
-            f"(models {protocol.SUPPORT_MODEL}, {protocol.SEGMENT_MODEL}; input size {services.input_size})"
+            f"(models {protocol.SUPPORT_MODEL}, {protocol.SEGMENT_MODEL}; {what})"
         )
-        sys.stdout.flush()
         triton.serve()

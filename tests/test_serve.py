@@ -217,11 +217,12 @@ def free_ports(n: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, ckpt: Path, log: Path, *extra: str):
+    """``fss-serve ARGS`` on free loopback ports, its stderr in ``log``."""
+
+    def __init__(self, log: Path, *args: str):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = log
-        cmd = [sys.executable, "-m", "fss.serve.cli", "--ckpt", str(ckpt)]
-        cmd += [
+        ports = [
             "--http-port",
             str(self.http),
             "--grpc-port",
@@ -230,7 +231,7 @@ class Server:
             str(self.metrics),
         ]
         self.process = subprocess.Popen(
-            [*cmd, "--max-pixels", str(1000 * 1000), *extra],
+            [sys.executable, "-m", "fss.serve.cli", *ports, *args],
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
         )
@@ -262,7 +263,10 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     ckpt = tmp / "small.pt"
     fss.save_checkpoint(random_model(width=0.125, input_size=65), ckpt)
-    pair = [Server(ckpt, tmp / f"server{k}.log") for k in range(2)]
+    pair = [
+        Server(tmp / f"server{k}.log", "--ckpt", str(ckpt), "--max-pixels", str(1000 * 1000))
+        for k in range(2)
+    ]
     try:
         for server in pair:
             server.wait_ready()
@@ -401,3 +405,76 @@ def test_fss_serve_refuses_bad_arguments_in_one_line(tmp_path):
             mp.setattr(sys, "stderr", err)
             assert main(["--http-port", str(busy.getsockname()[1])]) == 2
         assert "cannot listen on" in err.getvalue()
+
+
+# -- the model repository ---------------------------------------------------------------------------
+# Stands in for Triton's ONNX Runtime backend, which PyTriton's bundled server lacks: the same graph
+# in ONNX Runtime, as a Python-backend model, so the head models reach it through BLS as in production.
+ONNX_STAND_IN = """
+from pathlib import Path
+
+import onnxruntime
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.session = onnxruntime.InferenceSession(str(version / "encoder.onnx"))
+
+    def execute(self, requests):
+        replies = []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+            (features,) = self.session.run(["features"], {"images": images})
+            replies.append(pb_utils.InferenceResponse([pb_utils.Tensor("features", features)]))
+        return replies
+"""
+
+
+def test_fss_export_writes_a_triton_repository_that_triton_serves(tmp_path):
+    pytest.importorskip("pytriton", reason="fss[serve] not installed")
+    pytest.importorskip("onnxruntime", reason="fss[onnx] not installed")
+    from fss.export.cli import main as fss_export
+    from fss.runtime.cli import main as fss_run
+    from fss.serve import Client, ServeError
+
+    ckpt, bundle, repo = tmp_path / "small.pt", tmp_path / "bundle", tmp_path / "repo"
+    fss.save_checkpoint(random_model(width=0.125, input_size=65), ckpt)
+    (repo / "mine").mkdir(parents=True)
+    assert fss_export(["--ckpt", str(ckpt), "--out", str(bundle), "--triton-repo", str(repo)]) == 2
+    assert not bundle.exists()  # refused before the export
+    (repo / "mine").rmdir()
+    assert fss_export(["--ckpt", str(ckpt), "--out", str(bundle), "--triton-repo", str(repo)]) == 0
+    encoder = (repo / "fss_encoder" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in encoder and "dims: [ 3, 65, 65 ]" in encoder
+    assert "dynamic_batching" in encoder
+    segment = (repo / "fss_segment" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in segment and 'string_value: "fss_encoder"' in segment
+    assert (repo / "fss_encoder" / "1" / "encoder.onnx").is_file()
+    # What needs the full Triton container (ONNX Runtime backend) is swapped for the stand-in.
+    (repo / "fss_encoder" / "1" / "model.py").write_text(ONNX_STAND_IN)
+    encoder = encoder.replace('platform: "onnxruntime_onnx"', 'backend: "python"')
+    (repo / "fss_encoder" / "config.pbtxt").write_text(
+        encoder.replace('default_model_filename: "encoder.onnx"', "")
+    )
+
+    server = Server(tmp_path / "repo.log", "--repository", str(repo))
+    try:
+        server.wait_ready()
+        assert (
+            fss_run(
+                ["--support", str(EXAMPLES / "support"), "--query", str(EXAMPLES / "query")]
+                + ["--bundle", str(bundle), "--out", str(tmp_path / "out"), "--no-overlays"]
+            )
+            == 0
+        )
+        client = Client(server.url)
+        sid = client.register_support(EXAMPLES / "support")
+        for query in queries():
+            expected = np.asarray(Image.open(tmp_path / "out" / f"{query.stem}.png"))
+            np.testing.assert_array_equal(client.segment(sid, query.read_bytes()), expected)
+        with pytest.raises(ServeError, match="not a readable image"):
+            client.segment(sid, b"junk")
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
