@@ -24,17 +24,41 @@ from fss.serve.handlers import Limits, SupportStore
 
 
 class BlsEncoder:
-    """The encoder contract (``M x 3 x S x S`` -> ``M x C x h x w`` float32) over a Triton model (BLS)."""
+    """The encoder contract (``M x 3 x S x S`` -> ``M x C x h x w`` float32) over a Triton model (BLS).
 
-    def __init__(self, model_name: str, feature_channels: int, max_batch: int):
+    When the server cannot run that model (no ONNX Runtime / TensorRT backend, as in the server bundled
+    with PyTriton), the first call switches, once and for good, to ``fallback()``: the same ONNX graph
+    in ONNX Runtime inside this Python process.
+    """
+
+    MISSING = ("unknown model", "not found", "is not ready", "unavailable")
+
+    def __init__(self, model_name: str, feature_channels: int, max_batch: int, fallback):
         import torch
 
         self.model_name = model_name
         self.feature_channels = feature_channels
         self.max_batch = max_batch
         self.device = torch.device("cpu")
+        self.fallback = fallback
+        self.local = None
 
     def encode(self, images):
+        if self.local is not None:
+            return self.local.encode(images)
+        try:
+            return self.encode_remote(images)
+        except LookupError as err:
+            import triton_python_backend_utils as pb_utils
+
+            pb_utils.Logger.log_warn(
+                f"fss: encoder model {self.model_name} unavailable ({err}): running the bundle's ONNX "
+                "graph in ONNX Runtime inside the Python backend"
+            )
+            self.local = self.fallback()
+            return self.local.encode(images)
+
+    def encode_remote(self, images):
         import torch
         import triton_python_backend_utils as pb_utils
 
@@ -48,7 +72,10 @@ class BlsEncoder:
             )
             response = request.exec()
             if response.has_error():
-                raise RuntimeError(f"{self.model_name}: {response.error().message()}")
+                message = response.error().message()
+                if any(m in message.lower() for m in self.MISSING):
+                    raise LookupError(message)
+                raise RuntimeError(f"{self.model_name}: {message}")
             features.append(pb_utils.get_output_tensor_by_name(response, "features").as_numpy())
         return torch.from_numpy(np.concatenate(features))
 
@@ -146,7 +173,12 @@ def build_services(args: dict):
         model = load_bundle(bundle, backend="onnxruntime", device="cpu")
     else:
         manifest = validate_bundle(bundle)
-        encoder = BlsEncoder(params["ENCODER"], int(params["FEATURE_CHANNELS"]), max_batch)
+        encoder = BlsEncoder(
+            params["ENCODER"],
+            int(params["FEATURE_CHANNELS"]),
+            max_batch,
+            lambda: load_bundle(bundle, backend="onnxruntime", device="cpu").encoder,
+        )
         model = BundleModel(encoder, manifest, backend="triton")
     config = ServeConfig(
         max_batch=max_batch,

@@ -334,6 +334,10 @@ def triton_config(config: ServeConfig):
         exit_timeout_secs=config.exit_timeout_s,
         log_file=config.triton_log,
         model_repository=config.repository,
+        # A repository's fss_encoder needs backends this server may lack: serve the rest regardless
+        # (the head models then run the encoder themselves, see fss.serve.repo_models).
+        exit_on_error=False if config.repository is not None else None,
+        strict_readiness=False if config.repository is not None else None,
     )
 
 
