@@ -2,7 +2,8 @@
 
 Starts ``fss-serve`` on 127.0.0.1 (free ports), registers one support set, then:
 
-1. reference masks: ``fss-run`` on the same photos and model; in-process ``Segmenter`` latency;
+1. reference masks: ``fss-run`` on the same photos and model; the overhead against an in-process
+   ``Segmenter``, one request at a time, alternating the two on the same photos;
 2. 1, 4, 16 concurrent clients (threads, one connection each) sending real photos: throughput,
    p50 / p99 latency, every mask compared with ``fss-run``'s;
 3. a long run (``--requests``, e.g. 10,000) at 4 clients, sampling the resident memory of the whole
@@ -123,26 +124,59 @@ def reference_masks(model_args: list[str], support: Path, queries: Path, out: Pa
     return {p.stem: np.asarray(Image.open(p)) for p in out.glob("*.png")}
 
 
-def in_process_latency(model_args: list[str], support: Path, photos: list[Path], rounds: int) -> dict:
-    """The same photos through an in-process Segmenter (file bytes in, labels out, decoding included)."""
+def paired_overhead(
+    model_args: list[str], support: Path, url: str, sid: str, blobs: dict, rounds: int
+) -> dict:
+    """The same photo through an in-process Segmenter and through the server, alternately.
+
+    Both sides take the file's bytes and return labels (decoding included); alternating them, in an
+    order that flips every round, makes both see the same load on a shared machine. The overhead is
+    the median of the per-round differences.
+    """
     import fss
     from fss.runtime.cli import load_supports
+    from fss.serve import Client
 
     ckpt = model_args[model_args.index("--ckpt") + 1] if "--ckpt" in model_args else None
     seg = fss.Segmenter(fss.load_model(ckpt))
     classes, images, masks = load_supports(support)
     seg.set_support(images, masks, classes)
-    blobs = [p.read_bytes() for p in photos]
-    for blob in blobs[:WARMUP]:
-        seg.segment([Image.open(io.BytesIO(blob)).convert("RGB")])
-    latencies = []
-    start = time.perf_counter()
+    client = Client(url)
+
+    # Called from a worker thread, as the server calls its Segmenter. (On the shared 2-core machine,
+    # calls from Python's main thread ran 5-15x slower: its 2-thread OpenMP regions wait for
+    # descheduled threads; worker threads did not.)
+    worker = ThreadPoolExecutor(1)
+
+    def local(blob):
+        return worker.submit(lambda: seg.segment([Image.open(io.BytesIO(blob)).convert("RGB")])[0]).result()
+
+    def served(blob):
+        return client.segment(sid, blob)
+
+    names = sorted(blobs)
+    for name in names[:WARMUP]:
+        local(blobs[name]), served(blobs[name])
+    times = {"in_process": [], "served": []}
+    disagreements = 0
     for k in range(rounds):
-        t = time.perf_counter()
-        seg.segment([Image.open(io.BytesIO(blobs[k % len(blobs)])).convert("RGB")])
-        latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
-    return {"requests": rounds, "throughput_per_s": round(rounds / wall, 2), **percentiles(latencies)}
+        blob = blobs[names[k % len(names)]]
+        order = [("in_process", local), ("served", served)][:: 1 if k % 2 else -1]
+        out = {}
+        for side, call in order:
+            t = time.perf_counter()
+            out[side] = call(blob)
+            times[side].append(time.perf_counter() - t)
+        disagreements += not np.array_equal(out["in_process"], out["served"])
+    client.close()
+    report = {
+        side: {"mean_ms": round(1000 * float(np.mean(t)), 2), **percentiles(t)} for side, t in times.items()
+    }
+    diffs = np.array(times["served"]) - np.array(times["in_process"])
+    report["rounds"] = rounds
+    report["overhead_p50_ms"] = round(1000 * float(np.median(diffs)), 2)
+    report["mask_disagreements"] = disagreements
+    return report
 
 
 def load_phase(
@@ -334,7 +368,6 @@ def main(argv=None) -> int:
     photos = sorted(p for p in args.queries.iterdir() if p.stem in references)
     blobs = {p.stem: p.read_bytes() for p in photos}
     report["photos"] = len(photos)
-    report["in_process"] = in_process_latency(model_args, args.support, photos, args.phase_requests)
 
     server = ServerProcess(
         [*model_args, "--instances", str(args.instances), "--max-batch", str(args.max_batch)],
@@ -348,9 +381,9 @@ def main(argv=None) -> int:
         report["phases"] = [
             load_phase(server.url, sid, blobs, references, n, args.phase_requests) for n in args.clients
         ]
-        one = next((ph for ph in report["phases"] if ph["clients"] == 1), None)
-        if one:
-            report["overhead_p50_ms"] = round(one["p50_ms"] - report["in_process"]["p50_ms"], 2)
+        report["paired"] = paired_overhead(
+            model_args, args.support, server.url, sid, blobs, args.phase_requests
+        )
         if args.requests:
             pid = server.process.pid
             before = round(tree_rss_mb(pid), 1)
@@ -379,6 +412,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(text + "\n")
     failed = any(ph["mask_mismatches"] or ph["errors"] for ph in report["phases"])
+    failed |= report["paired"]["mask_disagreements"] > 0
     failed |= bool(
         report.get("long_run", {}).get("mask_mismatches") or report.get("long_run", {}).get("errors")
     )
