@@ -20,7 +20,6 @@ OP_REGISTER = "register"
 OP_ADD_SHOT = "add_shot"
 OP_REMOVE_SHOT = "remove_shot"
 OP_INFO = "info"
-OPS = (OP_REGISTER, OP_ADD_SHOT, OP_REMOVE_SHOT, OP_INFO)
 
 # The error of a request whose support id the server does not hold: the client re-registers.
 UNKNOWN_SUPPORT = "unknown support id"

@@ -181,6 +181,7 @@ def build_services(args: dict):
         )
         model = BundleModel(encoder, manifest, backend="triton")
     config = ServeConfig(
+        bundle=bundle,
         max_batch=max_batch,
         max_supports=int(params["MAX_SUPPORTS"]),
         limits=Limits(int(params["MAX_IMAGE_BYTES"]), int(params["MAX_PIXELS"]), int(params["MAX_SHOTS"])),

@@ -168,33 +168,53 @@ def support_reply(described: dict | None = None, info: dict | None = None, error
     }
 
 
-def support_call(services: Services, request) -> dict:
-    op = one(request, "op")
-    service = services.support
-    if op == protocol.OP_INFO:
-        return support_reply(info=services.info())
-    if op == protocol.OP_REGISTER:
-        if "folder" in request.data:
-            return support_reply(service.register_folder(one(request, "folder")))
-        for name in ("images", "masks", "classes"):
-            if name not in request.data:
-                raise RequestError(f"register needs inputs images, masks and classes (missing {name!r})")
-        described = service.register(
-            text(request.data["classes"]), blobs(request.data["images"]), blobs(request.data["masks"])
-        )
-        return support_reply(described)
-    if op == protocol.OP_ADD_SHOT:
-        described = service.add_shot(
+def op_info(services: Services, request) -> dict:
+    return support_reply(info=services.info())
+
+
+def op_register(services: Services, request) -> dict:
+    if "folder" in request.data:
+        return support_reply(services.support.register_folder(one(request, "folder")))
+    missing = [name for name in ("images", "masks", "classes") if name not in request.data]
+    if missing:
+        raise RequestError(f"register needs inputs images, masks and classes (missing {', '.join(missing)})")
+    data = request.data
+    return support_reply(
+        services.support.register(text(data["classes"]), blobs(data["images"]), blobs(data["masks"]))
+    )
+
+
+def op_add_shot(services: Services, request) -> dict:
+    return support_reply(
+        services.support.add_shot(
             one(request, "support_id"),
             one(request, "classes"),
             one(request, "images", blobs),
             one(request, "masks", blobs),
         )
-        return support_reply(described)
-    if op == protocol.OP_REMOVE_SHOT:
-        index = one(request, "index", lambda v: [int(x) for x in np.asarray(v).ravel()])
-        return support_reply(service.remove_shot(one(request, "support_id"), one(request, "classes"), index))
-    raise RequestError(f"unknown op {op!r} (one of {', '.join(protocol.OPS)})")
+    )
+
+
+def op_remove_shot(services: Services, request) -> dict:
+    index = one(request, "index", lambda v: [int(x) for x in np.asarray(v).ravel()])
+    return support_reply(
+        services.support.remove_shot(one(request, "support_id"), one(request, "classes"), index)
+    )
+
+
+SUPPORT_OPS = {
+    protocol.OP_REGISTER: op_register,
+    protocol.OP_ADD_SHOT: op_add_shot,
+    protocol.OP_REMOVE_SHOT: op_remove_shot,
+    protocol.OP_INFO: op_info,
+}
+
+
+def support_call(services: Services, request) -> dict:
+    op = one(request, "op")
+    if op not in SUPPORT_OPS:
+        raise RequestError(f"unknown op {op!r} (one of {', '.join(SUPPORT_OPS)})")
+    return SUPPORT_OPS[op](services, request)
 
 
 def make_support_infer(services: Services):
