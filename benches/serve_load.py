@@ -75,6 +75,19 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def segment_counts(metrics_port: int) -> tuple[float, float]:
+    """Triton's counters for fss_segment: (requests served, model executions = formed batches)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counts = {"nv_inference_request_success": 0.0, "nv_inference_exec_count": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in counts and 'model="fss_segment"' in line:
+            counts[name] += float(line.rsplit(" ", 1)[1])
+    return counts["nv_inference_request_success"], counts["nv_inference_exec_count"]
+
+
 def percentiles(latencies: list[float]) -> dict:
     ms = np.array(latencies) * 1000
     return {
@@ -378,9 +391,13 @@ def main(argv=None) -> int:
         from fss.serve import Client
 
         sid = Client(server.url).register_support(args.support)
-        report["phases"] = [
-            load_phase(server.url, sid, blobs, references, n, args.phase_requests) for n in args.clients
-        ]
+        report["phases"] = []
+        for n in args.clients:
+            requests0, batches0 = segment_counts(server.metrics)
+            phase = load_phase(server.url, sid, blobs, references, n, args.phase_requests)
+            requests1, batches1 = segment_counts(server.metrics)
+            phase["mean_batch"] = round((requests1 - requests0) / max(1.0, batches1 - batches0), 2)
+            report["phases"].append(phase)
         report["paired"] = paired_overhead(
             model_args, args.support, server.url, sid, blobs, args.phase_requests
         )
