@@ -35,36 +35,72 @@ def parse_args(argv):
         "(model fss_support), segment query images against it (model fss_segment, dynamically batched).",
     )
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--ckpt", type=Path, help="official PANet snapshot or fss checkpoint (default: demo)")
-    source.add_argument("--bundle", type=Path, help="bundle directory written by fss-export")
     source.add_argument(
-        "--repository", type=Path, help="serve a model repository written by fss-export --triton-repo"
+        "--ckpt", type=Path, metavar="C", help="official PANet snapshot or fss checkpoint (default: demo)"
+    )
+    source.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory written by fss-export")
+    source.add_argument(
+        "--repository",
+        type=Path,
+        metavar="DIR",
+        help="serve a model repository written by fss-export --triton-repo",
     )
     p.add_argument(
         "--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="for --bundle"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--size", type=int, help="encoder input size (default: the model's)")
-    p.add_argument("--address", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--http-port", type=port, default=8000)
-    p.add_argument("--grpc-port", type=port, default=8001)
-    p.add_argument("--metrics-port", type=port, default=8002)
-    p.add_argument("--instances", type=positive, default=1, help="fss_segment model instances")
-    p.add_argument("--max-batch", type=positive, default=8, help="largest batch the dynamic batcher forms")
+    p.add_argument("--size", type=int, metavar="S", help="encoder input size (default: the model's)")
     p.add_argument(
-        "--max-queue-delay-us", type=int, default=2000, help="how long a request may wait for batchmates"
+        "--address", default="127.0.0.1", metavar="IP", help="address to bind (default loopback only)"
     )
-    p.add_argument("--max-supports", type=positive, default=64, help="support sets cached (LRU)")
+    p.add_argument("--http-port", type=port, default=8000, metavar="P", help="HTTP (KServe v2 REST) port")
+    p.add_argument("--grpc-port", type=port, default=8001, metavar="P", help="gRPC (KServe v2) port")
+    p.add_argument("--metrics-port", type=port, default=8002, metavar="P", help="Prometheus metrics port")
+    p.add_argument("--instances", type=positive, default=1, metavar="N", help="fss_segment model instances")
     p.add_argument(
-        "--support-root", type=Path, help="allow registering server-side support folders below this folder"
+        "--max-batch", type=positive, default=8, metavar="B", help="largest batch the dynamic batcher forms"
     )
-    p.add_argument("--max-image-bytes", type=positive, default=defaults.max_image_bytes)
-    p.add_argument("--max-pixels", type=positive, default=defaults.max_pixels)
-    p.add_argument("--max-shots", type=positive, default=defaults.max_shots, help="shots per support set")
     p.add_argument(
-        "--exit-timeout", type=int, default=30, help="seconds in-flight requests get to finish on shutdown"
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        metavar="T",
+        help="how long a request may wait for batchmates",
     )
-    p.add_argument("--triton-log", type=Path, help="write the Triton server's log here (default: stdout)")
+    p.add_argument("--max-supports", type=positive, default=64, metavar="N", help="support sets cached (LRU)")
+    p.add_argument(
+        "--support-root",
+        type=Path,
+        metavar="DIR",
+        help="allow registering server-side support folders below this folder",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=positive,
+        default=defaults.max_image_bytes,
+        metavar="N",
+        help="per encoded image",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=positive,
+        default=defaults.max_pixels,
+        metavar="N",
+        help="per image, from its header",
+    )
+    p.add_argument(
+        "--max-shots", type=positive, default=defaults.max_shots, metavar="N", help="shots per support set"
+    )
+    p.add_argument(
+        "--exit-timeout",
+        type=int,
+        default=30,
+        metavar="S",
+        help="seconds in-flight requests get to finish on shutdown",
+    )
+    p.add_argument(
+        "--triton-log", type=Path, metavar="FILE", help="write the Triton server's log here (default: stdout)"
+    )
     args = p.parse_args(argv)
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8")
