@@ -52,6 +52,12 @@ def parse_args(argv):
         metavar="IMG",
         help="real images to verify on as well",
     )
+    p.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="also write a Triton Inference Server model repository for the bundle (see docs/serving.md)",
+    )
     args = p.parse_args(argv)
     if args.size is not None and not MIN_INPUT_SIZE <= args.size <= MAX_INPUT_SIZE:
         p.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
@@ -77,6 +83,10 @@ def print_report(out: Path, manifest: dict) -> None:
 def export_main(args) -> int:
     from fss.export.build import export_bundle
 
+    if args.triton_repo is not None:
+        from fss.export.triton_repo import check_repo_replaceable
+
+        check_repo_replaceable(args.triton_repo)  # before the export, not after
     out, manifest = export_bundle(
         args.ckpt,
         args.out,
@@ -89,6 +99,15 @@ def export_main(args) -> int:
         log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
     )
     print_report(out, manifest)
+    if args.triton_repo is not None:
+        from fss.export.triton_repo import write_triton_repo
+
+        try:
+            repo = write_triton_repo(out, args.triton_repo, max_batch=args.max_batch)
+        except FssError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{PROG}: wrote the Triton model repository {repo}")
     return 0
 
 

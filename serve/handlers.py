@@ -1,0 +1,366 @@
+"""What the served models do, free of Triton: decoding under limits, the support cache, the head.
+
+``SupportService`` registers support sets (content-hash ids, see :mod:`fss.serve.protocol`) and adds or
+removes shots; ``SegmentService`` segments rows of ``(support id, encoded image)`` through
+:meth:`fss.Segmenter.segment_encoded`, the same fused head as ``fss-run``. Every problem a request can
+cause raises :class:`RequestError` with one line; the Triton layer turns it into that request's error.
+"""
+
+import copy
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fss.errors import FssError
+from fss.io import find_support_pairs, read_image, read_mask
+from fss.serve import protocol
+
+# The formats fss-run reads (its image extensions); Pillow would open many more.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+
+
+class RequestError(Exception):
+    """A bad request: the message is what the client sees."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits, checked before any decoding or encoding."""
+
+    max_image_bytes: int = 16 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_shots: int = 64
+    max_class_name: int = 128
+
+
+def check_header(data: bytes, limits: Limits, what: str) -> None:
+    """Size, format and pixel count of an encoded image, from its header alone."""
+    if not isinstance(data, bytes) or not data:
+        raise RequestError(f"{what}: empty")
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(f"{what}: {len(data)} bytes, more than the limit of {limits.max_image_bytes}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (width, height) = img.format, img.size
+    except Exception:  # Pillow raises several types for foreign or truncated headers
+        raise RequestError(f"{what}: not a readable image") from None
+    if fmt not in IMAGE_FORMATS:
+        raise RequestError(f"{what}: format {fmt} not accepted (use {', '.join(IMAGE_FORMATS)})")
+    if width * height > limits.max_pixels:
+        raise RequestError(
+            f"{what}: {width}x{height} pixels, more than the limit of {limits.max_pixels} pixels"
+        )
+
+
+def decode_image(data: bytes, limits: Limits, what: str = "image") -> Image.Image:
+    """Encoded bytes -> RGB image, read as ``fss-run`` reads a file."""
+    check_header(data, limits, what)
+    try:
+        return read_image(io.BytesIO(data))
+    except FssError:
+        raise RequestError(f"{what}: unreadable or corrupt image") from None
+
+
+def decode_mask(data: bytes, limits: Limits, what: str = "mask") -> np.ndarray:
+    """Encoded mask bytes -> ``H x W`` uint8 (0 background, 1 foreground, 255 ignored), as ``fss-run``."""
+    check_header(data, limits, what)
+    try:
+        return read_mask(io.BytesIO(data))
+    except FssError:
+        raise RequestError(f"{what}: unreadable or corrupt mask") from None
+
+
+def decode_shot(image: bytes, mask: bytes, limits: Limits, what: str) -> tuple[Image.Image, np.ndarray]:
+    img, parsed = decode_image(image, limits, f"{what} image"), decode_mask(mask, limits, f"{what} mask")
+    if parsed.shape != (img.height, img.width):
+        raise RequestError(
+            f"{what}: mask size {parsed.shape[1]}x{parsed.shape[0]} differs from image size "
+            f"{img.width}x{img.height}"
+        )
+    if not (parsed == 1).any():
+        raise RequestError(f"{what}: mask has no foreground pixel")
+    return img, parsed
+
+
+class SupportStore(MutableMapping):
+    """A thread-safe, bounded LRU map: support id -> ``SupportSet`` (+ the shot digests of the id).
+
+    Shared by every Segmenter of a server: a set registered through one instance is segmented by any.
+    Entries are immutable once stored (a changed set has a new id), so readers need no copy.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.evictions = 0
+        self._items: OrderedDict = OrderedDict()
+        self._shots: dict[str, list[list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, support, shots: list[list[str]]) -> None:
+        with self._lock:
+            self._items[key] = support
+            self._shots[key] = shots
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                old, _ = self._items.popitem(last=False)
+                self._shots.pop(old, None)
+                self.evictions += 1
+
+    def shots(self, key: str) -> list[list[str]]:
+        with self._lock:
+            return self._shots[key]
+
+    def __getitem__(self, key):
+        with self._lock:
+            value = self._items[key]
+            self._items.move_to_end(key)
+            return value
+
+    def __setitem__(self, key, value):
+        raise TypeError("use put(id, support, shots): an id goes with its shot digests")
+
+    def __delitem__(self, key):
+        with self._lock:
+            del self._items[key]
+            self._shots.pop(key, None)
+
+    def __contains__(self, key):
+        with self._lock:
+            return key in self._items
+
+    def __iter__(self):
+        with self._lock:
+            return iter(list(self._items))
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items)
+
+
+def unknown_support(support_id: str) -> RequestError:
+    return RequestError(f"{protocol.UNKNOWN_SUPPORT} {support_id!r}: register the support set (again)")
+
+
+def group_shots(classes: list[str], images: list[bytes], masks: list[bytes]):
+    """Per-shot lists -> class names in first-appearance order and per-class ``(image, mask)`` lists."""
+    grouped: dict[str, list[tuple[bytes, bytes]]] = {}
+    for name, image, mask in zip(classes, images, masks, strict=True):
+        grouped.setdefault(name, []).append((image, mask))
+    return list(grouped), list(grouped.values())
+
+
+class SupportService:
+    """Registration and shot edits; encodes with its own Segmenter, publishes into the shared store.
+
+    The Segmenter's own ``supports`` dict is a staging area: a set is complete (every shot encoded)
+    before its id appears in the store, so no request ever sees half a set.
+    """
+
+    def __init__(self, segmenter, store: SupportStore, limits: Limits, support_root: Path | None = None):
+        self.seg = segmenter
+        self.store = store
+        self.limits = limits
+        self.support_root = None if support_root is None else Path(support_root).resolve()
+        self._lock = threading.Lock()
+
+    def describe(self, support_id: str) -> dict:
+        shots = self.store.shots(support_id)
+        classes = self.store[support_id].classes
+        return {"support_id": support_id, "classes": list(classes), "shots": [len(s) for s in shots]}
+
+    def check_class_name(self, name) -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise RequestError("class names must be non-empty text")
+        if len(name) > self.limits.max_class_name:
+            raise RequestError(f"class name longer than {self.limits.max_class_name} characters")
+        return name
+
+    def register(self, classes: list[str], images: list[bytes], masks: list[bytes]) -> dict:
+        """Shot i: ``images[i]`` / ``masks[i]`` of class ``classes[i]``; label k: the k-th distinct name."""
+        if not images:
+            raise RequestError("a support set needs at least one shot (image + mask + class name)")
+        if not len(images) == len(masks) == len(classes):
+            raise RequestError(
+                f"need one mask and one class name per image: {len(images)} images, {len(masks)} masks, "
+                f"{len(classes)} class names"
+            )
+        if len(images) > self.limits.max_shots:
+            raise RequestError(f"{len(images)} shots, more than the limit of {self.limits.max_shots}")
+        for name in classes:
+            self.check_class_name(name)
+        names, pairs = group_shots(classes, images, masks)
+        shots = [[protocol.shot_digest(i, m) for i, m in class_pairs] for class_pairs in pairs]
+        support_id = protocol.support_id(names, shots)
+        if support_id in self.store:
+            return self.describe(support_id)
+        decoded = [
+            [decode_shot(i, m, self.limits, f"shot {k + 1} of class {name!r}") for k, (i, m) in enumerate(ps)]
+            for name, ps in zip(names, pairs, strict=True)
+        ]
+        with self._lock:
+            self.seg.add_support(
+                support_id,
+                [[img for img, _ in d] for d in decoded],
+                [[m for _, m in d] for d in decoded],
+                names,
+            )
+            self.store.put(support_id, self.seg.supports.pop(support_id), shots)
+        return self.describe(support_id)
+
+    def register_folder(self, folder: str) -> dict:
+        """A support folder on the server (``fss-run`` layout), only below ``--support-root``."""
+        if self.support_root is None:
+            raise RequestError(
+                "server-side support folders are disabled (start fss-serve with --support-root)"
+            )
+        path = (self.support_root / folder).resolve()
+        if not path.is_relative_to(self.support_root):
+            raise RequestError(f"support folder {folder!r} is outside the server's support root")
+        try:
+            found = find_support_pairs(path)
+        except FssError as err:
+            raise RequestError(f"{err.message} ({folder})") from None
+        classes, images, masks = [], [], []
+        for name, pairs in found.items():
+            for image_path, mask_path in pairs:
+                classes.append(name)
+                images.append(image_path.read_bytes())
+                masks.append(mask_path.read_bytes())
+        return self.register(classes, images, masks)
+
+    def base(self, support_id: str):
+        try:
+            return self.store[support_id], self.store.shots(support_id)
+        except KeyError:
+            raise unknown_support(support_id) from None
+
+    def derive(self, base_id: str, edit) -> dict:
+        """A new set from a stored one: ``edit(staging_name)`` changes a copy and returns (new id, shots)."""
+        base, _ = self.base(base_id)
+        staged = copy.copy(base)
+        staged.classes, staged.fg, staged.bg = list(base.classes), list(base.fg), list(base.bg)
+        name = f"staging:{base_id}"
+        with self._lock:
+            self.seg.supports[name] = staged
+            try:
+                new_id, shots = edit(name)
+                if new_id not in self.store:
+                    self.store.put(new_id, self.seg.supports[name], shots)
+            finally:
+                self.seg.supports.pop(name, None)
+        return self.describe(new_id)
+
+    def add_shot(self, base_id: str, class_name: str, image: bytes, mask: bytes) -> dict:
+        """One more shot of a class (a new class is appended last); only the new shot is encoded."""
+        self.check_class_name(class_name)
+        base, base_shots = self.base(base_id)
+        if sum(len(s) for s in base_shots) >= self.limits.max_shots:
+            raise RequestError(f"support set already has the limit of {self.limits.max_shots} shots")
+        img, parsed = decode_shot(image, mask, self.limits, f"new shot of class {class_name!r}")
+        classes, shots = list(base.classes), [list(s) for s in base_shots]
+        if class_name in classes:
+            shots[classes.index(class_name)].append(protocol.shot_digest(image, mask))
+        else:
+            classes.append(class_name)
+            shots.append([protocol.shot_digest(image, mask)])
+
+        def edit(name):
+            self.seg.add_shot(class_name, img, parsed, support=name)
+            return protocol.support_id(classes, shots), shots
+
+        return self.derive(base_id, edit)
+
+    def remove_shot(self, base_id: str, class_name: str, index: int) -> dict:
+        """Drop shot ``index`` (negative counts from the end) of a class; nothing is re-encoded."""
+        base, base_shots = self.base(base_id)
+        if class_name not in base.classes:
+            raise RequestError(f"support set has no class {class_name!r} (classes: {list(base.classes)})")
+        n = base.classes.index(class_name)
+        count = len(base_shots[n])
+        if not -count <= index < count:
+            raise RequestError(f"class {class_name!r} has {count} shots, no shot {index}")
+        if count == 1:
+            raise RequestError(f"cannot remove the only shot of class {class_name!r}")
+        shots = [list(s) for s in base_shots]
+        del shots[n][index]
+
+        def edit(name):
+            self.seg.remove_shot(class_name, index, support=name)
+            return protocol.support_id(list(base.classes), shots), shots
+
+        return self.derive(base_id, edit)
+
+
+@dataclass
+class Row:
+    """One query of a batch: its support, its image, and whether max probabilities were asked for."""
+
+    support_id: str
+    image: bytes
+    with_prob: bool
+
+
+@dataclass
+class RowResult:
+    labels: np.ndarray | None = None  # H x W uint8, 0 background, k the k-th class
+    prob: np.ndarray | None = None  # H x W float32, the winning class's probability
+    error: str = ""
+
+
+class SegmentService:
+    """Segments rows from any number of requests: decodes them in parallel, then one encoder batch per
+    support set through ``Segmenter.segment_encoded`` (the head of ``fss-run``)."""
+
+    def __init__(self, segmenter, limits: Limits, workers: int = 2):
+        self.seg = segmenter
+        self.limits = limits
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fss-decode")
+
+    def load(self, row: Row):
+        img = decode_image(row.image, self.limits, "query image")
+        return self.seg.load_query(img)
+
+    def segment(self, rows: list[Row]) -> list[RowResult]:
+        results = [RowResult() for _ in rows]
+        loaded = {}
+        for i, future in enumerate([self.pool.submit(self.load, row) for row in rows]):
+            try:
+                loaded[i] = future.result()
+            except RequestError as err:
+                results[i].error = str(err)
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i in loaded:
+            groups.setdefault((rows[i].support_id, rows[i].with_prob), []).append(i)
+        for (support_id, with_prob), members in groups.items():
+            outputs = self.run_group(support_id, with_prob, [loaded[i] for i in members])
+            for i, out in zip(members, outputs, strict=True):
+                if isinstance(out, str):
+                    results[i].error = out
+                elif with_prob:
+                    results[i].labels, results[i].prob = out
+                else:
+                    results[i].labels = out
+        return results
+
+    def run_group(self, support_id: str, with_prob: bool, loaded) -> list:
+        import torch
+
+        if support_id not in self.seg.supports:
+            return [str(unknown_support(support_id))] * len(loaded)
+        try:
+            return self.seg.segment_encoded(
+                [img for img, _ in loaded], torch.stack([x for _, x in loaded]), support_id, with_prob
+            )
+        except (KeyError, RuntimeError):  # evicted between the check and the use
+            if support_id in self.seg.supports:
+                raise
+            return [str(unknown_support(support_id))] * len(loaded)
