@@ -80,7 +80,9 @@ def main(argv=None) -> int:
 
     def work() -> int:
         classes = build(args.shared, args.out)
-        print(f"{len(classes)} held-out classes: {args.out / 'heldout.txt'}; class folders: {args.out / 'all'}")
+        print(
+            f"{len(classes)} held-out classes in {args.out / 'heldout.txt'}; class folders in {args.out / 'all'}"
+        )
         return 0
 
     return run_command(PROG, work)
