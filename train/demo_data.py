@@ -80,9 +80,8 @@ def main(argv=None) -> int:
 
     def work() -> int:
         classes = build(args.shared, args.out)
-        print(
-            f"{len(classes)} held-out classes in {args.out / 'heldout.txt'}; class folders in {args.out / 'all'}"
-        )
+        heldout, folders = args.out / "heldout.txt", args.out / "all"
+        print(f"{len(classes)} held-out classes in {heldout}; class folders in {folders}")
         return 0
 
     return run_command(PROG, work)
