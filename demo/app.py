@@ -25,7 +25,7 @@ from fss.demo.session import (
     read_support_image,
 )
 from fss.errors import FssError
-from fss.io import find_support_pairs, is_image_file, overlay_image
+from fss.io import find_support_pairs, overlay_image, scan_folder
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -56,9 +56,7 @@ def build_app(engine: Engine, examples: Path | None = None):
     supports = example_supports(examples / "support" if examples else None)
     query_folder = examples / "query" if examples else None
     example_queries = (
-        sorted(str(p) for p in query_folder.iterdir() if is_image_file(p))
-        if query_folder and query_folder.is_dir()
-        else []
+        [str(p) for p in scan_folder(query_folder)[0]] if query_folder and query_folder.is_dir() else []
     )
 
     def guarded(handler):
