@@ -379,8 +379,9 @@ def parse_mask(mask) -> np.ndarray:
 
 
 def read_mask(path) -> np.ndarray:
-    """``H x W`` uint8: 0 background, 1 foreground, 255 ignored (see the module docstring)."""
-    return parse_mask(Path(path))
+    """``H x W`` uint8: 0 background, 1 foreground, 255 ignored (see the module docstring); ``path`` may
+    be a file object (the server decodes uploaded masks from memory)."""
+    return parse_mask(open_image(path, "mask"))
 
 
 @lru_cache(maxsize=16)
