@@ -127,3 +127,26 @@ def test_fss_run_refine_follows_the_method_and_is_a_setting(tmp_path, capsys):
     capsys.readouterr()
     assert run_main([*argv, "--out", str(tmp_path / "out"), "--refine", "none"]) == 2
     assert "another --refine" in capsys.readouterr().err
+
+
+def test_a_prnet_checkpoint_exports_and_its_bundle_runs_with_fusion(tmp_path):
+    from fss.export.cli import main as export_main
+
+    ckpt = prnet_ckpt(tmp_path, random_model(input_size=65))
+    out = tmp_path / "bundle"
+    assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
+    bundle = fss.load_model(out)
+    assert bundle.meta["method"] == "prnet"
+    rng = np.random.default_rng(3)
+    imgs = [[(rng.random((65, 65, 3)) * 255).astype(np.uint8)] for _ in range(2)]
+    masks = [[(rng.random((65, 65)) > 0.5).astype(np.uint8)] for _ in range(2)]
+    queries = [(rng.random((60, 70, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    segs = [Segmenter(m, device="cpu", impl="torch") for m in (bundle, fss.load_model(ckpt))]
+    for seg in segs:
+        assert seg.refine == "fusion"
+        seg.set_support(imgs, masks, ["a", "b"])
+    ours, eager = (seg.segment(queries) for seg in segs)
+    agree = np.mean([np.mean(x == y) for x, y in zip(ours, eager, strict=True)])
+    assert agree > 0.99  # ONNX Runtime's features differ from eager ones by float rounding only
+    with pytest.raises(FssError, match="adaptation fine-tunes a checkpoint's encoder"):
+        Segmenter(bundle, device="cpu", refine="adapt+fusion")
