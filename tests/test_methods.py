@@ -150,3 +150,22 @@ def test_a_prnet_checkpoint_exports_and_its_bundle_runs_with_fusion(tmp_path):
     assert agree > 0.99  # ONNX Runtime's features differ from eager ones by float rounding only
     with pytest.raises(FssError, match="adaptation fine-tunes a checkpoint's encoder"):
         Segmenter(bundle, device="cpu", refine="adapt+fusion")
+
+
+def test_refine_none_on_a_prnet_checkpoint_is_panet_bit_for_bit(tmp_path):
+    model = random_model(input_size=SIZE)
+    panet_path = tmp_path / "panet.pt"
+    fss.save_checkpoint(model, panet_path)
+    rng = np.random.default_rng(5)
+    imgs = [[(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(2)] for _ in range(2)]
+    masks = [[(rng.random((SIZE, SIZE)) > 0.5).astype(np.uint8) for _ in range(2)] for _ in range(2)]
+    queries = [(rng.random((SIZE + 5, SIZE, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    panet = Segmenter(panet_path, device="cpu")
+    prnet = Segmenter(prnet_ckpt(tmp_path, model), device="cpu", refine="none")
+    for seg in (panet, prnet):
+        seg.set_support(imgs, masks, ["a", "b"])
+    (labels, prob), (labels_none, prob_none) = (
+        seg.segment(queries, return_prob=True) for seg in (panet, prnet)
+    )
+    assert all(np.array_equal(x, y) for x, y in zip(labels, labels_none, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(prob, prob_none, strict=True))
