@@ -169,3 +169,13 @@ def test_refine_none_on_a_prnet_checkpoint_is_panet_bit_for_bit(tmp_path):
     )
     assert all(np.array_equal(x, y) for x, y in zip(labels, labels_none, strict=True))
     assert all(np.array_equal(x, y) for x, y in zip(prob, prob_none, strict=True))
+
+
+def test_fss_train_prnet_refuses_to_drop_its_second_term(shapes, tmp_path, capsys):
+    argv = ["--data", str(shapes), "--out", str(tmp_path), "--method", "prnet", "--no-align"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("fss-train: error: --method prnet trains with its second term")
+        and "Traceback" not in err
+    )

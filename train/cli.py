@@ -250,6 +250,10 @@ def checkpoint_input_size(path: Path) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.method == "prnet" and (args.no_align or args.align_weight != 1.0):
+        raise FssError(
+            "--method prnet trains with its second term at full weight: drop --no-align / --align-weight"
+        )
     size = args.size
     if size is None:
         size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
