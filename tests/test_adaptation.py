@@ -34,7 +34,7 @@ def test_support_labels():
 
 
 def test_adaptation_learns_the_supports_and_restores_every_weight():
-    model = random_model(input_size=SIZE)
+    model = random_model(width=0.0625, input_size=SIZE)
     method = get_method("panet")
     imgs, fg, bg = support_set()
     before = snapshot(model)
@@ -58,7 +58,7 @@ def test_segmenter_adapts_a_cached_support_set_once(monkeypatch):
     imgs = [[(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(2)] for _ in range(2)]
     masks = [[(rng.random((SIZE, SIZE)) > 0.5).astype(np.uint8) for _ in range(2)] for _ in range(2)]
     queries = [(rng.random((SIZE, SIZE + 4, 3)) * 255).astype(np.uint8) for _ in range(3)]
-    model = random_model(input_size=SIZE)
+    model = random_model(width=0.0625, input_size=SIZE)
     before = snapshot(model)
     calls = []
     real = adaptation.adapt_encoder
@@ -105,7 +105,7 @@ def test_evaluation_with_adaptation_leaves_the_model_unchanged(tmp_path):
     model = random_model(width=0.0625, input_size=SHAPES_SIZE)
     before = snapshot(model)
     dataset = FolderDataset(make_shapes(tmp_path / "shapes", per_class=4), SHAPES_SIZE)
-    kwargs = dict(ways=2, shots=1, episodes=4, batch_episodes=2)
+    kwargs = dict(ways=2, shots=1, episodes=2, batch_episodes=2)
     fused = evaluate(model, dataset, ["bar", "circle", "square"], refine="fusion", **kwargs)
     both = evaluate(model, dataset, ["bar", "circle", "square"], refine="adapt+fusion", **kwargs)
     assert both["refine"] == "adapt+fusion" and both["mean_iou"] != fused["mean_iou"]

@@ -6,8 +6,9 @@ ignored), for ``ADAPT_STEPS`` steps. What the paper leaves open, chosen here:
 
 - parameters: every encoder parameter; BatchNorm stays in eval mode (running statistics fixed: one to
   five support images cannot estimate them);
-- optimiser: Adam, lr ``ADAPT_LR``. PROVISIONAL: not yet chosen by a held-out measurement (see
-  the report of issue #11); change it with ``lr``.
+- optimiser: Adam, lr ``ADAPT_LR`` = 1e-4, chosen on held-out photos (bundled model, 24 classes it never
+  saw, 1-way 1-shot, 100 episodes of seed 4321, adapt+fusion mean-IoU): lr 0 (fusion alone) 0.408,
+  1e-5 0.410, 1e-4 0.414, 1e-3 0.339 (overfits the support set). A small sample: change it with ``lr``.
 
 :func:`adapted` restores every weight bit for bit when it exits, whatever happens inside.
 """
