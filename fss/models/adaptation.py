@@ -8,7 +8,9 @@ ignored), for ``ADAPT_STEPS`` steps. What the paper leaves open, chosen here:
   five support images cannot estimate them);
 - optimiser: Adam, lr ``ADAPT_LR`` = 1e-4, chosen on held-out photos (bundled model, 24 classes it never
   saw, 1-way 1-shot, 100 episodes of seed 4321, adapt+fusion mean-IoU): lr 0 (fusion alone) 0.408,
-  1e-5 0.410, 1e-4 0.414, 1e-3 0.339 (overfits the support set). A small sample: change it with ``lr``.
+  1e-5 0.410, 1e-4 0.414 (binary-IoU 0.625), 1e-3 0.339 (overfits the support set); SGD momentum 0.9
+  lr 1e-3 0.411, 1e-2 0.415 (binary-IoU 0.611). A small sample (differences of 0.005 are noise):
+  change it with ``lr``.
 
 :func:`adapted` restores every weight bit for bit when it exits, whatever happens inside.
 """
