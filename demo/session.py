@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss import kernels
 from fss.errors import FssError
 from fss.io import IGNORE_INDEX, overlay_image, read_mask, write_json, write_label_png, write_overlay
 from fss.runtime.cli import fractions
@@ -188,10 +187,9 @@ class Engine:
     def segment_features(self, features: torch.Tensor, protos: torch.Tensor, size) -> np.ndarray:
         """``C x h x w`` query features -> ``H x W`` uint8 labels at the query's ``size`` (W, H)."""
         with self.lock, torch.inference_mode():
-            out = kernels.segment(
-                features[None, None], protos[None], (size[1], size[0]), impl=self.segmenter.impl
+            return (
+                self.segmenter.segment_features(features[None], protos, (size[1], size[0]))[0].cpu().numpy()
             )
-            return out[0, 0].cpu().numpy()
 
     def call(self, method: str, *args, **kwargs):
         """A Segmenter support method under the engine's lock (``add_shot`` etc.)."""

@@ -7,7 +7,7 @@ device) and returns ``M x C x h x w`` float32 features as a torch tensor on the 
 - :class:`TorchEncoder`: a PANet (checkpoint) in eager PyTorch.
 - :class:`OnnxRuntimeEncoder`: a bundle's ONNX graph; CPU, or CUDA with IO binding (onnxruntime-gpu).
 - :class:`TensorRTEncoder`: a bundle's TensorRT engine (unverified here: no TensorRT, no GPU).
-- :func:`load_bundle`: a validated bundle as a :class:`BundleModel` (encoder + PANet head).
+- :func:`load_bundle`: a validated bundle as a :class:`BundleModel` (encoder + its method's head).
 """
 
 from pathlib import Path
@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fss.constants import PROTOTYPE_SCALE
 from fss.errors import FssError
 from fss.export.bundle import validate_bundle
 from fss.export.tensorrt import require_tensorrt, tensorrt_missing
-from fss.models.panet import episode_logits
+from fss.models.methods import episode_logits, method_of
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -145,7 +144,8 @@ class TensorRTEncoder:
 
 
 class BundleModel:
-    """An exported encoder with PANet's head on top: what ``fss.load_model(DIR)`` returns.
+    """An exported encoder with its method's head on top (``meta["method"]``): what ``fss.load_model(DIR)``
+    returns.
 
     Quacks like an eval-mode ``PANet`` for inference: ``encode``, ``__call__`` (logits, as
     ``PANet.forward``), ``meta``, ``impl``, ``scale``, ``to``/``eval``. ``device`` is where features and
@@ -158,7 +158,8 @@ class BundleModel:
         self.backend = backend
         self.meta = dict(manifest["meta"])
         self.impl = impl
-        self.scale = PROTOTYPE_SCALE
+        self.method = method_of(self)  # an unknown method is a one-line error
+        self.scale = self.method.scale
         self.feature_channels = encoder.feature_channels
         self.device = encoder.device
 
@@ -169,11 +170,12 @@ class BundleModel:
             raise ValueError(f"images must be M x 3 x {size} x {size}, got {tuple(images.shape)}")
         return self.encoder.encode(images).to(self.device)
 
-    def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None):
-        """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.panet.episode_logits``)."""
+    def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
+        """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
         with torch.inference_mode():
             return episode_logits(
                 self.encode,
+                self.method,
                 supp_imgs,
                 supp_fg,
                 supp_bg,
@@ -181,6 +183,7 @@ class BundleModel:
                 shot_mask,
                 scale=self.scale,
                 impl=self.impl,
+                refine=refine,
             )
 
     def to(self, device=None, memory_format=None):

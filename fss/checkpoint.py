@@ -17,6 +17,8 @@ import torch
 from fss.errors import CheckpointError, FssError, summary
 from fss.io import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
+from fss.models.methods import DEFAULT_METHOD, get_method
+from fss.models.methods import build_model as build_method_model
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
 from fss.validation import check_archive, check_checkpoint
 
@@ -69,8 +71,7 @@ def model_from_state(obj, path) -> PANet:
         if obj.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"unsupported fss checkpoint version {obj.get('version')!r}", path)
         meta = obj.get("meta", {})
-        if meta.get("method", "panet") != "panet":
-            raise CheckpointError(f"checkpoint is for method {meta.get('method')!r}, not panet", path)
+        method = get_method(meta.get("method", DEFAULT_METHOD), path)  # unknown: one line naming the known
         state = obj.get("state_dict")
         if not isinstance(state, dict):
             raise CheckpointError("fss checkpoint without a state_dict", path)
@@ -85,17 +86,15 @@ def model_from_state(obj, path) -> PANet:
         state = {OUR_PREFIX + k: v for k, v in encoder_tensors.items()}
         width = get_encoder(encoder, path).width_of(encoder_tensors, path)
         meta = {"source": "official PANet snapshot"}
-    model = build_model(encoder, width, meta, path)
+        method = get_method(DEFAULT_METHOD)
+    model = build_model(method.name, encoder, width, meta, path)
     load_state_strict(model, state, path)
     return model
 
 
-def build_model(encoder: str, width, meta: dict, path) -> PANet:
+def build_model(method: str, encoder: str, width, meta: dict, path) -> PANet:
     get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
-    try:
-        return PANet(width=float(width), meta=meta, encoder=encoder)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint does not fit {encoder}: {exc}", path) from None
+    return build_method_model(method, encoder, width, meta, path=path)
 
 
 def load_model(path=None, device=None, impl: str = "auto") -> PANet:
@@ -118,7 +117,8 @@ def atomic_save(obj, path) -> None:
 
 
 def checkpoint_dict(model: PANet, **meta_updates) -> dict:
-    meta = {**default_meta(model.encoder.width, model.meta["encoder"]), **model.meta, **meta_updates}
+    defaults = default_meta(model.encoder.width, model.meta["encoder"], model.meta["method"])
+    meta = {**defaults, **model.meta, **meta_updates}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
 

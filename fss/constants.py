@@ -4,6 +4,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_NORMALISATION = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # meta["normalisation"] form
 PAPER_INPUT_SIZE = 417
+REFINEMENTS = ("none", "fusion", "adapt+fusion")  # test-time refinements (fss.models.methods)
 PROTOTYPE_SCALE = 20.0  # PANet multiplies cosine similarity by 20 before the softmax
 POOL_EPS = 1e-5  # masked average pooling: sum(F * m) / (sum(m) + POOL_EPS)
 COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity

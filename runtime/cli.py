@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, REFINEMENTS
 from fss.errors import FssError
 from fss.io import LOCK_FILE
 
@@ -65,6 +65,13 @@ def parse_args(argv):
         type=positive_int,
         default=None,
         help="largest image read, width x height (default $FSS_MAX_PIXELS or 64,000,000)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default=None,
+        help="test-time refinement of the prototypes on each query (default: the checkpoint's method's: "
+        "none for PANet, fusion for PRNet)",
     )
     p.add_argument("--overwrite", action="store_true", help="recompute queries already in --out")
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
@@ -175,10 +182,14 @@ SETTING_NAMES = {
     "model_sha256": "another model",
     "backend": "another --backend",
     "method": "another method",
+    "refine": "another --refine",
     "input_size": "another --size",
     "support_sha256": "another support set (images or masks differ)",
     "classes": "other classes",
 }
+
+
+SETTINGS_BEFORE_RECORDED = {"refine": "none"}  # what results.json files older than the setting mean
 
 
 def read_previous(results_path: Path, overwrite: bool) -> dict | None:
@@ -213,6 +224,7 @@ def settings_difference(previous: dict, settings: dict) -> str | None:
     old = previous.get("settings")
     if not isinstance(old, dict):
         return None
+    old = {**SETTINGS_BEFORE_RECORDED, **old}
     return next((what for key, what in SETTING_NAMES.items() if old.get(key) != settings[key]), None)
 
 
@@ -376,6 +388,7 @@ def segment_folder(args, pairs, queries) -> int:
     from fss.command import error_line
     from fss.io import check_output_folder, folder_lock, remove_stale_temporaries, write_json
     from fss.memory import check_encoder_memory
+    from fss.models.methods import resolve_refine
     from fss.runtime.segmenter import Segmenter
 
     out, overlays = args.out, not args.no_overlays
@@ -394,6 +407,7 @@ def segment_folder(args, pairs, queries) -> int:
         classes, images, masks, support_sha = load_supports(pairs)
         settings = {
             **model_identity(args, model),
+            "refine": resolve_refine(args.refine, model),
             "input_size": size,
             "support_sha256": support_sha,
             "classes": classes,
@@ -405,7 +419,7 @@ def segment_folder(args, pairs, queries) -> int:
         results = {stem: e for stem, e in entries.items() if stem not in this_run}  # other query folders
         results.update(done)
 
-        seg = Segmenter(model, device=device, size=size, batch=args.batch)
+        seg = Segmenter(model, device=device, size=size, batch=args.batch, refine=args.refine)
         seg.set_support(images, masks, classes)
 
         def save_results():

@@ -1,14 +1,17 @@
-"""``Segmenter``: encode a support set once, cache its prototypes, segment any number of queries.
+"""``Segmenter``: encode a support set once, cache its state, segment any number of queries.
 
-PANet's prototypes depend only on the supports, so a support set is encoded once; each shot's
-foreground / background poolings are cached, so a prototype is a mean over cached vectors and one
-shot can be added or removed without re-encoding the others.
+The model's method (``fss.models.methods``) defines the support state: per-shot foreground /
+background poolings, cached, so a support prototype is a mean over cached vectors and one shot can be
+added or removed without re-encoding the others. A test-time refinement (``refine``, e.g. PRNet's
+fusion) adapts the cached prototypes to each query; each query is its own episode, so a query's labels
+never depend on the other queries of its batch.
 """
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss import kernels
 from fss.errors import FssError
 from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
+from fss.models import methods
+from fss.models.adaptation import adapted_state, restore
+from fss.models.methods import adapts, method_of, resolve_refine
 from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
@@ -57,22 +62,19 @@ class StreamResult:
 
 @dataclass
 class SupportSet:
-    """Per-class cached poolings: ``fg[n]``, ``bg[n]`` are ``K_n x C``; ``protos`` is ``(1+N) x C``."""
+    """Per-class cached poolings: ``fg[n]``, ``bg[n]`` are ``K_n x C``; ``protos`` is ``(1+N) x C``,
+    combined from them by the method's ``combine``."""
 
     classes: list[str]
     fg: list[torch.Tensor]
     bg: list[torch.Tensor]
     protos: torch.Tensor
+    combine: Callable = methods.combine
+    shots: list | None = None  # adapting: per class (images, fg, bg) at the input size, to re-adapt
+    encoder_state: dict | None = None  # adapting: the encoder adapted to this set
 
     def refresh(self) -> None:
-        self.protos = combine(self.fg, self.bg)
-
-
-def combine(fg: list[torch.Tensor], bg: list[torch.Tensor]) -> torch.Tensor:
-    """Per-shot poolings -> ``(1+N) x C`` prototypes: fg mean over shots, bg mean over ways of means."""
-    fg_protos = torch.stack([pools.mean(dim=0) for pools in fg])
-    bg_proto = torch.stack([pools.mean(dim=0) for pools in bg]).mean(dim=0, keepdim=True)
-    return torch.cat([bg_proto, fg_protos])
+        self.protos = self.combine(self.fg, self.bg)
 
 
 class Segmenter:
@@ -96,6 +98,8 @@ class Segmenter:
         channels_last: encoder memory layout (default: on; faster with oneDNN and cuDNN).
         cuda_graph: capture the encoder at ``batch x 3 x size x size`` in a CUDA graph (CUDA only).
         workers: CPU threads decoding and resizing queries while the encoder runs (``segment_stream``).
+        refine: test-time refinement of the prototypes on each query (``none``, ``fusion``); default:
+            what the checkpoint's method says (``none`` for PANet, ``fusion`` for PRNet).
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -112,6 +116,7 @@ class Segmenter:
         channels_last: bool = True,
         cuda_graph: bool = False,
         workers: int = 2,
+        refine: str | None = None,
     ):
         from fss.checkpoint import load_model
 
@@ -124,11 +129,21 @@ class Segmenter:
         self.batch = int(batch)
         self.impl = impl
         self.workers = int(workers)
+        self.method = method_of(self.model)
+        self.refine = resolve_refine(refine, self.model)
+        self.scale = self.model.scale  # the model's own cosine scale
+        self.base_state = None  # adapting: the encoder's own weights, restored after every use
+        if adapts(self.refine):
+            if getattr(self.model, "backend", "torch") != "torch":
+                raise FssError(
+                    "adaptation fine-tunes a checkpoint's encoder: load a checkpoint, not a bundle"
+                )
+            self.base_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
         self.encode_batch = make_encoder(
             self.model, self.device, self.batch, self.size, precision, channels_last, cuda_graph
         )
         self.supports: dict[str, SupportSet] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered while an adapted encoder is swapped in
 
     # -- supports -------------------------------------------------------------------------------
     def set_support(self, images, masks, classes=None) -> None:
@@ -144,15 +159,72 @@ class Segmenter:
         classes = list(classes) if classes is not None else [f"class{n + 1}" for n in range(len(images))]
         if len(classes) != len(images) or len(set(classes)) != len(classes):
             raise ValueError(f"need {len(images)} distinct class names, got {classes}")
-        fg, bg = [], []
+        shots = []
         for class_images, class_masks in zip(images, masks, strict=True):
             if len(class_images) == 0 or len(class_images) != len(class_masks):
                 raise ValueError("every class needs at least one shot and one mask per image")
-            fg_pools, bg_pools = self.pool_shots(list(class_images), list(class_masks))
-            fg.append(fg_pools)
-            bg.append(bg_pools)
+            shots.append(self.prepare_shots(list(class_images), list(class_masks)))
+        if self.base_state is not None:
+            support = self.adapted_support(classes, shots)
+        else:
+            fg, bg = map(list, zip(*(self.pool_prepared(*shot) for shot in shots), strict=True))
+            support = SupportSet(classes, fg, bg, self.method.combine(fg, bg), self.method.combine)
         with self._lock:
-            self.supports[name] = SupportSet(classes, fg, bg, combine(fg, bg))
+            self.supports[name] = support
+
+    def adapted_support(self, classes, shots) -> SupportSet:
+        """Adapt the encoder to the whole support set once, pool every shot with it, keep its state."""
+        N, K = len(shots), max(len(images) for images, _, _ in shots)
+        imgs = torch.zeros(N, K, *shots[0][0].shape[1:])
+        fg, bg = (torch.zeros(N, K, *shots[0][1].shape[1:]) for _ in range(2))
+        shot_mask = torch.zeros(N, K, dtype=torch.bool)
+        for n, (images, fgs, bgs) in enumerate(shots):
+            k = len(images)
+            imgs[n, :k], fg[n, :k], bg[n, :k], shot_mask[n, :k] = images, fgs, bgs, True
+        to = dict(device=self.device)
+        with self._lock:
+            state = adapted_state(
+                self.model, self.method, imgs.to(**to), fg.to(**to), bg.to(**to), shot_mask.to(**to)
+            )
+        support = SupportSet(classes, [], [], None, self.method.combine, shots, state)
+        with self.encoder_of(support):
+            for shot in shots:
+                fg_pools, bg_pools = self.pool_prepared(*shot)
+                support.fg.append(fg_pools)
+                support.bg.append(bg_pools)
+        support.refresh()
+        return support
+
+    def readapt(self, support: str | None, class_name: str, add=None, keep=None) -> None:
+        """An adapted support set after adding a shot to (or keeping ``keep`` of) a class: adapted anew."""
+        with self._lock:
+            s = self.support(support)
+            classes, shots = list(s.classes), list(s.shots)
+            if class_name not in classes:
+                classes.append(class_name)
+                shots.append(add)
+            elif add is not None:
+                n = classes.index(class_name)
+                shots[n] = tuple(torch.cat([old, new]) for old, new in zip(shots[n], add, strict=True))
+            else:
+                n = classes.index(class_name)
+                shots[n] = tuple(t[keep] for t in shots[n])
+            self.supports[DEFAULT_SUPPORT if support is None else support] = self.adapted_support(
+                classes, shots
+            )
+
+    @contextmanager
+    def encoder_of(self, support: SupportSet):
+        """The encoder a support set's queries need: its adapted one (swapped in, restored after)."""
+        if support.encoder_state is None:
+            yield
+            return
+        with self._lock:
+            restore(self.model, support.encoder_state)
+            try:
+                yield
+            finally:
+                restore(self.model, self.base_state)
 
     def remove_support(self, name: str) -> None:
         with self._lock:
@@ -161,7 +233,10 @@ class Segmenter:
             del self.supports[name]
 
     def add_shot(self, class_name: str, image, mask, support: str | None = None) -> None:
-        """Add one annotated image to a class (a new class is appended last); only it is encoded."""
+        """Add one annotated image to a class (a new class is appended last); only it is encoded (with
+        adaptation, the encoder is adapted to the changed set again and every shot re-encoded)."""
+        if self.base_state is not None:
+            return self.readapt(support, class_name, add=self.prepare_shots([image], [mask]))
         fg, bg = self.pool_shots([image], [mask])
         with self._lock:
             s = self.support(support)
@@ -188,11 +263,17 @@ class Segmenter:
             if shots == 1:
                 raise ValueError(f"cannot remove the only shot of class {class_name!r}")
             keep = [k for k in range(shots) if k != index % shots]
+            if s.encoder_state is not None:
+                return self.readapt(support, class_name, keep=keep)
             s.fg[n], s.bg[n] = s.fg[n][keep], s.bg[n][keep]
             s.refresh()
 
     def pool_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode shots and pool them: ``K x C`` foreground and ``K x C`` background vectors."""
+        return self.pool_prepared(*self.prepare_shots(images, masks))
+
+    def prepare_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shots at the input size: ``K x 3 x S x S`` normalised images, ``K x S x S`` fg and bg masks."""
         imgs, fgs, bgs = [], [], []
         for image, mask in zip(images, masks, strict=True):
             img, parsed = as_image(image), as_mask(mask)
@@ -204,14 +285,15 @@ class Segmenter:
             imgs.append(image_tensor(img, self.size, self.normalisation))
             fgs.append(resized == 1)
             bgs.append(resized == 0)
+        return torch.stack(imgs), torch.stack(fgs).float(), torch.stack(bgs).float()
+
+    def pool_prepared(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`prepare_shots`'s tensors -> ``K x C`` foreground and background poolings."""
         with self._lock:
-            feats = self.encode(torch.stack(imgs))  # K x C x h x w
-        fg = torch.stack(fgs).to(self.device, torch.float32)[:, None, None]  # K x 1 x 1 x S x S
-        bg = torch.stack(bgs).to(self.device, torch.float32)[:, None, None]
-        # Each shot as its own 1-way 1-shot episode: prototypes = [bg pooling, fg pooling].
+            feats = self.encode(imgs)  # K x C x h x w
+        fg, bg = fg.to(self.device), bg.to(self.device)
         with torch.inference_mode():
-            pooled = kernels.prototypes(feats[:, None, None], fg, bg, impl=self.impl)  # K x 2 x C
-        return pooled[:, 1], pooled[:, 0]
+            return self.method.shot_poolings(feats, fg, bg, impl=self.impl)
 
     def support(self, name: str | None) -> SupportSet:
         name = DEFAULT_SUPPORT if name is None else name
@@ -237,34 +319,42 @@ class Segmenter:
     def segment_torch(self, qry_imgs: torch.Tensor, out_size, support: str | None = None, return_prob=False):
         """``M x 3 x S x S`` normalised queries -> ``M x H x W`` uint8 labels (+ max probabilities)."""
         with self._lock:
-            protos = self.support(support).protos
-            feats = self.encode(qry_imgs)
+            s = self.support(support)
+            protos = s.protos
+            with self.encoder_of(s):
+                feats = self.encode(qry_imgs)
             with torch.inference_mode():
-                out = kernels.segment(
-                    feats[None], protos[None], tuple(out_size), return_prob=return_prob, impl=self.impl
-                )
-        return (out[0][0], out[1][0]) if return_prob else out[0]
+                out = self.segment_features(feats, protos, tuple(out_size), return_prob)
+        return out
+
+    def segment_features(self, feats: torch.Tensor, protos: torch.Tensor, out_size, return_prob=False):
+        """``M x C x h x w`` query features, ``(1+N) x C`` prototypes -> ``M x H x W`` uint8 labels (+ max
+        probabilities): the method's fused head, each query its own episode (refinements per query)."""
+        refined = self.refine != "none"
+        qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
+        protos = protos[None].expand(len(qry), -1, -1)
+        out = self.method.segment(
+            qry, protos, out_size, self.scale, impl=self.impl, refine=self.refine, return_prob=return_prob
+        )
+        flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
+        return (flat(out[0]), flat(out[1])) if return_prob else flat(out)
 
     def segment_encoded(self, imgs: list[Image.Image], batch: torch.Tensor, support, return_prob):
         """Already decoded queries and their ``M x 3 x S x S`` tensor -> per-query results."""
         results = []
         with self._lock:
-            protos = self.support(support).protos
-            feats = self.encode(batch)
+            s = self.support(support)
+            protos = s.protos
+            with self.encoder_of(s):
+                feats = self.encode(batch)
             with torch.inference_mode():
                 for img, feat in zip(imgs, feats, strict=True):
                     # Logits go straight from feature resolution to the query's own size.
-                    out = kernels.segment(
-                        feat[None, None],
-                        protos[None],
-                        (img.height, img.width),
-                        return_prob=return_prob,
-                        impl=self.impl,
-                    )
+                    out = self.segment_features(feat[None], protos, (img.height, img.width), return_prob)
                     if return_prob:
-                        results.append((out[0][0, 0].cpu().numpy(), out[1][0, 0].float().cpu().numpy()))
+                        results.append((out[0][0].cpu().numpy(), out[1][0].float().cpu().numpy()))
                     else:
-                        results.append(out[0, 0].cpu().numpy())
+                        results.append(out[0].cpu().numpy())
         return results
 
     def segment(self, queries, support: str | None = None, return_prob: bool = False):

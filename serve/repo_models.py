@@ -124,7 +124,8 @@ class DiskStore(SupportStore):
         """Bring a set from the directory into memory; False when no process has stored it."""
         import torch
 
-        from fss.runtime.segmenter import SupportSet, combine
+        from fss.models.methods import combine
+        from fss.runtime.segmenter import SupportSet
 
         path = self.path(key)
         try:

@@ -159,14 +159,14 @@ def test_training_stops_at_a_non_finite_loss_keeping_the_last_good_checkpoint(sh
 
     from fss.train import trainer
 
-    real, calls = trainer.panet_losses, []
+    real, calls = trainer.episode_losses, []
 
     def diverging(*args, **kwargs):
         query, align = real(*args, **kwargs)
         calls.append(1)
         return (query * math.nan, align) if len(calls) >= 3 else (query, align)
 
-    monkeypatch.setattr(trainer, "panet_losses", diverging)
+    monkeypatch.setattr(trainer, "episode_losses", diverging)
     out = tmp_path / "run"
     with pytest.raises(FssError, match=r"diverged at step 3: the loss is nan .*last.pt keeps step 2"):
         trainer.train(config(shapes, out, val_classes=[], iters=5, save_every=1))

@@ -20,7 +20,9 @@ from fss.errors import FssError
 from fss.io import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
 from fss.models.encoders import encoder_names
-from fss.models.panet import DEFAULT_ENCODER, PANet
+from fss.models.methods import DEFAULT_METHOD, get_method, method_names
+from fss.models.methods import build_model as build_method_model
+from fss.models.panet import DEFAULT_ENCODER
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
@@ -145,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
     p.add_argument(
+        "--method",
+        choices=method_names(),
+        default=DEFAULT_METHOD,
+        help="method (default panet): its training losses, and its paper's recipe as the defaults of --lr "
+        "(panet 1e-3, prnet 7e-3)",
+    )
+    p.add_argument(
         "--encoder",
         choices=encoder_names(),
         default=DEFAULT_ENCODER,
@@ -168,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
     )
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="SGD learning rate (default 1e-3)")
+    p.add_argument(
+        "--lr", type=positive_float, default=None, help="SGD learning rate (default: the method's recipe)"
+    )
     p.add_argument("--momentum", type=non_negative_float, default=0.9)
     p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument(
@@ -239,6 +250,10 @@ def checkpoint_input_size(path: Path) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.method == "prnet" and (args.no_align or args.align_weight != 1.0):
+        raise FssError(
+            "--method prnet trains with its second term at full weight: drop --no-align / --align-weight"
+        )
     size = args.size
     if size is None:
         size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
@@ -257,11 +272,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         queries=args.queries,
         iters=args.iters,
         size=size,
+        method=args.method,
         encoder=args.encoder,
         width=args.width,
         init=args.init,
         freeze_stages=args.freeze_stages,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else get_method(args.method).train_defaults["lr"],
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         lr_milestones=args.lr_milestones,
@@ -291,7 +307,7 @@ def preflight(config: TrainConfig, writer: bool) -> None:
     out, data = Path(config.out).resolve(), Path(config.data).resolve()
     if out == data or out.parent == data:
         raise FssError("--out lies in the --data folder: a later run would read it as a class", config.out)
-    model = PANet(width=config.width, encoder=config.encoder)
+    model = build_method_model(config.method, config.encoder, config.width)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
     # last.pt (weights + momentum) and its temporary while replaced, final.pt, the snapshots

@@ -15,11 +15,12 @@ import torch
 
 from fss.checkpoint import load_model
 from fss.command import run_command
-from fss.constants import PAPER_INPUT_SIZE
+from fss.constants import PAPER_INPUT_SIZE, REFINEMENTS
 from fss.errors import FssError
 from fss.io import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
+from fss.models.methods import resolve_refine
 from fss.runtime.encoders import PRECISIONS, make_encoder
 from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
 from fss.train.coco import FOLD_CONVENTIONS
@@ -49,6 +50,7 @@ class EvalConfig:
     annotation: str = "dense"
     batch_episodes: int = EVAL_BATCH
     impl: str = "auto"
+    refine: str | None = None  # test-time refinement (fss.models.methods.REFINEMENTS); None: the method's
     precision: str = "fp32"
     device: str = "auto"
     cache_mb: float = 2048  # decoded images
@@ -84,6 +86,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         raise FssError(f"--annotation must be one of {', '.join(ANNOTATIONS)}, got {config.annotation!r}")
     device = resolve_device(config.device)
     model = load_model(config.ckpt, device=device, impl=config.impl)
+    refine = resolve_refine(config.refine, model)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
     check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes")
@@ -125,6 +128,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         batch_episodes=config.batch_episodes,
         annotation=config.annotation,
         impl=config.impl,
+        refine=refine,
         encode=encode,
         feature_cache_mb=config.feature_cache_mb,
         progress=config.progress,
@@ -214,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="head kernels (fss.kernels; default auto)",
     )
     p.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default=None,
+        help="test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
+        "none for PANet, fusion for PRNet)",
+    )
+    p.add_argument(
         "--precision",
         choices=sorted(PRECISIONS),
         default="fp32",
@@ -258,6 +269,7 @@ def main(argv=None) -> int:
         annotation=args.annotation,
         batch_episodes=args.batch_episodes,
         impl=args.impl,
+        refine=args.refine,
         precision=args.precision,
         device=args.device,
         cache_mb=args.cache_mb,

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fss import kernels
 from fss.constants import IGNORE_INDEX
-from fss.models.panet import encode_episode
+from fss.errors import FssError
+from fss.models.adaptation import adapted
+from fss.models.methods import adapts, encode_episode, method_of
 from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
 
 EVAL_SEED = 1234  # the official test seed
@@ -105,9 +106,15 @@ class FeatureCache:
         )
 
 
-def predict(model, batch: EpisodeBatch, impl: str = "auto", encode=None, features=None) -> torch.Tensor:
+def predict(
+    model, batch: EpisodeBatch, impl: str = "auto", encode=None, features=None, refine: str = "none"
+) -> torch.Tensor:
     """``B x Q x S x S`` uint8 labels of a batch of episodes: one encoder call (``encode``, default
-    ``model.encode``; through ``features``, a :class:`FeatureCache`, where given), then the fused head."""
+    ``model.encode``; through ``features``, a :class:`FeatureCache`, where given), then the method's
+    fused head with the test-time refinement ``refine``. Adaptation (``adapt+...``) fine-tunes the encoder
+    on each episode's supports in turn (restored after each), so its features are never cached."""
+    if adapts(refine):
+        return predict_adapted(model, batch, impl, encode, refine)
     if features is not None:
         N, K = batch.supp_imgs.shape[1:3]
         # encode_episode encodes all supports (episode, way, shot order), then all queries.
@@ -115,8 +122,27 @@ def predict(model, batch: EpisodeBatch, impl: str = "auto", encode=None, feature
         keys += [key for names in batch.image_keys for key in names[N * K :]]
         encode = partial(features, keys)
     supp_feats, qry_feats = encode_episode(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
-    protos = kernels.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
-    return kernels.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl)
+    method = method_of(model)
+    protos = method.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
+    return method.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl, refine=refine)
+
+
+def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) -> torch.Tensor:
+    """:func:`predict` with the encoder adapted to each episode's support set (one episode at a time)."""
+    if getattr(model, "backend", "torch") != "torch":
+        raise FssError("adaptation fine-tunes a checkpoint's encoder: use --ckpt, not an exported bundle")
+    method, labels = method_of(model), []
+    for b in range(len(batch.supp_imgs)):
+        with adapted(model, method, batch.supp_imgs[b], batch.supp_fg[b], batch.supp_bg[b]):
+            supp_feats, qry_feats = encode_episode(
+                encode or model.encode, batch.supp_imgs[b : b + 1], batch.qry_imgs[b : b + 1]
+            )
+            protos = method.prototypes(
+                supp_feats, batch.supp_fg[b : b + 1], batch.supp_bg[b : b + 1], impl=impl
+            )
+            size = batch.qry_imgs.shape[-2:]
+            labels.append(method.segment(qry_feats, protos, size, model.scale, impl=impl, refine=refine))
+    return torch.cat(labels)
 
 
 @torch.no_grad()
@@ -131,6 +157,7 @@ def evaluate(
     batch_episodes: int = EVAL_BATCH,
     annotation: str = "dense",
     impl: str = "auto",
+    refine: str = "none",
     encode=None,
     features: FeatureCache | None = None,
     part: tuple[int, int] = (0, 1),
@@ -163,7 +190,7 @@ def evaluate(
             batch = sampler.batch(size, part)
             if batch is not None:
                 batch = batch.to(device)
-                pred = predict(model, batch, impl, encode, features)
+                pred = predict(model, batch, impl, encode, features, refine)
                 counts.add(batch.classes, query_counts(pred, batch.qry_labels, ways))
             bar.update(size)
     if reduce is not None:
@@ -176,6 +203,7 @@ def evaluate(
         "episodes": episodes,
         "seed": seed,
         "annotation": annotation,
+        "refine": refine,
     }
 
 
@@ -211,7 +239,7 @@ def evaluate_runs(
     class_iou = np.array([[r["class_iou"][c] for c in classes] for r in per_run])
     mean_iou = np.array([r["mean_iou"] for r in per_run])
     binary_iou = np.array([r["binary_iou"] for r in per_run])
-    keep = ("classes", "ways", "shots", "episodes", "annotation")
+    keep = ("classes", "ways", "shots", "episodes", "annotation", "refine")
     return {
         **{key: per_run[0][key] for key in keep},
         "runs": runs,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from fss import kernels
 from fss.constants import IGNORE_INDEX, POOL_EPS
 from fss.kernels.matching import cosine_logits, upsample
-from fss.models.panet import check_episode
+from fss.models.methods import check_episode
 
 
 def support_labels(supp_fg, supp_bg):

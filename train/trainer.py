@@ -36,15 +36,18 @@ from fss.checkpoint import (
 )
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
 from fss.errors import FssError, summary
+from fss.models.methods import build_model as build_method_model
+from fss.models.methods import method_of, resolve_refine
 from fss.models.panet import PANet
 from fss.train.data import EpisodeDataset, EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
-from fss.train.losses import panet_losses
 from fss.train.protocol import fold_classes, open_dataset
 from fss.validation import check_checkpoint
 
-TRAIN_IMPL = "torch"  # the model's head in training: plain differentiable torch ops, as panet_losses uses
+TRAIN_IMPL = (
+    "torch"  # the model's head in training: plain differentiable torch ops, as the methods' losses use
+)
 LOG_FIELDS = (
     "step",
     "lr",
@@ -72,6 +75,7 @@ class TrainConfig:
     queries: int = 1  # per way
     iters: int = 30000
     size: int = PAPER_INPUT_SIZE
+    method: str = "panet"  # a name of fss.models.methods
     encoder: str = "vgg16-dilated"  # a name of fss.models.encoders
     width: float = 1.0
     init: Path | str | None = None  # "auto": the encoder's pretrained weights; a file; None: from scratch
@@ -209,7 +213,7 @@ def freeze_stages(model: PANet, count: int) -> None:
 
 def build_model(config: TrainConfig) -> PANet:
     torch.manual_seed(config.seed)
-    model = PANet(width=config.width, impl=TRAIN_IMPL, encoder=config.encoder)
+    model = build_method_model(config.method, config.encoder, config.width, impl=TRAIN_IMPL)
     if config.init is None:
         init_from_scratch(model)
     else:
@@ -262,15 +266,20 @@ class CsvLog:
         self.file.close()
 
 
+def episode_losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, second: bool):
+    """``(query_loss, second_loss)`` of the model's method (``fss.models.methods``)."""
+    return method_of(model).losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, None, second)
+
+
 class EpisodeLosses(torch.nn.Module):
-    """``panet_losses`` as a module's forward, so that DistributedDataParallel can wrap it."""
+    """The method's losses as a module's forward, so that DistributedDataParallel can wrap it."""
 
     def __init__(self, model: PANet, align: bool):
         super().__init__()
         self.model, self.align = model, align
 
     def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels):
-        return panet_losses(self.model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, align=self.align)
+        return episode_losses(self.model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, self.align)
 
 
 def wrap_for_world(losses: EpisodeLosses, world: World) -> torch.nn.Module:
@@ -448,7 +457,8 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
 
 
 def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
-    """Few-shot scores on the held-out classes with the run's evaluation settings."""
+    """Few-shot scores on the held-out classes with the run's evaluation settings and its method's
+    test-time refinement."""
     return evaluate(
         model,
         data.val_set,
@@ -459,5 +469,6 @@ def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
         config.eval_seed,
         config.eval_batch,
         features=FeatureCache(model.encode, config.cache_mb),  # weights are fixed while evaluating
+        refine=resolve_refine(None, model),
         **options,
     )
