@@ -14,13 +14,13 @@ groups from input to output, for ``fss-train --freeze-stages``).
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fss.errors import CheckpointError, FssError
+from fss.models.registry import Registry
 
 ENCODER_MODULES = ("fss.models.vgg", "fss.models.efficientnet_lite")
 OUR_PREFIX = "encoder."  # encoder parameters inside a model's state dict
@@ -56,35 +56,14 @@ class Encoder:
     onnx_ops: frozenset = frozenset()
 
 
-_REGISTRY: dict[str, Encoder] = {}
-
-
-def register(entry: Encoder) -> Encoder:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"encoder {entry.name!r} is registered twice")
-    _REGISTRY[entry.name] = entry
-    return entry
-
-
-def _load_all() -> None:
-    for module in ENCODER_MODULES:  # cheap after the first call: modules are cached
-        import_module(module)
-
-
-def encoder_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+_REGISTRY = Registry("encoder", ENCODER_MODULES)
+register = _REGISTRY.register
+encoder_names = _REGISTRY.names
 
 
 def get_encoder(name: str, path=None) -> Encoder:
     """The entry called ``name``; an unknown name is a one-line error naming the known ones."""
-    _load_all()
-    entry = _REGISTRY.get(name) if isinstance(name, str) else None
-    if entry is None:
-        known = ", ".join(encoder_names())
-        message = f"unknown encoder {name!r} (known: {known})"
-        raise CheckpointError(message, path) if path is not None else FssError(message)
-    return entry
+    return _REGISTRY.get(name, path)
 
 
 def build_encoder(name: str, width: float, path=None) -> nn.Module:
@@ -96,8 +75,8 @@ def build_encoder(name: str, width: float, path=None) -> nn.Module:
 
 def foreign_encoder_state(state: dict, path=None) -> tuple[str, dict] | None:
     """(encoder name, encoder state) of a checkpoint in a layout some entry recognises, else None."""
-    _load_all()
-    for entry in _REGISTRY.values():
+    _REGISTRY.load_all()
+    for entry in _REGISTRY.entries.values():
         converted = entry.foreign(state, path)
         if converted is not None:
             return entry.name, converted

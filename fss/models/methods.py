@@ -16,7 +16,6 @@ first), ``C x h x w`` features, ``H x W`` images.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import import_module
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from torch import nn
 from fss import kernels
 from fss.constants import PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
+from fss.models.registry import Registry
 
 METHOD_MODULES = ("fss.models.panet", "fss.models.prnet")
 DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and official snapshots
@@ -121,34 +121,14 @@ class Method:
     segment: Callable = segment
 
 
-_REGISTRY: dict[str, Method] = {}
-
-
-def register(entry: Method) -> Method:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"method {entry.name!r} is registered twice")
-    _REGISTRY[entry.name] = entry
-    return entry
-
-
-def _load_all() -> None:
-    for module in METHOD_MODULES:  # cheap after the first call: modules are cached
-        import_module(module)
-
-
-def method_names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+_REGISTRY = Registry("method", METHOD_MODULES)
+register = _REGISTRY.register
+method_names = _REGISTRY.names
 
 
 def get_method(name: str, path=None) -> Method:
     """The entry called ``name``; an unknown name is a one-line error naming the known ones."""
-    _load_all()
-    entry = _REGISTRY.get(name) if isinstance(name, str) else None
-    if entry is None:
-        message = f"unknown method {name!r} (known: {', '.join(method_names())})"
-        raise CheckpointError(message, path) if path is not None else FssError(message)
-    return entry
+    return _REGISTRY.get(name, path)
 
 
 def method_of(model) -> Method:
