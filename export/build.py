@@ -83,6 +83,36 @@ def export_bundle(
     if fp16 and not trt:
         log("note: --fp16 applies to TensorRT engines (--trt); the ONNX encoder stays float32")
     model = load_model(ckpt)
+    source = {"file": ckpt.name, "sha256": sha256_file(ckpt)}
+    return export_model_bundle(
+        model,
+        out,
+        source,
+        trt=trt,
+        fp16=fp16,
+        size=size,
+        max_batch=max_batch,
+        opset=opset,
+        verify_images=verify_images,
+        log=log,
+    )
+
+
+def export_model_bundle(
+    model,
+    out: Path,
+    source: dict,
+    *,
+    trt: bool = False,
+    fp16: bool = False,
+    size: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    opset: int = DEFAULT_OPSET,
+    verify_images=(),
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[Path, dict]:
+    """:func:`export_bundle` of a loaded torch model (CPU, eval mode); ``source`` describes where it came
+    from (``manifest["source_checkpoint"]``)."""
     size = int(size or model.meta["input_size"])
     meta = {**model.meta, "input_size": size}
     inputs = verify.verification_inputs(size, model.meta["normalisation"], verify_images)
@@ -90,8 +120,8 @@ def export_bundle(
 
     with staged_bundle(out) as staging:
         log(
-            f"exporting the encoder of {ckpt.name} ({model.meta['encoder']}, width {model.encoder.width:g}, "
-            f"{size}x{size})"
+            f"exporting the encoder of {source['file']} ({model.meta['encoder']}, "
+            f"width {model.encoder.width:g}, {size}x{size})"
         )
         graph = export_onnx(model.encoder, staging / ONNX_FILE, size, ops, opset)
         with torch.inference_mode():
@@ -116,7 +146,7 @@ def export_bundle(
             "files": file_entries(staging),
             "verification": verification,
             "tools": tool_versions(with_tensorrt=trt),
-            "source_checkpoint": {"file": ckpt.name, "sha256": sha256_file(ckpt)},
+            "source_checkpoint": source,
         }
         write_manifest(staging, manifest)
     return out, manifest

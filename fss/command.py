@@ -5,8 +5,13 @@
 - ``MemoryError``: exit 2 with what to lower;
 - Ctrl-C: a note of what is kept, exit 130;
 - anything else is a bug and keeps its traceback.
+
+Notes of the library's slow, one-off steps (logger ``fss.runtime``, e.g. exporting an encoder for the
+cache) are printed as ``<prog>: <note>`` while a command runs.
 """
 
+import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -38,7 +43,8 @@ def run_command(
     ``exit_codes`` maps further exception types to statuses (their message printed as an error).
     """
     try:
-        return body() or 0
+        with runtime_notes(prog):
+            return body() or 0
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return INTERRUPTED
@@ -49,6 +55,21 @@ def run_command(
         status, message = handled
         print(error_line(prog, message), file=sys.stderr)
         return status
+
+
+@contextlib.contextmanager
+def runtime_notes(prog: str):
+    logger = logging.getLogger("fss.runtime")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def failure(exc: Exception, exit_codes: dict[type, int]) -> tuple[int, str] | None:

@@ -55,7 +55,8 @@ def parse_args(argv):
         "--backend",
         default="auto",
         choices=["auto", "torch", "onnxruntime", "tensorrt"],
-        help="what runs the encoder: torch for checkpoints; onnxruntime or tensorrt for --bundle",
+        help="what runs the encoder (default auto: on the CPU, ONNX Runtime with a graph exported, verified "
+        "and cached once per checkpoint, else torch; a bundle's TensorRT engine where it fits the GPU)",
     )
     p.add_argument("--size", type=int, help="encoder input size (default: the checkpoint's, 417 for PANet)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -80,8 +81,8 @@ def parse_args(argv):
         p.error("--batch must be at least 1")
     if args.size is not None and not MIN_INPUT_SIZE <= args.size <= MAX_INPUT_SIZE:
         p.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
-    if args.bundle is None and args.backend not in ("auto", "torch"):
-        p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
+    if args.bundle is None and args.backend == "tensorrt":
+        p.error("--backend tensorrt runs an exported bundle: give --bundle DIR (see fss-export --trt)")
     return args
 
 
@@ -164,16 +165,14 @@ def load_supports(pairs):
     return classes, images, masks, support_sha
 
 
-def model_identity(args, model) -> dict:
+def model_identity(args, model, backend: str) -> dict:
     """What determines the masks besides the supports and the queries."""
     from fss.checkpoint import DEMO_MODEL
 
     if args.bundle is not None:
         sha = file_sha256(args.bundle / "manifest.json")  # it holds the sha256 of every bundle file
-        backend = str(getattr(model, "backend", args.backend))
     else:
         sha = file_sha256(args.ckpt or DEMO_MODEL)
-        backend = "torch"
     return {"model_sha256": sha, "backend": backend, "method": str(model.meta.get("method", "panet"))}
 
 
@@ -367,6 +366,11 @@ def load_runtime_model(args):
     return load_model(args.ckpt, device=device), device
 
 
+def encoder_backend(args) -> str:
+    """The Segmenter's encoder path for --backend: a bundle's backend was chosen when it was loaded."""
+    return "auto" if args.bundle is not None else args.backend
+
+
 def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict:
     """A segmented query's mask (at its full size) and overlay; its results entry (without source)."""
     from fss.io import full_size, write_label_png, write_overlay
@@ -405,8 +409,17 @@ def segment_folder(args, pairs, queries) -> int:
         size = int(args.size or model.meta["input_size"])
         check_encoder_memory(model, size, args.batch, device)
         classes, images, masks, support_sha = load_supports(pairs)
+        seg = Segmenter(
+            model,
+            device=device,
+            size=size,
+            batch=args.batch,
+            refine=args.refine,
+            backend=encoder_backend(args),
+        )
+        print(f"{PROG}: encoder: {seg.backend_reason}", file=sys.stderr)
         settings = {
-            **model_identity(args, model),
+            **model_identity(args, seg.model, seg.backend),
             "refine": resolve_refine(args.refine, model),
             "input_size": size,
             "support_sha256": support_sha,
@@ -418,8 +431,6 @@ def segment_folder(args, pairs, queries) -> int:
         this_run = {path.stem for path in queries}
         results = {stem: e for stem, e in entries.items() if stem not in this_run}  # other query folders
         results.update(done)
-
-        seg = Segmenter(model, device=device, size=size, batch=args.batch, refine=args.refine)
         seg.set_support(images, masks, classes)
 
         def save_results():

@@ -24,6 +24,7 @@ from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
 from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
 from fss.models.methods import adapts, method_of, resolve_refine
+from fss.runtime.encoder_path import choose_encoder_path
 from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
@@ -100,6 +101,10 @@ class Segmenter:
         workers: CPU threads decoding and resizing queries while the encoder runs (``segment_stream``).
         refine: test-time refinement of the prototypes on each query (``none``, ``fusion``); default:
             what the checkpoint's method says (``none`` for PANet, ``fusion`` for PRNet).
+        backend: what runs a torch model's encoder: ``auto`` (on the CPU, ONNX Runtime with a graph
+            exported, verified and cached once per checkpoint; torch elsewhere), ``torch`` or
+            ``onnxruntime`` (:mod:`fss.runtime.encoder_path`). ``self.backend`` and
+            ``self.backend_reason`` say which and why.
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -117,6 +122,7 @@ class Segmenter:
         cuda_graph: bool = False,
         workers: int = 2,
         refine: str | None = None,
+        backend: str = "auto",
     ):
         from fss.checkpoint import load_model
 
@@ -139,6 +145,13 @@ class Segmenter:
                     "adaptation fine-tunes a checkpoint's encoder: load a checkpoint, not a bundle"
                 )
             self.base_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+        if precision == "fp32":
+            path = choose_encoder_path(self.model, self.device, self.size, backend, adapts(self.refine))
+            self.model, self.backend, self.backend_reason = path.model, path.backend, path.reason
+        elif backend == "onnxruntime":
+            raise ValueError(f"the onnxruntime encoder path is float32; precision {precision} runs in torch")
+        else:
+            self.backend, self.backend_reason = "torch", f"torch ({precision})"
         self.encode_batch = make_encoder(
             self.model, self.device, self.batch, self.size, precision, channels_last, cuda_graph
         )

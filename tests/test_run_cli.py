@@ -222,4 +222,4 @@ def test_bundle_runs_like_the_checkpoint(tmp_path, ckpt, capsys):
     code, err = run(capsys, *common, "--bundle", bundle, "--out", tmp_path / "bad")
     assert code == 2 and err.count("\n") == 1 and "fss-run: error:" in err
     with pytest.raises(SystemExit):
-        main(["--support", str(support), "--query", str(query), "--backend", "onnxruntime"])
+        main(["--support", str(support), "--query", str(query), "--backend", "tensorrt"])

@@ -20,7 +20,8 @@ from fss.errors import FssError
 from fss.io import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
-from fss.models.methods import resolve_refine
+from fss.models.methods import adapts, resolve_refine
+from fss.runtime.encoder_path import CHOICES, choose_encoder_path
 from fss.runtime.encoders import PRECISIONS, make_encoder
 from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
 from fss.train.coco import FOLD_CONVENTIONS
@@ -52,6 +53,7 @@ class EvalConfig:
     impl: str = "auto"
     refine: str | None = None  # test-time refinement (fss.models.methods.REFINEMENTS); None: the method's
     precision: str = "fp32"
+    backend: str = "auto"  # the encoder path (fss.runtime.encoder_path): auto, torch, onnxruntime
     device: str = "auto"
     cache_mb: float = 2048  # decoded images
     feature_cache_mb: float = 2048  # encoder features: each photo is encoded once for all runs
@@ -90,9 +92,11 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
     check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes")
+    if config.precision != "fp32" and config.backend == "onnxruntime":
+        raise FssError(f"--backend onnxruntime is float32: drop --precision {config.precision}")
     try:
         resolve_impl(config.impl, torch.empty(0, device=device), "--impl")
-        encode = make_encoder(model, device, images_per_call, size, config.precision, True, False)
+        make_encoder(model, device, images_per_call, size, config.precision, True, False)  # checks only
     except (ValueError, RuntimeError) as exc:
         raise FssError(str(exc)) from None
     dataset = open_dataset(
@@ -116,6 +120,11 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     seen = [c for c in classes if c.replace(" ", "_") in trained_names]
     if seen:
         note(f"note: the checkpoint was trained on test class(es) {', '.join(seen)}")
+    if config.precision == "fp32":  # the data is checked: now the encoder path (may export, once)
+        path = choose_encoder_path(model, device, size, config.backend, adapts(refine))
+        model = path.model
+        note(f"encoder: {path.reason}")
+    encode = make_encoder(model, device, images_per_call, size, config.precision, True, False)
     result = evaluate_runs(
         model,
         dataset,
@@ -231,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder precision (default fp32; fp16 needs CUDA)",
     )
     p.add_argument(
+        "--backend",
+        choices=CHOICES,
+        default="auto",
+        help="what runs the encoder (default auto: on the CPU, ONNX Runtime with a graph exported, verified "
+        "and cached once per checkpoint; torch otherwise)",
+    )
+    p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
     )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -271,6 +287,7 @@ def main(argv=None) -> int:
         impl=args.impl,
         refine=args.refine,
         precision=args.precision,
+        backend=args.backend,
         device=args.device,
         cache_mb=args.cache_mb,
         feature_cache_mb=args.feature_cache_mb,
