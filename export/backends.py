@@ -239,7 +239,9 @@ def choose_backend(manifest: dict, backend: str, device, bundle_dir: Path) -> tu
     return "onnxruntime", device
 
 
-def load_bundle(bundle_dir, backend: str = "auto", device=None, input_size: int | None = None, impl="auto"):
+def load_bundle(
+    bundle_dir, backend: str = "auto", device=None, input_size: int | None = None, impl="auto", int8=False
+):
     """A bundle written by ``fss-export`` as a :class:`BundleModel`, ready for inference.
 
     The bundle is validated first (format version, every file's sha256, ``input_size`` when given):
@@ -250,12 +252,29 @@ def load_bundle(bundle_dir, backend: str = "auto", device=None, input_size: int 
         device: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where the encoder runs.
         input_size: the size the caller will feed; refused if the bundle was built for another.
         impl: kernels of the head (``fss.kernels``).
+        int8: run the bundle's int8 encoder (``fss-export --int8``) in ONNX Runtime on the CPU.
     """
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir, input_size)
+    if int8:
+        return int8_bundle(bundle_dir, manifest, backend, device, impl)
     backend, device = choose_backend(manifest, backend, device, bundle_dir)
     if backend == "tensorrt":
         encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
     else:
         encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
     return BundleModel(encoder, manifest, backend, impl)
+
+
+def int8_bundle(bundle_dir: Path, manifest: dict, backend: str, device, impl) -> BundleModel:
+    """The bundle with its int8 encoder (backend ``onnxruntime-int8``): opt-in, CPU only."""
+    if manifest.get("int8") is None:
+        raise FssError("bundle has no int8 encoder: re-export it with fss-export --int8 PHOTOS", bundle_dir)
+    if backend not in ("auto", "onnxruntime") or (
+        device not in (None, "auto") and torch.device(device).type != "cpu"
+    ):
+        raise FssError(
+            "the int8 encoder runs in ONNX Runtime on the CPU (--backend onnxruntime, --device cpu)"
+        )
+    encoder = OnnxRuntimeEncoder(bundle_dir / manifest["int8"]["file"], "cpu")
+    return BundleModel(encoder, manifest, "onnxruntime-int8", impl)

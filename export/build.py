@@ -22,6 +22,7 @@ from fss.export.bundle import (
     write_manifest,
 )
 from fss.export.onnx import DEFAULT_OPSET, export_onnx, require_onnx_tools
+from fss.export.quantize import INT8_FILE
 from fss.export.tensorrt import tensorrt_missing
 from fss.models.encoders import get_encoder
 
@@ -62,6 +63,7 @@ def export_bundle(
     max_batch: int = DEFAULT_MAX_BATCH,
     opset: int = DEFAULT_OPSET,
     verify_images=(),
+    int8_photos=(),
     log: Callable[[str], None] = lambda line: None,
 ) -> tuple[Path, dict]:
     """Export the encoder of ``ckpt`` as a verified bundle at ``out``; return its path and manifest.
@@ -69,6 +71,8 @@ def export_bundle(
     Always writes ``encoder.onnx`` (float32, dynamic batch), verified with ONNX Runtime (CPU) against
     eager PyTorch; with ``trt`` also ``encoder.engine`` (float16 with ``fp16``), verified on the GPU.
     ``size`` defaults to the checkpoint's input size; ``max_batch`` bounds the TensorRT profile.
+    ``int8_photos`` (opt-in) adds ``encoder-int8.onnx``, statically quantised and calibrated on them
+    (:mod:`fss.export.quantize`).
 
     Raises ``FssError`` for what the user can fix (checkpoint, output path, missing TensorRT / CUDA,
     opset), before anything is written, and ``VerificationError`` when the exported encoder is
@@ -94,6 +98,7 @@ def export_bundle(
         max_batch=max_batch,
         opset=opset,
         verify_images=verify_images,
+        int8_photos=int8_photos,
         log=log,
     )
 
@@ -109,6 +114,7 @@ def export_model_bundle(
     max_batch: int = DEFAULT_MAX_BATCH,
     opset: int = DEFAULT_OPSET,
     verify_images=(),
+    int8_photos=(),
     log: Callable[[str], None] = lambda line: None,
 ) -> tuple[Path, dict]:
     """:func:`export_bundle` of a loaded torch model (CPU, eval mode); ``source`` describes where it came
@@ -129,6 +135,13 @@ def export_model_bundle(
         log(f"verifying {ONNX_FILE} with ONNX Runtime (CPU) on {', '.join(inputs)} inputs")
         verification = {"reference": verify.REFERENCE}
         verification["onnxruntime"] = verify_onnxruntime(staging / ONNX_FILE, inputs, references)
+        int8 = None
+        if int8_photos:
+            log(f"quantising the encoder to int8 ({INT8_FILE}), calibrated on {len(int8_photos)} photos")
+            int8 = build_verified_int8(
+                staging, int8_photos, size, model.meta["normalisation"], inputs, references
+            )
+            verification["onnxruntime_int8"] = int8.pop("verification")
         engine = None
         if trt:
             precision = "float16" if fp16 else "float32"
@@ -142,6 +155,7 @@ def export_model_bundle(
             "format_version": BUNDLE_VERSION,
             "meta": meta,
             "onnx": {"file": ONNX_FILE, "dtype": "float32", **graph},
+            "int8": int8,
             "tensorrt": engine,
             "files": file_entries(staging),
             "verification": verification,
@@ -158,6 +172,22 @@ def verify_onnxruntime(onnx_path: Path, inputs: dict, references: dict) -> dict:
     encoder = OnnxRuntimeEncoder(onnx_path, "cpu")
     report = verify.verify_encoder("ONNX Runtime", encoder.encode, inputs, references)
     return {"provider": "CPUExecutionProvider", **report}
+
+
+def build_verified_int8(staging: Path, photos, size: int, normalisation: dict, inputs, references) -> dict:
+    """``encoder-int8.onnx`` beside the float32 graph, run in ONNX Runtime and compared with eager; the
+    entry carries its ``verification``."""
+    from fss.export.backends import OnnxRuntimeEncoder
+    from fss.export.quantize import QUANTISATION, calibration_batches, quantize_encoder
+
+    quantize_encoder(
+        staging / ONNX_FILE, staging / INT8_FILE, calibration_batches(photos, size, normalisation)
+    )
+    encoder = OnnxRuntimeEncoder(staging / INT8_FILE, "cpu")
+    # Noise lies outside any photo's activation ranges: int8 is judged on image-like inputs only.
+    image_like = {name: x for name, x in inputs.items() if name != "random"}
+    report = verify.verify_encoder("ONNX Runtime int8", encoder.encode, image_like, references, "int8")
+    return {"file": INT8_FILE, "calibration_photos": len(photos), **QUANTISATION, "verification": report}
 
 
 def build_verified_engine(

@@ -53,6 +53,13 @@ def parse_args(argv):
         help="real images to verify on as well",
     )
     p.add_argument(
+        "--int8",
+        type=Path,
+        metavar="PHOTOS",
+        help="also an int8 encoder (opt-in; fss-run --int8), statically quantised with ONNX Runtime and "
+        "calibrated on up to 64 photos of this folder (real photos like the ones you will segment)",
+    )
+    p.add_argument(
         "--triton-repo",
         type=Path,
         metavar="DIR",
@@ -68,7 +75,7 @@ def parse_args(argv):
 
 def print_report(out: Path, manifest: dict) -> None:
     print(f"{PROG}: wrote {out} ({', '.join(manifest['files'])})")
-    for backend in ("onnxruntime", "tensorrt"):
+    for backend in ("onnxruntime", "onnxruntime_int8", "tensorrt"):
         report = manifest["verification"].get(backend)
         if report is None:
             continue
@@ -82,11 +89,13 @@ def print_report(out: Path, manifest: dict) -> None:
 
 def export_main(args) -> int:
     from fss.export.build import export_bundle
+    from fss.export.quantize import calibration_photos
 
     if args.triton_repo is not None:
         from fss.export.triton_repo import check_repo_replaceable
 
         check_repo_replaceable(args.triton_repo)  # before the export, not after
+    int8_photos = calibration_photos(args.int8) if args.int8 is not None else ()
     out, manifest = export_bundle(
         args.ckpt,
         args.out,
@@ -96,6 +105,7 @@ def export_main(args) -> int:
         max_batch=args.max_batch,
         opset=args.opset,
         verify_images=args.verify_images,
+        int8_photos=int8_photos,
         log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
     )
     print_report(out, manifest)

@@ -10,6 +10,10 @@ Tolerances (:data:`TOLERANCE`), by the precision the exported encoder computes i
   TensorRT engine is built with TF32 off, so it should be as close.
 - float16: 2e-2. Rounding to fp16 through the 13 convs measures ~1e-3 in torch; the margin covers fp16
   accumulation in TensorRT kernels. A wrong weight or layout gives errors of order 1.
+- int8 (opt-in, ``fss.export.quantize``): 0.5 on the smooth and real images (noise lies outside the
+  calibrated ranges), a bound that only catches a broken graph; a working static quantisation of the
+  bundled model measures 0.13-0.18 there; it is reported, not promised (mask agreement and held-out
+  mean-IoU: docs/performance.md).
 """
 
 import torch
@@ -17,7 +21,7 @@ import torch
 from fss.constants import PAPER_NORMALISATION
 from fss.errors import FssError
 
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.5}
 REFERENCE = "eager PyTorch, float32, CPU"
 BATCH = 4  # images per encoder call: real-image sets can be long, activations at 417x417 are not small
 

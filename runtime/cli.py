@@ -58,6 +58,12 @@ def parse_args(argv):
         help="what runs the encoder (default auto: on the CPU, ONNX Runtime with a graph exported, verified "
         "and cached once per checkpoint, else torch; a bundle's TensorRT engine where it fits the GPU)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="run the bundle's int8 encoder (opt-in, CPU; made by fss-export --int8 PHOTOS): faster, masks "
+        "close to but not equal to float32 (docs/performance.md)",
+    )
     p.add_argument("--size", type=int, help="encoder input size (default: the checkpoint's, 417 for PANet)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch", type=int, default=4, help="queries encoded together")
@@ -81,6 +87,10 @@ def parse_args(argv):
         p.error("--batch must be at least 1")
     if args.size is not None and not MIN_INPUT_SIZE <= args.size <= MAX_INPUT_SIZE:
         p.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
+    if args.int8 and args.bundle is None:
+        p.error(
+            "--int8 runs a bundle's int8 encoder: make one with fss-export --int8 PHOTOS, give --bundle DIR"
+        )
     if args.bundle is None and args.backend == "tensorrt":
         p.error("--backend tensorrt runs an exported bundle: give --bundle DIR (see fss-export --trt)")
     return args
@@ -359,7 +369,7 @@ def load_runtime_model(args):
         from fss.export.backends import load_bundle
 
         wanted = None if args.device == "auto" else device
-        model = load_bundle(args.bundle, backend=args.backend, device=wanted, input_size=args.size)
+        model = load_bundle(args.bundle, args.backend, wanted, args.size, int8=args.int8)
         return model, model.device  # the head runs where the bundle's encoder delivers its features
     if args.ckpt is None:
         print(DEMO_NOTICE, file=sys.stderr)

@@ -54,6 +54,7 @@ class EvalConfig:
     refine: str | None = None  # test-time refinement (fss.models.methods.REFINEMENTS); None: the method's
     precision: str = "fp32"
     backend: str = "auto"  # the encoder path (fss.runtime.encoder_path): auto, torch, onnxruntime
+    int8: bool = False  # a bundle's int8 encoder (fss-export --int8)
     device: str = "auto"
     cache_mb: float = 2048  # decoded images
     feature_cache_mb: float = 2048  # encoder features: each photo is encoded once for all runs
@@ -87,7 +88,12 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     if config.annotation not in ANNOTATIONS:
         raise FssError(f"--annotation must be one of {', '.join(ANNOTATIONS)}, got {config.annotation!r}")
     device = resolve_device(config.device)
-    model = load_model(config.ckpt, device=device, impl=config.impl)
+    if config.int8:
+        from fss.export.backends import load_bundle
+
+        model = load_bundle(config.ckpt, config.backend, config.device, config.size, config.impl, int8=True)
+    else:
+        model = load_model(config.ckpt, device=device, impl=config.impl)
     refine = resolve_refine(config.refine, model)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
@@ -247,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and cached once per checkpoint; torch otherwise)",
     )
     p.add_argument(
+        "--int8", action="store_true", help="the bundle's int8 encoder (--ckpt BUNDLE, fss-export --int8)"
+    )
+    p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
     )
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -288,6 +297,7 @@ def main(argv=None) -> int:
         refine=args.refine,
         precision=args.precision,
         backend=args.backend,
+        int8=args.int8,
         device=args.device,
         cache_mb=args.cache_mb,
         feature_cache_mb=args.feature_cache_mb,
