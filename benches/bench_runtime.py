@@ -71,7 +71,9 @@ def fss_run_process(root: Path, out: Path, env: dict, *options: str) -> None:
         "--query",
         root / "query",
     ]
-    command += ["--ckpt", root / "vgg16.pt", "--batch", "8", "--no-overlays", "--out", out, *options]
+    if "--bundle" not in options:
+        command += ["--ckpt", root / "vgg16.pt"]
+    command += ["--batch", "8", "--no-overlays", "--out", out, *options]
     subprocess.run([str(c) for c in command], check=True, env=env, stderr=subprocess.DEVNULL)
 
 
@@ -108,6 +110,26 @@ def test_fss_run(benchmark, episode_files, official_masks, cache_env, tmp_path, 
     equal = agreement(out, official_masks)
     benchmark.extra_info["mask_agreement_with_official"] = equal
     assert equal > 0.999  # the fast pipeline computes the same masks
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(episode_files):
+    from fss.export.build import export_bundle
+    from fss.export.quantize import calibration_photos
+
+    photos = calibration_photos(EXAMPLES)  # real photos (the bundled examples)
+    bundle, _ = export_bundle(episode_files / "vgg16.pt", episode_files / "bundle-int8", int8_photos=photos)
+    return bundle
+
+
+@pytest.mark.benchmark(group="runtime-cpu-1way1shot-8q-417")
+def test_fss_run_int8(benchmark, episode_files, official_masks, int8_bundle, cache_env, tmp_path):
+    """Opt-in int8 (a bundle made by fss-export --int8): timed; its agreement is recorded, not asserted
+    (random weights: docs/performance.md measures it on the bundled model and real photos)."""
+    out = tmp_path / "out"
+    args = (episode_files, out, cache_env, "--bundle", int8_bundle, "--int8")
+    benchmark.pedantic(fss_run_process, args=args, rounds=3, warmup_rounds=0)
+    benchmark.extra_info["mask_agreement_with_official"] = agreement(out, official_masks)
 
 
 def example_segmenter(backend: str):
