@@ -8,9 +8,16 @@ TensorRT):
 - ``fss.Segmenter``: register a support set once, segment many queries.
 """
 
+import os
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+# Idle OpenMP threads (torch's, fss's C++ kernels') sleep instead of spinning, unless the user chose
+# otherwise. Spinning threads fight every other busy thread for the cores: with one other job on this
+# 2-core machine a torch encoder pass took 3.9 s instead of 83 ms (docs/performance.md). Read by the
+# OpenMP runtime when it starts, so it applies when fss is imported before torch (all fss commands).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "load_model": ("fss.checkpoint", "load_model"),
