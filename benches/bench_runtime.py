@@ -152,7 +152,8 @@ def test_bundled_model_queries(benchmark, backend, monkeypatch, tmp_path):
 
     stream()
     assert benchmark.pedantic(stream, rounds=3, warmup_rounds=0) == len(queries)
-    benchmark.extra_info["queries_per_s"] = len(queries) / benchmark.stats.stats.median
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["queries_per_s"] = len(queries) / benchmark.stats.stats.median
 
 
 @pytest.mark.benchmark(group="bundled-model-start-up")
