@@ -64,6 +64,13 @@ def parse_args(argv):
         help="run the bundle's int8 encoder (opt-in, CPU; made by fss-export --int8 PHOTOS): faster, masks "
         "close to but not equal to float32 (docs/performance.md)",
     )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="encoder precision of a checkpoint: fp32 (default), or bf16 (opt-in; torch on CPUs with "
+        "bfloat16 units, or CUDA; masks close to but not equal to fp32, docs/performance.md)",
+    )
     p.add_argument("--size", type=int, help="encoder input size (default: the checkpoint's, 417 for PANet)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch", type=int, default=4, help="queries encoded together")
@@ -91,6 +98,8 @@ def parse_args(argv):
         p.error(
             "--int8 runs a bundle's int8 encoder: make one with fss-export --int8 PHOTOS, give --bundle DIR"
         )
+    if args.precision != "fp32" and (args.bundle is not None or args.backend == "onnxruntime"):
+        p.error("--precision bf16 runs a checkpoint in torch: drop --bundle / --backend onnxruntime")
     if args.bundle is None and args.backend == "tensorrt":
         p.error("--backend tensorrt runs an exported bundle: give --bundle DIR (see fss-export --trt)")
     return args
@@ -192,13 +201,17 @@ SETTING_NAMES = {
     "backend": "another --backend",
     "method": "another method",
     "refine": "another --refine",
+    "precision": "another --precision",
     "input_size": "another --size",
     "support_sha256": "another support set (images or masks differ)",
     "classes": "other classes",
 }
 
 
-SETTINGS_BEFORE_RECORDED = {"refine": "none"}  # what results.json files older than the setting mean
+SETTINGS_BEFORE_RECORDED = {
+    "refine": "none",
+    "precision": "fp32",
+}  # what results.json files older than the setting mean
 
 
 def read_previous(results_path: Path, overwrite: bool) -> dict | None:
@@ -425,12 +438,14 @@ def segment_folder(args, pairs, queries) -> int:
             size=size,
             batch=args.batch,
             refine=args.refine,
+            precision=args.precision,
             backend=encoder_backend(args),
         )
         print(f"{PROG}: encoder: {seg.backend_reason}", file=sys.stderr)
         settings = {
             **model_identity(args, seg.model, seg.backend),
             "refine": resolve_refine(args.refine, model),
+            "precision": args.precision,
             "input_size": size,
             "support_sha256": support_sha,
             "classes": classes,

@@ -159,3 +159,28 @@ def test_fss_eval_backend_in_settings(tmp_path, cache, capsys):
         scores[backend] = result["mean_iou"]
     assert "encoder: onnxruntime (verified graph cached in" in capsys.readouterr().err
     assert scores["auto"] == pytest.approx(scores["torch"], abs=0.02)
+
+
+def test_fss_run_bf16_is_opt_in_torch_and_a_setting(tmp_path, cache, capsys):
+    ckpt = tmp_path / "model.pt"
+    fss.save_checkpoint(random_model(input_size=SIZE), ckpt)
+    support, query = make_support(tmp_path / "s"), make_queries(tmp_path / "q", 2)
+    common = [
+        "--support",
+        support,
+        "--query",
+        query,
+        "--ckpt",
+        ckpt,
+        "--no-overlays",
+        "--out",
+        tmp_path / "o",
+    ]
+    assert fss_run([str(a) for a in [*common, "--precision", "bf16"]]) == 0
+    assert "encoder: torch (bf16)" in capsys.readouterr().err
+    settings = json.loads((tmp_path / "o" / "results.json").read_text())["settings"]
+    assert settings["precision"] == "bf16" and settings["backend"] == "torch"
+    assert fss_run([str(a) for a in [*common, "--backend", "torch"]]) == 2  # fp32 masks are not bf16 ones
+    assert "another --precision" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fss_run([str(a) for a in [*common, "--precision", "bf16", "--backend", "onnxruntime"]])
