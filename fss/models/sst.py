@@ -114,7 +114,8 @@ class SSTHead(nn.Module):
 # -- the support side: self-segmentation, the inner step, descriptors ---------------------------------
 def feature_masks(fg: torch.Tensor, size) -> torch.Tensor:
     """``K x H x W`` foreground masks -> ``K x h x w`` (bilinear, as CANet resizes masks to features)."""
-    return F.interpolate(fg[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    fg = fg if fg.is_floating_point() else fg.float()
+    return F.interpolate(fg[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def descriptors(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
