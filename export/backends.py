@@ -18,7 +18,7 @@ import torch
 from fss.errors import FssError
 from fss.export.bundle import validate_bundle
 from fss.export.tensorrt import require_tensorrt, tensorrt_missing
-from fss.models.methods import episode_logits, method_of
+from fss.models.methods import bound_method, episode_logits, method_of
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -175,7 +175,7 @@ class BundleModel:
         with torch.inference_mode():
             return episode_logits(
                 self.encode,
-                self.method,
+                bound_method(self, refine),
                 supp_imgs,
                 supp_fg,
                 supp_bg,
@@ -248,4 +248,9 @@ def load_bundle(bundle_dir, backend: str = "auto", device=None, input_size: int 
         encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
     else:
         encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
-    return BundleModel(encoder, manifest, backend, impl)
+    model = BundleModel(encoder, manifest, backend, impl)
+    if "head" in manifest:  # a learned head (SST)
+        from fss.export.head import attach_head
+
+        attach_head(model, bundle_dir)
+    return model

@@ -99,6 +99,12 @@ def export_bundle(
         log(f"verifying {ONNX_FILE} with ONNX Runtime (CPU) on {', '.join(inputs)} inputs")
         verification = {"reference": verify.REFERENCE}
         verification["onnxruntime"] = verify_onnxruntime(staging / ONNX_FILE, inputs, references)
+        head = None
+        if hasattr(model, "head"):  # a learned head (SST): its query path as ONNX, its weights
+            from fss.export.head import export_head
+
+            head = export_head(model, staging, references, opset, log)
+            verification["head"] = head.pop("verification")
         engine = None
         if trt:
             precision = "float16" if fp16 else "float32"
@@ -113,6 +119,7 @@ def export_bundle(
             "meta": meta,
             "onnx": {"file": ONNX_FILE, "dtype": "float32", **graph},
             "tensorrt": engine,
+            **({"head": head} if head is not None else {}),
             "files": file_entries(staging),
             "verification": verification,
             "tools": tool_versions(with_tensorrt=trt),

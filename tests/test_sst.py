@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from test_train import SIZE, make_shapes
 
 import fss
@@ -313,3 +314,37 @@ def test_sst_options_are_refused_for_other_methods(shapes, tmp_path, capsys):
     args = ["--data", str(shapes), "--out", str(tmp_path / "r"), "--size", str(SIZE), "--sst-channels", "8"]
     assert train_main(args) == 2
     assert "--sst-* options apply to --method sst" in capsys.readouterr().err
+
+
+def test_bundle_exports_encoder_and_head_and_runs_like_the_checkpoint(tmp_path, capsys):
+    from fss.export.backends import load_bundle
+    from fss.export.build import export_bundle
+    from fss.export.head import HEAD_ONNX, HEAD_WEIGHTS
+    from fss.runtime.cli import main as run_main
+
+    model = tiny_sst(seed=5, encoder="efficientnet-lite0", width=1.0)
+    ckpt = tmp_path / "sst.pt"
+    fss.save_checkpoint(model, ckpt)
+    out, manifest = export_bundle(ckpt, tmp_path / "bundle")
+    assert {HEAD_ONNX, HEAD_WEIGHTS} <= set(manifest["files"]) and manifest["head"]["file"] == HEAD_ONNX
+    assert manifest["verification"]["head"]["onnxruntime"]["max_relative_error"] <= 1e-4
+    bundle = load_bundle(out)
+    imgs, fg, bg, qry = random_episode(5, N=2, K=2)
+    with torch.no_grad():
+        expected = model(imgs, fg, bg, qry)
+    torch.testing.assert_close(bundle(imgs, fg, bg, qry, refine="tune"), expected, rtol=1e-3, atol=1e-3)
+
+    support = tmp_path / "support" / "thing"
+    support.mkdir(parents=True)
+    query = tmp_path / "query"
+    query.mkdir()
+    for i, image in enumerate(imgs[0, 0]):
+        Image.fromarray(as_uint8_image(image)).save(support / f"s{i}.png")
+        Image.fromarray(fg[0, 0, i].numpy().astype(np.uint8) * 255).save(support / f"s{i}_mask.png")
+    Image.fromarray(as_uint8_image(qry[0, 0])).save(query / "q.png")
+    masks = {}
+    for name, source in (("ckpt", ["--ckpt", str(ckpt)]), ("bundle", ["--bundle", str(out)])):
+        argv = ["--support", str(tmp_path / "support"), "--query", str(query), "--out", str(tmp_path / name)]
+        assert run_main([*argv, *source, "--no-overlays"]) == 0
+        masks[name] = np.asarray(Image.open(tmp_path / name / "q.png"))
+    assert (masks["ckpt"] == masks["bundle"]).mean() > 0.99

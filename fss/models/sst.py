@@ -213,9 +213,9 @@ def support_state(desc: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def way_probabilities(head, qry_feats, state, out_size) -> torch.Tensor:
     """``B x Q x C x h x w`` query feature maps, ``B x N x K x (C + 1)`` states -> ``B x Q x N x 2 x H x W``:
     per way, the IoU-weighted sum over its shots of the binary softmax at ``out_size``."""
-    B, Q, C = qry_feats.shape[:3]
+    B, Q = qry_feats.shape[:2]
     N, K = state.shape[1:3]
-    desc, weights = state[..., :C], state[..., C]
+    desc, weights = state[..., :-1], state[..., -1]
     present = weights > 0  # padded shots and zero weights cost nothing
     b, n, k = present.nonzero(as_tuple=True)
     pairs_q = qry_feats[b].flatten(0, 1)  # (S Q) x C x h x w, S present shots
@@ -286,16 +286,18 @@ def segment(qry_feats, state, out_size, scale=None, impl="auto", refine="none", 
 
 
 def bind(entry: Method, model, refine: str) -> Method:
-    """The entry with its functions on ``model.head``; ``refine`` "tune" runs the inner loop on supports."""
+    """The entry with its functions on ``model.head`` (a bundle's queries: on ``model.query_head``, its
+    ONNX graph); ``refine`` "tune" runs the inner loop on supports."""
     head = model.head
+    query_head = getattr(model, "query_head", head)
     step = float(model.options["inner_lr"]) if refine == "tune" else 0.0
     return replace(
         entry,
         shot_poolings=partial(shot_poolings, head=head, step=step),
         combine=combine,
         prototypes=partial(prototypes, head=head, step=step),
-        logits=partial(logits, head=head),
-        segment=partial(segment, head=head),
+        logits=partial(logits, head=query_head),
+        segment=partial(segment, head=query_head),
     )
 
 
