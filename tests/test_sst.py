@@ -348,3 +348,16 @@ def test_bundle_exports_encoder_and_head_and_runs_like_the_checkpoint(tmp_path, 
         assert run_main([*argv, *source, "--no-overlays"]) == 0
         masks[name] = np.asarray(Image.open(tmp_path / name / "q.png"))
     assert (masks["ckpt"] == masks["bundle"]).mean() > 0.99
+
+
+def test_tune_refinement_moves_the_support_features_and_none_does_not():
+    imgs, fg, bg, qry = random_episode(6, N=1, K=2)
+    with torch.no_grad():
+        big = tiny_sst(seed=1, inner_lr=1e4)  # (seed 6: dead ReLUs, dL/dR = 0)
+        assert not torch.allclose(
+            big(imgs, fg, bg, qry, refine="tune"), big(imgs, fg, bg, qry, refine="none")
+        )
+        still = tiny_sst(seed=1, inner_lr=0.0)
+        torch.testing.assert_close(
+            still(imgs, fg, bg, qry, refine="tune"), big(imgs, fg, bg, qry, refine="none")
+        )
