@@ -18,7 +18,7 @@ import torch
 from fss.errors import FssError
 from fss.export.bundle import validate_bundle
 from fss.export.tensorrt import require_tensorrt, tensorrt_missing
-from fss.models.methods import episode_logits, method_of
+from fss.models.methods import bound_method, episode_logits, method_of
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -185,7 +185,7 @@ class BundleModel:
         with torch.inference_mode():
             return episode_logits(
                 self.encode,
-                self.method,
+                bound_method(self, refine),
                 supp_imgs,
                 supp_fg,
                 supp_bg,
@@ -257,13 +257,19 @@ def load_bundle(
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir, input_size)
     if int8:
-        return int8_bundle(bundle_dir, manifest, backend, device, impl)
-    backend, device = choose_backend(manifest, backend, device, bundle_dir)
-    if backend == "tensorrt":
-        encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
+        model = int8_bundle(bundle_dir, manifest, backend, device, impl)
     else:
-        encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
-    return BundleModel(encoder, manifest, backend, impl)
+        backend, device = choose_backend(manifest, backend, device, bundle_dir)
+        if backend == "tensorrt":
+            encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
+        else:
+            encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
+        model = BundleModel(encoder, manifest, backend, impl)
+    if "head" in manifest:  # a learned head (SST)
+        from fss.export.head import attach_head
+
+        attach_head(model, bundle_dir)
+    return model
 
 
 def int8_bundle(bundle_dir: Path, manifest: dict, backend: str, device, impl) -> BundleModel:

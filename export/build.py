@@ -142,6 +142,12 @@ def export_model_bundle(
                 staging, int8_photos, size, model.meta["normalisation"], inputs, references
             )
             verification["onnxruntime_int8"] = int8.pop("verification")
+        head = None
+        if hasattr(model, "head"):  # a learned head (SST): its query path as ONNX, its weights
+            from fss.export.head import export_head
+
+            head = export_head(model, staging, references, opset, log)
+            verification["head"] = head.pop("verification")
         engine = None
         if trt:
             precision = "float16" if fp16 else "float32"
@@ -157,6 +163,7 @@ def export_model_bundle(
             "onnx": {"file": ONNX_FILE, "dtype": "float32", **graph},
             "int8": int8,
             "tensorrt": engine,
+            **({"head": head} if head is not None else {}),
             "files": file_entries(staging),
             "verification": verification,
             "tools": tool_versions(with_tensorrt=trt),

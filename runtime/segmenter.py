@@ -23,7 +23,7 @@ from fss.errors import FssError
 from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
 from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
-from fss.models.methods import adapts, method_of, resolve_refine
+from fss.models.methods import adapts, bound_method, resolve_refine
 from fss.runtime.encoder_path import choose_encoder_path
 from fss.runtime.encoders import make_encoder
 
@@ -135,8 +135,8 @@ class Segmenter:
         self.batch = int(batch)
         self.impl = impl
         self.workers = int(workers)
-        self.method = method_of(self.model)
         self.refine = resolve_refine(refine, self.model)
+        self.method = bound_method(self.model, self.refine)
         self.scale = self.model.scale  # the model's own cosine scale
         self.base_state = None  # adapting: the encoder's own weights, restored after every use
         if adapts(self.refine):
@@ -345,7 +345,7 @@ class Segmenter:
         probabilities): the method's fused head, each query its own episode (refinements per query)."""
         refined = self.refine != "none"
         qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
-        protos = protos[None].expand(len(qry), -1, -1)
+        protos = protos[None].expand(len(qry), *protos.shape)
         out = self.method.segment(
             qry, protos, out_size, self.scale, impl=self.impl, refine=self.refine, return_prob=return_prob
         )

@@ -192,9 +192,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-gamma", type=positive_float, default=0.1)
     p.add_argument("--batch-episodes", type=positive_int, default=1, help="episodes per batch (default 1)")
     p.add_argument(
-        "--align-weight", type=non_negative_float, default=1.0, help="weight of the PAR loss (default 1)"
+        "--align-weight",
+        type=non_negative_float,
+        default=1.0,
+        help="weight of the second loss term: PAR (panet), the auxiliary support loss (sst) (default 1)",
     )
-    p.add_argument("--no-align", action="store_true", help="train without prototype alignment (PAR)")
+    p.add_argument(
+        "--no-align", action="store_true", help="train without the second loss term (PAR, SST's auxiliary)"
+    )
+    sst = p.add_argument_group("SST (--method sst; see docs/methods.md)")
+    sst.add_argument(
+        "--sst-channels", type=positive_int, default=None, help="head width (default 256, CANet's)"
+    )
+    sst.add_argument(
+        "--sst-blocks", type=count, default=None, help="residual blocks after the comparator (default 2)"
+    )
+    sst.add_argument(
+        "--sst-inner-lr",
+        type=non_negative_float,
+        default=None,
+        help="step size of the inner step R' = R - lr dL/dR (default 1, the paper's)",
+    )
+    sst.add_argument(
+        "--sst-first-order",
+        action="store_true",
+        help="do not differentiate through the inner step (default: second order)",
+    )
+    sst.add_argument(
+        "--sst-no-tune",
+        action="store_true",
+        help="train without the inner loop (evaluate with --refine none)",
+    )
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the episodes (default 0)")
     p.add_argument(
@@ -249,11 +277,25 @@ def checkpoint_input_size(path: Path) -> int:
     return int(check_meta(meta, path).get("input_size", PAPER_INPUT_SIZE))
 
 
+def sst_options(args: argparse.Namespace) -> dict:
+    """The ``--sst-*`` options given, as ``meta["sst"]`` entries (fss.models.sst)."""
+    options = {"channels": args.sst_channels, "blocks": args.sst_blocks, "inner_lr": args.sst_inner_lr}
+    options = {name: value for name, value in options.items() if value is not None}
+    if args.sst_first_order:
+        options["second_order"] = False
+    if args.sst_no_tune:
+        options["tune"] = False
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.method == "prnet" and (args.no_align or args.align_weight != 1.0):
         raise FssError(
             "--method prnet trains with its second term at full weight: drop --no-align / --align-weight"
         )
+    method_options = sst_options(args)
+    if method_options and args.method != "sst":
+        raise FssError(f"--sst-* options apply to --method sst, not {args.method}")
     size = args.size
     if size is None:
         size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
@@ -273,6 +315,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         iters=args.iters,
         size=size,
         method=args.method,
+        method_options=method_options,
         encoder=args.encoder,
         width=args.width,
         init=args.init,

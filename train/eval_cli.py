@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REFINEMENTS,
         default=None,
         help="test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
-        "none for PANet, fusion for PRNet)",
+        "none for PANet, fusion for PRNet, tune for SST)",
     )
     p.add_argument(
         "--precision",

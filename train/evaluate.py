@@ -13,6 +13,7 @@ model in batches: one encoder call for all their images, then the fused kernels 
 """
 
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from fss.constants import IGNORE_INDEX
 from fss.errors import FssError
 from fss.models.adaptation import adapted
-from fss.models.methods import adapts, encode_episode, method_of
+from fss.models.methods import adapts, bound_method, encode_episode, method_of
 from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
 
 EVAL_SEED = 1234  # the official test seed
@@ -122,7 +123,7 @@ def predict(
         keys += [key for names in batch.image_keys for key in names[N * K :]]
         encode = partial(features, keys)
     supp_feats, qry_feats = encode_episode(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
-    method = method_of(model)
+    method = bound_method(model, refine)
     protos = method.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
     return method.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl, refine=refine)
 
@@ -143,6 +144,19 @@ def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) 
             size = batch.qry_imgs.shape[-2:]
             labels.append(method.segment(qry_feats, protos, size, model.scale, impl=impl, refine=refine))
     return torch.cat(labels)
+
+
+@contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (dropout off, e.g. SST's head, when validating during training), then back."""
+    training = getattr(model, "training", False)
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
 
 
 @torch.no_grad()
@@ -184,7 +198,10 @@ def evaluate(
     )
     device = model_device(model)
     counts = IouCounts(classes)
-    with tqdm(total=episodes, desc=desc, leave=False, disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        eval_mode(model),
+        tqdm(total=episodes, desc=desc, leave=False, disable=not progress, dynamic_ncols=True) as bar,
+    ):
         for start in range(0, episodes, batch_episodes):
             size = min(batch_episodes, episodes - start)
             batch = sampler.batch(size, part)

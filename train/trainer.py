@@ -76,6 +76,7 @@ class TrainConfig:
     iters: int = 30000
     size: int = PAPER_INPUT_SIZE
     method: str = "panet"  # a name of fss.models.methods
+    method_options: dict = field(default_factory=dict)  # the method's own (meta[method], e.g. SST's)
     encoder: str = "vgg16-dilated"  # a name of fss.models.encoders
     width: float = 1.0
     init: Path | str | None = None  # "auto": the encoder's pretrained weights; a file; None: from scratch
@@ -213,7 +214,8 @@ def freeze_stages(model: PANet, count: int) -> None:
 
 def build_model(config: TrainConfig) -> PANet:
     torch.manual_seed(config.seed)
-    model = build_method_model(config.method, config.encoder, config.width, impl=TRAIN_IMPL)
+    meta = {config.method: dict(config.method_options)} if config.method_options else None
+    model = build_method_model(config.method, config.encoder, config.width, meta, impl=TRAIN_IMPL)
     if config.init is None:
         init_from_scratch(model)
     else:

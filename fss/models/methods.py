@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from fss import kernels
-from fss.constants import PROTOTYPE_SCALE, REFINEMENTS
+from fss.constants import PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
 from fss.models.registry import Registry
 
-METHOD_MODULES = ("fss.models.panet", "fss.models.prnet")
+METHOD_MODULES = ("fss.models.panet", "fss.models.prnet", "fss.models.sst")
 DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and official snapshots
 
 
@@ -34,9 +34,14 @@ DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and officia
 
 def resolve_refine(refine: str | None, model) -> str:
     """``refine`` (None: the method's default) checked against :data:`REFINEMENTS`."""
-    refine = method_of(model).default_refine if refine in (None, "auto") else refine
+    method = method_of(model)
+    refine = method.default_refine if refine in (None, "auto") else refine
     if refine not in REFINEMENTS:
         raise FssError(f"unknown refinement {refine!r} (choose one of {', '.join(REFINEMENTS)})")
+    if refine not in method.refinements:
+        raise FssError(
+            f"{method.name} has no refinement {refine!r} (choose one of {', '.join(method.refinements)})"
+        )
     return refine
 
 
@@ -106,6 +111,10 @@ class Method:
             combined into prototypes; episodes batched) and how it meets queries, test-time fusion
             included (``refine``); the prototype methods share the functions above. Test-time
             adaptation (:mod:`fss.models.adaptation`) needs only ``prototypes`` and ``encode``.
+        refinements: the :data:`REFINEMENTS` that apply to it.
+        bind: ``(entry, model, refine) -> entry`` whose functions use the model's own head weights
+            (a method with a learned head, e.g. SST); the prototype methods' entries are weight-free.
+            Callers holding a model go through :func:`bound_method`.
     """
 
     name: str
@@ -119,6 +128,8 @@ class Method:
     prototypes: Callable = prototypes
     logits: Callable = logits
     segment: Callable = segment
+    refinements: tuple = PROTOTYPE_REFINEMENTS
+    bind: Callable = field(default=lambda entry, model, refine: entry)
 
 
 _REGISTRY = Registry("method", METHOD_MODULES)
@@ -134,6 +145,12 @@ def get_method(name: str, path=None) -> Method:
 def method_of(model) -> Method:
     """The entry of a model (or bundle) by its ``meta["method"]``."""
     return get_method(model.meta.get("method", DEFAULT_METHOD))
+
+
+def bound_method(model, refine: str = "none") -> Method:
+    """The entry of ``model`` with its functions bound to the model's head and ``refine``."""
+    entry = method_of(model)
+    return entry.bind(entry, model, refine)
 
 
 def build_model(
