@@ -32,12 +32,12 @@ def prnet_ckpt(tmp_path, model=None):
 
 
 def test_registry_names_and_defaults():
-    assert method_names() == ["panet", "prnet"]
+    assert {"oslsm", "panet", "prnet"} <= set(method_names())
     assert get_method("panet").default_refine == "none"
     assert get_method("prnet").default_refine == "fusion"
     assert get_method("prnet").train_defaults["lr"] == 7e-3
-    with pytest.raises(FssError, match=r"unknown method 'oslsm' \(known: panet, prnet\)"):
-        get_method("oslsm")
+    with pytest.raises(FssError, match=r"unknown method 'nosuch' \(known: oslsm, panet, prnet"):
+        get_method("nosuch")
 
 
 def test_checkpoints_load_through_their_method(tmp_path):
@@ -48,10 +48,10 @@ def test_checkpoints_load_through_their_method(tmp_path):
     for ours, theirs in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(ours, theirs)
     obj = torch.load(tmp_path / "prnet.pt", weights_only=True)
-    obj["meta"]["method"] = "sst"
-    torch.save(obj, tmp_path / "sst.pt")
-    with pytest.raises(CheckpointError, match=r"unknown method 'sst' \(known: panet, prnet\)"):
-        fss.load_model(tmp_path / "sst.pt")
+    obj["meta"]["method"] = "nosuch"
+    torch.save(obj, tmp_path / "nosuch.pt")
+    with pytest.raises(CheckpointError, match=r"unknown method 'nosuch' \(known: oslsm, panet, prnet"):
+        fss.load_model(tmp_path / "nosuch.pt")
 
 
 def test_segmenter_uses_the_models_scale_and_method_default(tmp_path):

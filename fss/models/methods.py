@@ -25,7 +25,7 @@ from fss.constants import PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
 from fss.models.registry import Registry
 
-METHOD_MODULES = ("fss.models.panet", "fss.models.prnet")
+METHOD_MODULES = ("fss.models.panet", "fss.models.prnet", "fss.models.oslsm")
 DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and official snapshots
 
 
@@ -34,9 +34,14 @@ DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and officia
 
 def resolve_refine(refine: str | None, model) -> str:
     """``refine`` (None: the method's default) checked against :data:`REFINEMENTS`."""
-    refine = method_of(model).default_refine if refine in (None, "auto") else refine
+    method = method_of(model)
+    refine = method.default_refine if refine in (None, "auto") else refine
     if refine not in REFINEMENTS:
         raise FssError(f"unknown refinement {refine!r} (choose one of {', '.join(REFINEMENTS)})")
+    if refine not in method.refinements:
+        raise FssError(
+            f"{method.name} has no refinement {refine!r} (it has: {', '.join(method.refinements)})"
+        )
     return refine
 
 
@@ -106,6 +111,14 @@ class Method:
             combined into prototypes; episodes batched) and how it meets queries, test-time fusion
             included (``refine``); the prototype methods share the functions above. Test-time
             adaptation (:mod:`fss.models.adaptation`) needs only ``prototypes`` and ``encode``.
+        support_state: for a method whose support state is computed from the support images themselves
+            (OSLSM's conditioning branch) rather than pooled from encoder features: ``(model, supp_imgs,
+            supp_fg, supp_bg, shot_mask, impl) -> B x N x K x ...`` per-shot state, which ``combine``
+            (per way ``K_n x ...`` lists) and ``segment`` / ``logits`` take in place of prototypes;
+            None for the prototype methods.
+        head_options: ``(model, query input size) -> dict`` of keyword arguments that ``logits`` and
+            ``segment`` also take (e.g. OSLSM's upsampling geometry); None: none.
+        refinements: the test-time refinements its checkpoints accept.
     """
 
     name: str
@@ -119,6 +132,13 @@ class Method:
     prototypes: Callable = prototypes
     logits: Callable = logits
     segment: Callable = segment
+    support_state: Callable | None = None
+    head_options: Callable | None = None
+    refinements: tuple = REFINEMENTS
+
+    def options(self, model, in_size) -> dict:
+        """The extra keyword arguments of ``logits`` / ``segment`` for ``model``'s queries of ``in_size``."""
+        return {} if self.head_options is None else self.head_options(model, in_size)
 
 
 _REGISTRY = Registry("method", METHOD_MODULES)
