@@ -158,15 +158,15 @@ def oslsm_meta(encoder: str, width: float, given: dict | None) -> dict:
         "hash_seed": HASH_SEED,
         **(given or {}),
     }
-    meta.setdefault("logit_scale", geometry.logit_scale(meta["channels"]))
-    if not isinstance(meta["logit_scale"], float) or not 0 < meta["logit_scale"] < float("inf"):
-        raise ValueError(f"meta oslsm.logit_scale must be a positive float, got {meta['logit_scale']!r}")
     if meta["geometry"] != geometry.name:
         raise ValueError(f"meta oslsm.geometry {meta['geometry']!r} is not {encoder}'s ({geometry.name})")
     for key, least in (("channels", 1), ("cond_channels", 1), ("hash_inputs", 1), ("hash_seed", 0)):
         value = meta[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"meta oslsm.{key} must be an integer >= {least}, got {value!r}")
+    meta.setdefault("logit_scale", geometry.logit_scale(meta["channels"]))
+    if not isinstance(meta["logit_scale"], float) or not 0 < meta["logit_scale"] < float("inf"):
+        raise ValueError(f"meta oslsm.logit_scale must be a positive float, got {meta['logit_scale']!r}")
     return meta
 
 
