@@ -152,8 +152,9 @@ class BundleModel:
     logits are returned; the encoder runs where it was loaded (``encoder.device``).
     """
 
-    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto"):
+    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None):
         self.encoder = encoder
+        self.conditioning = conditioning  # OSLSM: the support branch's graph (ONNX Runtime)
         self.manifest = manifest
         self.backend = backend
         self.meta = dict(manifest["meta"])
@@ -170,6 +171,12 @@ class BundleModel:
             raise ValueError(f"images must be M x 3 x {size} x {size}, got {tuple(images.shape)}")
         return self.encoder.encode(images).to(self.device)
 
+    def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
+        """OSLSM: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` regression weights."""
+        if self.conditioning is None:
+            raise FssError(f"this {self.meta['method']} bundle has no conditioning branch")
+        return self.conditioning.encode(masked).to(self.device)
+
     def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
         """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
         with torch.inference_mode():
@@ -184,6 +191,7 @@ class BundleModel:
                 scale=self.scale,
                 impl=self.impl,
                 refine=refine,
+                model=self,
             )
 
     def to(self, device=None, memory_format=None):
@@ -248,4 +256,7 @@ def load_bundle(bundle_dir, backend: str = "auto", device=None, input_size: int 
         encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
     else:
         encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
-    return BundleModel(encoder, manifest, backend, impl)
+    conditioning = manifest.get("conditioning")
+    if conditioning is not None:
+        conditioning = OnnxRuntimeEncoder(bundle_dir / conditioning["file"], encoder.device)
+    return BundleModel(encoder, manifest, backend, impl, conditioning)

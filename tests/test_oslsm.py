@@ -106,8 +106,10 @@ def test_checkpoint_round_trip_keeps_the_hashing(tmp_path):
 def test_segmenter_conditions_once_per_support_set(tmp_path, monkeypatch):
     model = tiny_oslsm()
     calls = []
-    condition = model.condition
-    monkeypatch.setattr(model, "condition", lambda imgs, fg: calls.append(len(imgs)) or condition(imgs, fg))
+    condition = model.condition_masked
+    monkeypatch.setattr(
+        model, "condition_masked", lambda masked: calls.append(len(masked)) or condition(masked)
+    )
     seg = Segmenter(model, device="cpu", batch=2)
     support = make_support(tmp_path / "s", classes=("cat", "dog"), shots=(2, 1))
     images = [sorted((support / c).glob("*.jpg")) for c in ("cat", "dog")]
@@ -213,3 +215,29 @@ def test_fss_eval_and_fss_run_on_an_oslsm_checkpoint(shapes, tmp_path, capsys):
     assert run_main(["--ckpt", str(ckpt), "--support", str(support), "--query", str(queries),
                      "--out", str(tmp_path / "out2"), "--refine", "fusion"]) == 2  # fmt: skip
     assert "oslsm has no refinement 'fusion'" in capsys.readouterr().err
+
+
+def test_an_oslsm_checkpoint_exports_both_branches_and_its_bundle_segments_alike(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fss.export.build import export_bundle
+
+    ckpt = tmp_path / "oslsm.pt"
+    fss.save_checkpoint(tiny_oslsm(input_size=48), ckpt)
+    bundle, manifest = export_bundle(ckpt, tmp_path / "bundle")
+    assert manifest["conditioning"]["input_size"] == SUPPORT_SIZE
+    assert manifest["conditioning"]["verification"]["max_relative_error"] < 1e-4
+    assert "conditioning.onnx" in manifest["files"]
+    support = make_support(tmp_path / "support")
+    images = [sorted((support / c).glob("*.jpg")) for c in ("cat", "dog")]
+    masks = [[p.with_suffix(".png") for p in shots] for shots in images]
+    queries = sorted(make_queries(tmp_path / "queries").glob("*.jpg"))
+    results = []
+    for model in (ckpt, bundle):
+        seg = Segmenter(model, device="cpu")
+        seg.set_support(images, masks, ["cat", "dog"])
+        results.append(seg.segment(queries, return_prob=True))
+    (ours, prob), (theirs, _) = results
+    for a, b, p in zip(ours, theirs, prob, strict=True):
+        assert len(np.unique(a)) > 1
+        assert ((a != b) & (p > 0.5 + 1e-4)).sum() == 0  # only near-threshold pixels may differ
+    assert fss.load_model(bundle).conditioning is not None

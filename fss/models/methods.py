@@ -190,6 +190,7 @@ def episode_logits(
     scale=None,
     impl="auto",
     refine="none",
+    model=None,
 ):
     """A method's logits for a batch of episodes, whatever computes the features (torch, ONNX Runtime, ...).
 
@@ -201,11 +202,18 @@ def episode_logits(
         qry_imgs: ``B x Q x 3 x H x W`` normalised query images.
         shot_mask: optional ``B x N x K`` bool for ways with fewer than K shots.
         scale: the cosine scale (default: the method's); refine: a :data:`REFINEMENTS` name.
+        model: the model (or bundle) ``encode`` belongs to: a method with a ``support_state`` needs it.
 
     Returns:
         ``B x Q x (1+N) x H x W`` logits, background first.
     """
     check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
+    if method.support_state is not None:  # the support state comes from the images (OSLSM)
+        B, Q = qry_imgs.shape[:2]
+        qry_feats = encode(qry_imgs.flatten(0, 1)).unflatten(0, (B, Q))
+        state = method.support_state(model, supp_imgs, supp_fg, supp_bg, shot_mask, impl=impl)
+        size = qry_imgs.shape[-2:]
+        return method.logits(qry_feats, state, size, impl=impl, **method.options(model, tuple(size)))
     supp_feats, qry_feats = encode_episode(encode, supp_imgs, qry_imgs)
     protos = method.prototypes(supp_feats, supp_fg, supp_bg, shot_mask, impl=impl)
     scale = method.scale if scale is None else scale

@@ -41,6 +41,11 @@ POOL_GRID = 7  # conditioning features pooled to 7 x 7 (VGG16's pool5 at 224)
 DROPOUT = 0.5
 FCN_STRIDE = 32
 QUERY_PAD = 121  # conv1_1's padding on the query in the official net
+# Beside the encoder's ops, in the exported branches: fc layers (Gemm; Conv + Relu on the query), the
+# pool to 7 x 7, flattening, the hashing gather and its signs, the logit scale.
+EXPORT_OPS = frozenset(
+    {"Conv", "Relu", "MaxPool", "AveragePool", "Gemm", "GatherND", "Mul", "Reshape", "Transpose"}
+)
 
 
 # -- weight hashing ---------------------------------------------------------------------------------------
@@ -141,6 +146,7 @@ STRIDE8 = Geometry(
     "stride8", as_registered, as_registered, 1, lambda w: 512, lambda w: 1024, None, lambda d: 1.0 / d
 )
 GEOMETRIES = {"vgg16-dilated": FCN32}  # other encoders: STRIDE8
+GEOMETRY_NAMES = {g.name: g for g in (FCN32, STRIDE8)}
 
 
 def geometry_of(encoder: str) -> Geometry:
@@ -208,6 +214,7 @@ class OSLSM(nn.Module):
             "oslsm": config,
         }
         self.scale = 1.0  # no cosine: the logits are the regression's own
+        self.export_ops = EXPORT_OPS
         self.impl = impl
 
     def init_head(self) -> None:
@@ -233,11 +240,11 @@ class OSLSM(nn.Module):
         """Conditioning branch: ``M x 3 x S x S`` normalised supports, ``M x S x S`` foreground masks ->
         ``M x (D+1)`` regression weights (bias last). Inputs of another size are resized to
         ``support_size`` first (bilinear image, nearest mask)."""
-        size = int(self.meta["support_size"])
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-            fg = F.interpolate(fg[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-        x = self.geometry_entry.support(self.support_encoder, images * (fg[:, None] > 0.5).to(images.dtype))
+        return self.condition_masked(masked_supports(images, fg, int(self.meta["support_size"])))
+
+    def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
+        """``M x 3 x s x s`` masked supports at the support size -> ``M x (D+1)`` (the exported graph)."""
+        x = self.geometry_entry.support(self.support_encoder, masked)
         x = F.adaptive_avg_pool2d(x, POOL_GRID).flatten(1)
         x = self.dropout(F.relu(self.cond_fc6(x)))
         x = self.dropout(F.relu(self.cond_fc7(x)))
@@ -245,11 +252,12 @@ class OSLSM(nn.Module):
 
     def geometry(self, in_size) -> tuple | None:
         """The head's upsampling geometry for queries of side ``in_size`` (int or ``(H, W)``)."""
-        if self.geometry_entry.fcn is None:
-            return None
-        stride, offset = self.geometry_entry.fcn
-        in_h, in_w = (in_size, in_size) if isinstance(in_size, int) else tuple(in_size)
-        return stride, offset, int(in_h), int(in_w)
+        return head_geometry(self.meta, in_size)
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """The graphs a bundle holds: the query branch (``images`` -> fc7 ``features``) and the
+        conditioning branch (masked supports at the support size -> regression weights)."""
+        return {"encoder": Branch(self.encode).eval(), "conditioning": Branch(self.condition_masked).eval()}
 
     def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
         """Logits ``B x Q x (1+N) x H x W``: a zero background channel, then each way's (max over its
@@ -264,6 +272,37 @@ class OSLSM(nn.Module):
         return torch.cat([torch.zeros_like(ways[:, :, :1]), ways], dim=2)
 
 
+class Branch(nn.Module):
+    """One branch of an OSLSM as a module of its own (for the ONNX exporter)."""
+
+    def __init__(self, forward: Callable):
+        super().__init__()
+        self.model = forward.__self__
+        self.branch = forward.__name__
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.branch)(images)
+
+
+def masked_supports(images: torch.Tensor, fg: torch.Tensor, size: int) -> torch.Tensor:
+    """``M x 3 x S x S`` normalised supports times their ``M x S x S`` binary masks, at ``size``
+    (bilinear image, nearest mask, when ``S != size``): masked-out pixels become the mean colour (0)."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        fg = F.interpolate(fg[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    return images * (fg[:, None] > 0.5).to(images.dtype)
+
+
+def head_geometry(meta: dict, in_size) -> tuple | None:
+    """The upsampling geometry (:mod:`fss.kernels.logistic`) of a checkpoint's or bundle's ``meta`` for
+    queries of side ``in_size`` (int or ``(H, W)``)."""
+    fcn = GEOMETRY_NAMES[meta["oslsm"]["geometry"]].fcn
+    if fcn is None:
+        return None
+    in_h, in_w = (in_size, in_size) if isinstance(in_size, int) else tuple(in_size)
+    return fcn[0], fcn[1], int(in_h), int(in_w)
+
+
 def build(encoder: str, width: float, meta: dict, impl: str) -> OSLSM:
     return OSLSM(encoder, width, meta, impl)
 
@@ -272,7 +311,8 @@ def support_state(model, supp_imgs, supp_fg, supp_bg=None, shot_mask=None, impl=
     """``B x N x K x 3 x S x S`` supports, ``B x N x K x S x S`` foreground -> ``B x N x K x (D+1)``
     weights. Shots ``shot_mask`` marks absent repeat the way's first shot (the max ignores repeats)."""
     B, N, K = supp_imgs.shape[:3]
-    weights = model.condition(supp_imgs.flatten(0, 2), supp_fg.flatten(0, 2)).unflatten(0, (B, N, K))
+    masked = masked_supports(supp_imgs.flatten(0, 2), supp_fg.flatten(0, 2), int(model.meta["support_size"]))
+    weights = model.condition_masked(masked).unflatten(0, (B, N, K))  # a checkpoint's or a bundle's
     if shot_mask is not None:
         weights = torch.where(shot_mask[..., None].to(weights.device), weights, weights[:, :, :1])
     return weights
@@ -299,7 +339,7 @@ def segment(qry_feats, weights, out_size, scale=1.0, impl="auto", refine="none",
 
 
 def head_options(model, in_size) -> dict:
-    return {"geometry": model.geometry(in_size)}
+    return {"geometry": head_geometry(model.meta, in_size)}
 
 
 def losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
