@@ -16,7 +16,8 @@ conv5_3, conv1_1 padded by 121 on the query, fc6 a 7 x 7 convolution, fc widths 
 output stride 32, upsampled as the official fixed bilinear deconvolution and crop); any other encoder
 runs as registered (stride 8) with 1 x 1 fc6 / fc7 of 512 channels and a 1024-wide conditioning branch,
 upsampled as the prototype methods. Checkpoints store the choices in ``meta["oslsm"]`` and the hashing
-map both as buffers and as its seed (regenerated and compared on load).
+map both as buffers (authoritative: a converted official model keeps its own map) and as the seed that
+generated it (:meth:`WeightHashing.regenerated` compares the two).
 
 Shapes: ``B`` episodes, ``N`` ways, ``K`` shots, ``Q`` queries, ``D`` query feature channels.
 """
