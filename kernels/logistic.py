@@ -17,8 +17,9 @@ are clamped to the grid (edge values), as torch's bilinear upsampling does.
 
 Implementations (``impl``): ``torch`` (the reference: gathers of the four taps per pixel), the CPU fast
 path (``native`` / ``auto`` on CPU: separable upsampling as two small GEMMs per map, ``A_H @ L @ A_W^T``,
-BLAS), ``triton`` (GPU; one fused kernel: upsampling, max over shots, argmax over ways, threshold,
-probability, without writing image-size float maps). :func:`logits` (training) is differentiable.
+BLAS, folded into running maxima so only a few image-size maps exist at once), ``triton`` (GPU; one
+fused kernel: upsampling, max over shots, argmax over ways, threshold, probability, without writing
+image-size float maps). :func:`logits` (training) is differentiable.
 
 Shapes: ``B`` episodes, ``Q`` queries, ``N`` ways, ``K`` shots, ``D`` feature channels, ``h x w``
 features, ``H x W`` output.
@@ -28,8 +29,6 @@ import torch
 
 from fss.kernels.dispatch import resolve_impl, triton_available
 from fss.kernels.interp import as_size
-
-QUERY_CHUNK = 8  # queries upsampled together on the CPU fast path (bounds the image-size float maps)
 
 
 def check_head_inputs(qry_feats, weights):
@@ -126,14 +125,24 @@ def segment_torch(qry_feats, weights, out_size, geometry=None, return_prob=False
 
 
 def segment_separable(qry_feats, weights, out_size, geometry=None, return_prob=False):
-    """The CPU fast path: :func:`upsample_separable` (BLAS), a few queries at a time."""
-    outs = [
-        labels_of(logits(qry_feats[:, i : i + QUERY_CHUNK], weights, out_size, geometry), return_prob)
-        for i in range(0, qry_feats.shape[1], QUERY_CHUNK)
-    ]
-    if return_prob:
-        return torch.cat([o[0] for o in outs], dim=1), torch.cat([o[1] for o in outs], dim=1)
-    return torch.cat(outs, dim=1)
+    """The CPU fast path: each shot's map upsampled as ``A_H @ L @ A_W^T`` (BLAS) and folded at once
+    into a running max over shots, then over ways: a few ``B x Q x H x W`` maps, whatever N and K."""
+    H, W = as_size(out_size)
+    low = low_logits(qry_feats, weights)
+    ay, ax = axes(geometry, (H, W))
+    a_h = interp_matrix(H, low.shape[-2], ay, low.device, low.dtype)
+    a_w = interp_matrix(W, low.shape[-1], ax, low.device, low.dtype).t()
+    best = torch.full((*low.shape[:2], H, W), float("-inf"), device=low.device)
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=low.device)
+    for n in range(low.shape[2]):
+        way = a_h @ low[:, :, n, 0] @ a_w
+        for k in range(1, low.shape[3]):
+            torch.maximum(way, a_h @ low[:, :, n, k] @ a_w, out=way)
+        better = way > best  # strict: ties keep the lowest way
+        labels[better] = n + 1
+        best = torch.where(better, way, best)
+    labels[best <= 0] = 0
+    return (labels, torch.sigmoid(best.abs())) if return_prob else labels
 
 
 def fast_impl(impl: str, tensor) -> str:
