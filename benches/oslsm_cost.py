@@ -1,6 +1,8 @@
 """Cost per query on EfficientNet-Lite0 at 321, one thread: min over 10 repetitions (ms).
 
 Run: ``python benches/oslsm_cost.py`` (docs/performance.md, OSLSM).
+"""
+
 import time
 
 import torch
@@ -29,7 +31,9 @@ enc_p, _ = best(lambda: panet.encode(x))
 enc_o, feats = best(lambda: oslsm.encode(x))
 cond, w = best(lambda: oslsm.condition_masked(s))
 for k in (1, 5):
-    head, _ = best(lambda: segment(feats[None], w[None, None].expand(1, 1, k, -1), (321, 321)))
+    head, _ = best(lambda k=k: segment(feats[None], w[None, None].expand(1, 1, k, -1), (321, 321)))
     print(f"OSLSM head 1-way {k}-shot 41x41 -> 321: {head:.2f} ms")
-print(f"PANet encoder {enc_p:.1f} ms; OSLSM query branch (trunk + fc6 + fc7) {enc_o:.1f} ms; "
-      f"OSLSM conditioning branch, per support shot (once per support set) {cond:.1f} ms")
+print(
+    f"PANet encoder {enc_p:.1f} ms; OSLSM query branch (trunk + fc6 + fc7) {enc_o:.1f} ms; "
+    f"OSLSM conditioning branch, per support shot (once per support set) {cond:.1f} ms"
+)
