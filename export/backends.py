@@ -162,8 +162,9 @@ class BundleModel:
     logits are returned; the encoder runs where it was loaded (``encoder.device``).
     """
 
-    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto"):
+    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None):
         self.encoder = encoder
+        self.conditioning = conditioning  # OSLSM: the support branch's graph (ONNX Runtime)
         self.manifest = manifest
         self.backend = backend
         self.meta = dict(manifest["meta"])
@@ -180,6 +181,12 @@ class BundleModel:
             raise ValueError(f"images must be M x 3 x {size} x {size}, got {tuple(images.shape)}")
         return self.encoder.encode(images).to(self.device)
 
+    def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
+        """OSLSM: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` regression weights."""
+        if self.conditioning is None:
+            raise FssError(f"this {self.meta['method']} bundle has no conditioning branch")
+        return self.conditioning.encode(masked).to(self.device)
+
     def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
         """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
         with torch.inference_mode():
@@ -194,6 +201,7 @@ class BundleModel:
                 scale=self.scale,
                 impl=self.impl,
                 refine=refine,
+                model=self,
             )
 
     def to(self, device=None, memory_format=None):
@@ -257,14 +265,17 @@ def load_bundle(
     bundle_dir = Path(bundle_dir)
     manifest = validate_bundle(bundle_dir, input_size)
     if int8:
-        model = int8_bundle(bundle_dir, manifest, backend, device, impl)
+        backend, encoder = "onnxruntime-int8", int8_encoder(bundle_dir, manifest, backend, device)
     else:
         backend, device = choose_backend(manifest, backend, device, bundle_dir)
         if backend == "tensorrt":
             encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
         else:
             encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
-        model = BundleModel(encoder, manifest, backend, impl)
+    conditioning = manifest.get("conditioning")
+    if conditioning is not None:  # OSLSM's conditioning branch, beside the encoder
+        conditioning = OnnxRuntimeEncoder(bundle_dir / conditioning["file"], encoder.device)
+    model = BundleModel(encoder, manifest, backend, impl, conditioning)
     if "head" in manifest:  # a learned head (SST)
         from fss.export.head import attach_head
 
@@ -272,8 +283,8 @@ def load_bundle(
     return model
 
 
-def int8_bundle(bundle_dir: Path, manifest: dict, backend: str, device, impl) -> BundleModel:
-    """The bundle with its int8 encoder (backend ``onnxruntime-int8``): opt-in, CPU only."""
+def int8_encoder(bundle_dir: Path, manifest: dict, backend: str, device) -> "OnnxRuntimeEncoder":
+    """The bundle's int8 encoder (the backend ``onnxruntime-int8``): opt-in, CPU only."""
     if manifest.get("int8") is None:
         raise FssError("bundle has no int8 encoder: re-export it with fss-export --int8 PHOTOS", bundle_dir)
     if backend not in ("auto", "onnxruntime") or (
@@ -282,5 +293,4 @@ def int8_bundle(bundle_dir: Path, manifest: dict, backend: str, device, impl) ->
         raise FssError(
             "the int8 encoder runs in ONNX Runtime on the CPU (--backend onnxruntime, --device cpu)"
         )
-    encoder = OnnxRuntimeEncoder(bundle_dir / manifest["int8"]["file"], "cpu")
-    return BundleModel(encoder, manifest, "onnxruntime-int8", impl)
+    return OnnxRuntimeEncoder(bundle_dir / manifest["int8"]["file"], "cpu")

@@ -14,6 +14,7 @@ from fss.export import verify
 from fss.export.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
+    CONDITIONING_FILE,
     ENGINE_FILE,
     ONNX_FILE,
     file_entries,
@@ -122,14 +123,15 @@ def export_model_bundle(
     size = int(size or model.meta["input_size"])
     meta = {**model.meta, "input_size": size}
     inputs = verify.verification_inputs(size, model.meta["normalisation"], verify_images)
-    ops = get_encoder(model.meta["encoder"]).onnx_ops
+    ops = get_encoder(model.meta["encoder"]).onnx_ops | getattr(model, "export_ops", frozenset())
+    modules = export_modules(model)
 
     with staged_bundle(out) as staging:
         log(
             f"exporting the encoder of {source['file']} ({model.meta['encoder']}, "
             f"width {model.encoder.width:g}, {size}x{size})"
         )
-        graph = export_onnx(model.encoder, staging / ONNX_FILE, size, ops, opset)
+        graph = export_onnx(modules["encoder"], staging / ONNX_FILE, size, ops, opset)
         with torch.inference_mode():
             references = {name: verify.encode_in_batches(model.encode, x) for name, x in inputs.items()}
         log(f"verifying {ONNX_FILE} with ONNX Runtime (CPU) on {', '.join(inputs)} inputs")
@@ -156,7 +158,13 @@ def export_model_bundle(
                 model, staging, size, max_batch, opset, precision, inputs, references
             )
             verification["tensorrt"] = engine.pop("verification")
+        extra = {}
+        if "conditioning" in modules:
+            extra["conditioning"] = export_conditioning(
+                model, modules["conditioning"], staging, ops, opset, log
+            )
         manifest = {
+            **extra,
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
             "meta": meta,
@@ -171,6 +179,31 @@ def export_model_bundle(
         }
         write_manifest(staging, manifest)
     return out, manifest
+
+
+def export_modules(model) -> dict:
+    """The networks a bundle holds by name: ``encoder`` (queries), and e.g. OSLSM's ``conditioning``."""
+    return model.export_modules() if hasattr(model, "export_modules") else {"encoder": model.encoder}
+
+
+def query_module(model):
+    return export_modules(model)["encoder"]
+
+
+def export_conditioning(model, module, staging: Path, ops, opset: int, log) -> dict:
+    """OSLSM's conditioning branch as ``conditioning.onnx`` (masked supports at the support size ->
+    regression weights), verified with ONNX Runtime against eager PyTorch; always run by ONNX Runtime."""
+    size = int(model.meta["support_size"])
+    graph = export_onnx(module, staging / CONDITIONING_FILE, size, ops, opset)
+    inputs = verify.verification_inputs(size, model.meta["normalisation"])
+    box = torch.zeros(size, size)
+    box[size // 4 : 3 * size // 4, size // 5 : 4 * size // 5] = 1  # masked, as supports reach the graph
+    inputs = {name: images * box for name, images in inputs.items()}
+    with torch.inference_mode():
+        references = {name: verify.encode_in_batches(module, x) for name, x in inputs.items()}
+    log(f"verifying {CONDITIONING_FILE} with ONNX Runtime (CPU)")
+    report = verify_onnxruntime(staging / CONDITIONING_FILE, inputs, references)
+    return {"file": CONDITIONING_FILE, "input_size": size, **graph, "verification": report}
 
 
 def verify_onnxruntime(onnx_path: Path, inputs: dict, references: dict) -> dict:
@@ -209,8 +242,8 @@ def build_verified_engine(
         source = staging / ONNX_FILE
         if precision == "float16":
             source = Path(scratch) / "encoder-fp16.onnx"
-            ops = get_encoder(model.meta["encoder"]).onnx_ops
-            export_onnx(model.encoder, source, size, ops, opset, float16=True)
+            ops = get_encoder(model.meta["encoder"]).onnx_ops | getattr(model, "export_ops", frozenset())
+            export_onnx(query_module(model), source, size, ops, opset, float16=True)
         engine = build_engine(source, staging / ENGINE_FILE, size, max_batch, precision)
     encoder = TensorRTEncoder(staging / ENGINE_FILE, "cuda")
     engine["verification"] = verify.verify_encoder("TensorRT", encoder.encode, inputs, references, precision)

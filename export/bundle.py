@@ -27,6 +27,7 @@ BUNDLE_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "encoder.onnx"
 ENGINE_FILE = "encoder.engine"
+CONDITIONING_FILE = "conditioning.onnx"  # OSLSM: the support branch (manifest["conditioning"])
 
 
 def sha256_file(path) -> str:

@@ -153,3 +153,5 @@ def init_encoder(model: PANet, path) -> None:
             model.meta["normalisation"] = source.meta["normalisation"]
             return
     model.meta.update(entry.init(model.encoder, path))
+    for extra in getattr(model, "extra_encoders", list)():  # e.g. OSLSM's conditioning trunk
+        entry.init(extra, path)

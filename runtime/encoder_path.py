@@ -139,10 +139,10 @@ def choose_encoder_path(
 
     try:
         folder = cached_bundle(model, size)
-    except (FssError, OSError) as exc:
+    except Exception as exc:  # auto never fails a model that runs in torch: it says why and runs torch
         if backend == "onnxruntime":
             raise
-        reason = getattr(exc, "message", None) or str(exc)
+        reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}".splitlines()[0]
         return EncoderPath(model, "torch", f"torch (no verified ONNX graph: {reason})")
     bundle = load_bundle(folder, backend="onnxruntime", device="cpu", input_size=size, impl=model.impl)
     return EncoderPath(bundle, "onnxruntime", f"onnxruntime (verified graph cached in {folder})")

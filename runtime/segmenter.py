@@ -131,6 +131,8 @@ class Segmenter:
             model = load_model(model, device=self.device)
         self.model = model.to(self.device).eval()
         self.size = int(size or model.meta["input_size"])
+        # A method may encode supports at their own size (OSLSM's conditioning branch: 224).
+        self.support_size = int(model.meta.get("support_size", self.size))
         self.normalisation = model.meta["normalisation"]
         self.batch = int(batch)
         self.impl = impl
@@ -138,6 +140,7 @@ class Segmenter:
         self.refine = resolve_refine(refine, self.model)
         self.method = bound_method(self.model, self.refine)
         self.scale = self.model.scale  # the model's own cosine scale
+        self.head_options = self.method.options(self.model, self.size)
         self.base_state = None  # adapting: the encoder's own weights, restored after every use
         if adapts(self.refine):
             if getattr(self.model, "backend", "torch") != "torch":
@@ -294,19 +297,32 @@ class Segmenter:
                 raise ValueError(f"mask size {parsed.shape[::-1]} differs from image size {img.size}")
             if not (parsed == 1).any():
                 raise ValueError("support mask has no foreground pixel")
-            resized = mask_tensor(parsed, self.size)
-            imgs.append(image_tensor(img, self.size, self.normalisation))
+            resized = mask_tensor(parsed, self.support_size)
+            imgs.append(image_tensor(img, self.support_size, self.normalisation))
             fgs.append(resized == 1)
             bgs.append(resized == 0)
         return torch.stack(imgs), torch.stack(fgs).float(), torch.stack(bgs).float()
 
     def pool_prepared(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`prepare_shots`'s tensors -> ``K x C`` foreground and background poolings."""
+        """:meth:`prepare_shots`'s tensors -> ``K x C`` foreground and background poolings (a method with
+        a ``support_state``: ``K x ...`` per-shot states, and ``K x 0`` background)."""
+        if self.method.support_state is not None:
+            return self.shot_states(imgs, fg, bg)
         with self._lock:
             feats = self.encode(imgs)  # K x C x h x w
         fg, bg = fg.to(self.device), bg.to(self.device)
         with torch.inference_mode():
             return self.method.shot_poolings(feats, fg, bg, impl=self.impl)
+
+    def shot_states(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-shot states of a method that reads the support images (OSLSM: regression weights)."""
+        to = dict(device=self.device)
+        with self._lock, torch.inference_mode():
+            state = self.method.support_state(
+                self.model, imgs.to(**to)[None, None], fg.to(**to)[None, None], bg.to(**to)[None, None],
+                impl=self.impl,
+            )[0, 0]  # fmt: skip
+        return state, state[:, :0]
 
     def support(self, name: str | None) -> SupportSet:
         name = DEFAULT_SUPPORT if name is None else name
@@ -347,7 +363,14 @@ class Segmenter:
         qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
         protos = protos[None].expand(len(qry), *protos.shape)
         out = self.method.segment(
-            qry, protos, out_size, self.scale, impl=self.impl, refine=self.refine, return_prob=return_prob
+            qry,
+            protos,
+            out_size,
+            self.scale,
+            impl=self.impl,
+            refine=self.refine,
+            return_prob=return_prob,
+            **self.head_options,
         )
         flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
         return (flat(out[0]), flat(out[1])) if return_prob else flat(out)

@@ -32,11 +32,11 @@ def prnet_ckpt(tmp_path, model=None):
 
 
 def test_registry_names_and_defaults():
-    assert {"panet", "prnet", "sst"} <= set(method_names())  # other methods register beside them
+    assert {"oslsm", "panet", "prnet", "sst"} <= set(method_names())  # other methods register beside them
     assert get_method("panet").default_refine == "none"
     assert get_method("prnet").default_refine == "fusion"
     assert get_method("prnet").train_defaults["lr"] == 7e-3
-    with pytest.raises(FssError, match=r"unknown method 'nosuch' \(known: .*panet, prnet"):
+    with pytest.raises(FssError, match=r"unknown method 'nosuch' \(known: oslsm, panet, prnet, sst"):
         get_method("nosuch")
 
 
@@ -50,7 +50,7 @@ def test_checkpoints_load_through_their_method(tmp_path):
     obj = torch.load(tmp_path / "prnet.pt", weights_only=True)
     obj["meta"]["method"] = "nosuch"
     torch.save(obj, tmp_path / "nosuch.pt")
-    with pytest.raises(CheckpointError, match=r"unknown method 'nosuch' \(known: .*panet, prnet"):
+    with pytest.raises(CheckpointError, match=r"unknown method 'nosuch' \(known: oslsm, panet, prnet, sst"):
         fss.load_model(tmp_path / "nosuch.pt")
 
 

@@ -116,6 +116,8 @@ def predict(
     on each episode's supports in turn (restored after each), so its features are never cached."""
     if adapts(refine):
         return predict_adapted(model, batch, impl, encode, refine)
+    if method_of(model).support_state is not None:
+        return predict_conditioned(model, batch, impl, encode, features, refine)
     if features is not None:
         N, K = batch.supp_imgs.shape[1:3]
         # encode_episode encodes all supports (episode, way, shot order), then all queries.
@@ -126,6 +128,21 @@ def predict(
     method = bound_method(model, refine)
     protos = method.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
     return method.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl, refine=refine)
+
+
+def predict_conditioned(model, batch: EpisodeBatch, impl: str, encode, features, refine: str) -> torch.Tensor:
+    """:func:`predict` for a method whose support state comes from the support images (OSLSM): only the
+    queries go through the encoder (and the feature cache)."""
+    B, Q = batch.qry_imgs.shape[:2]
+    N, K = batch.supp_imgs.shape[1:3]
+    if features is not None:
+        encode = partial(features, [key for names in batch.image_keys for key in names[N * K :]])
+    qry_feats = (encode or model.encode)(batch.qry_imgs.flatten(0, 1)).unflatten(0, (B, Q))
+    method = method_of(model)
+    state = method.support_state(model, batch.supp_imgs, batch.supp_fg, batch.supp_bg, impl=impl)
+    size = batch.qry_imgs.shape[-2:]
+    options = method.options(model, tuple(size))
+    return method.segment(qry_feats, state, size, model.scale, impl=impl, refine=refine, **options)
 
 
 def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) -> torch.Tensor:

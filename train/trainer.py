@@ -197,7 +197,8 @@ def init_from_scratch(model: PANet) -> None:
     """torchvision's initialisation of its conv nets (He normal, fan-out; zero bias): a plain VGG
     trains without BatchNorm from it. PyTorch's default conv initialisation shrinks the signal through
     13 layers, and SGD barely moves."""
-    for conv in (m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)):
+    trunks = [model.encoder, *getattr(model, "extra_encoders", list)()]
+    for conv in (m for trunk in trunks for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)):
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         if conv.bias is not None:
             torch.nn.init.zeros_(conv.bias)
@@ -210,6 +211,9 @@ def freeze_stages(model: PANet, count: int) -> None:
         raise FssError(f"--freeze-stages {count}: {model.meta['encoder']} has {len(stages)} stages")
     for stage in stages[:count]:
         stage.requires_grad_(False)
+    for extra in getattr(model, "extra_encoders", list)():  # e.g. OSLSM's conditioning trunk
+        for stage in extra.stages()[:count]:
+            stage.requires_grad_(False)
 
 
 def build_model(config: TrainConfig) -> PANet:

@@ -25,7 +25,7 @@ from fss.constants import PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
 from fss.models.registry import Registry
 
-METHOD_MODULES = ("fss.models.panet", "fss.models.prnet", "fss.models.sst")
+METHOD_MODULES = ("fss.models.panet", "fss.models.prnet", "fss.models.sst", "fss.models.oslsm")
 DEFAULT_METHOD = "panet"  # checkpoints written before the registry, and official snapshots
 
 
@@ -115,6 +115,13 @@ class Method:
         bind: ``(entry, model, refine) -> entry`` whose functions use the model's own head weights
             (a method with a learned head, e.g. SST); the prototype methods' entries are weight-free.
             Callers holding a model go through :func:`bound_method`.
+        support_state: for a method whose support state is computed from the support images themselves
+            (OSLSM's conditioning branch) rather than pooled from encoder features: ``(model, supp_imgs,
+            supp_fg, supp_bg, shot_mask, impl) -> B x N x K x ...`` per-shot state, which ``combine``
+            (per way ``K_n x ...`` lists) and ``segment`` / ``logits`` take in place of prototypes;
+            None for the prototype methods.
+        head_options: ``(model, query input size) -> dict`` of keyword arguments that ``logits`` and
+            ``segment`` also take (e.g. OSLSM's upsampling geometry); None: none.
     """
 
     name: str
@@ -130,6 +137,12 @@ class Method:
     segment: Callable = segment
     refinements: tuple = PROTOTYPE_REFINEMENTS
     bind: Callable = field(default=lambda entry, model, refine: entry)
+    support_state: Callable | None = None
+    head_options: Callable | None = None
+
+    def options(self, model, in_size) -> dict:
+        """The extra keyword arguments of ``logits`` / ``segment`` for ``model``'s queries of ``in_size``."""
+        return {} if self.head_options is None else self.head_options(model, in_size)
 
 
 _REGISTRY = Registry("method", METHOD_MODULES)
@@ -187,6 +200,7 @@ def episode_logits(
     scale=None,
     impl="auto",
     refine="none",
+    model=None,
 ):
     """A method's logits for a batch of episodes, whatever computes the features (torch, ONNX Runtime, ...).
 
@@ -198,11 +212,18 @@ def episode_logits(
         qry_imgs: ``B x Q x 3 x H x W`` normalised query images.
         shot_mask: optional ``B x N x K`` bool for ways with fewer than K shots.
         scale: the cosine scale (default: the method's); refine: a :data:`REFINEMENTS` name.
+        model: the model (or bundle) ``encode`` belongs to: a method with a ``support_state`` needs it.
 
     Returns:
         ``B x Q x (1+N) x H x W`` logits, background first.
     """
     check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
+    if method.support_state is not None:  # the support state comes from the images (OSLSM)
+        B, Q = qry_imgs.shape[:2]
+        qry_feats = encode(qry_imgs.flatten(0, 1)).unflatten(0, (B, Q))
+        state = method.support_state(model, supp_imgs, supp_fg, supp_bg, shot_mask, impl=impl)
+        size = qry_imgs.shape[-2:]
+        return method.logits(qry_feats, state, size, impl=impl, **method.options(model, tuple(size)))
     supp_feats, qry_feats = encode_episode(encode, supp_imgs, qry_imgs)
     protos = method.prototypes(supp_feats, supp_fg, supp_bg, shot_mask, impl=impl)
     scale = method.scale if scale is None else scale
