@@ -3,8 +3,8 @@
 On the CPU, ONNX Runtime runs our encoders in a fraction of eager PyTorch's time (docs/performance.md).
 ``auto`` therefore exports a model's encoder once, verifies it against eager PyTorch (``fss.export``'s
 float32 tolerance, on noise, a smooth image and the bundled example photos), and keeps the verified
-bundle in a cache folder under a digest of everything the graph depends on: the encoder's weights,
-its name / width / normalisation, the input size and the versions of fss, torch and ONNX Runtime.
+bundle in a cache folder under a digest of everything the bundle depends on: the model's weights and
+metadata, the input size and the versions of fss, torch and ONNX Runtime.
 Later runs validate the cached bundle (every file's sha256) and load it in milliseconds; a graph that
 failed verification is remembered (``<digest>.refused``) and not exported again. Where the ONNX
 Runtime path is not possible (ONNX tools not installed, cache not writable, export refused), ``auto``
@@ -57,23 +57,22 @@ def missing_onnx_tools() -> list[str]:
 
 
 def encoder_digest(model, size: int) -> str:
-    """sha256 of what the exported graph depends on: weights (names, dtypes, shapes, bytes), encoder
-    meta, input size and tool versions."""
+    """sha256 of what the cached bundle depends on: the model's weights (names, dtypes, shapes, bytes;
+    all of them: a bundle may carry a head or a second branch besides the encoder), its meta (the
+    bundle's manifest repeats it), the input size and the tool versions."""
     import onnxruntime
 
-    meta = model.meta
     header = {
         "cache_format": CACHE_FORMAT,
-        "encoder": meta.get("encoder"),
+        "meta": model.meta,
         "width": getattr(model.encoder, "width", None),
-        "normalisation": meta.get("normalisation"),
         "size": int(size),
         "fss": fss.__version__,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name, tensor in sorted(model.encoder.state_dict().items()):
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -184,3 +184,12 @@ def test_fss_run_bf16_is_opt_in_torch_and_a_setting(tmp_path, cache, capsys):
     assert "another --precision" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fss_run([str(a) for a in [*common, "--precision", "bf16", "--backend", "onnxruntime"]])
+
+
+def test_same_weights_other_method_is_another_cache_entry(cache):
+    """The bundle's manifest carries the model's meta (method, classes, ...): it is part of the key."""
+    panet = random_model(input_size=SIZE)
+    prnet = random_model(input_size=SIZE)
+    prnet.meta["method"] = "prnet"
+    assert choose_encoder_path(panet, CPU, SIZE).model.meta["method"] == "panet"
+    assert choose_encoder_path(prnet, CPU, SIZE).model.meta["method"] == "prnet"
