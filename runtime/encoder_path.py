@@ -88,13 +88,14 @@ def verification_photos() -> list[Path]:
     return list_images(EXAMPLE_PHOTOS / "query")[0][:2]
 
 
-def cached_bundle(model, size: int) -> Path:
-    """The verified ONNX bundle of ``model``'s encoder at ``size``: from the cache, or exported into it.
+def cached_bundle(model, size: int):
+    """``(bundle, folder)``: the verified ONNX bundle of ``model`` at ``size``, loaded for ONNX Runtime
+    on the CPU, from the cache or exported into it first. Loading validates the bundle (every file's
+    sha256), so a damaged entry is found by the same single pass that loads it.
 
     Raises ``FssError`` (export refused, cache not writable) and ``OSError``.
     """
     from fss.export.build import export_model_bundle
-    from fss.export.bundle import validate_bundle
     from fss.export.verify import VerificationError
 
     folder = cache_root() / "encoders" / encoder_digest(model, size)[:40]
@@ -103,8 +104,7 @@ def cached_bundle(model, size: int) -> Path:
         raise VerificationError(refused.read_text().strip())
     if folder.exists():
         try:
-            validate_bundle(folder, size)
-            return folder
+            return load_cached(folder, model, size), folder
         except FssError as exc:  # ours to replace: a cache entry, never user data
             log.warning("rebuilding a damaged cached encoder (%s)", exc)
             shutil.rmtree(folder, ignore_errors=True)
@@ -115,7 +115,13 @@ def cached_bundle(model, size: int) -> Path:
     except VerificationError as exc:
         refused.write_text(f"{exc.message}\n")
         raise
-    return folder
+    return load_cached(folder, model, size), folder
+
+
+def load_cached(folder: Path, model, size: int):
+    from fss.export.backends import load_bundle
+
+    return load_bundle(folder, backend="onnxruntime", device="cpu", input_size=size, impl=model.impl)
 
 
 def choose_encoder_path(
@@ -134,16 +140,13 @@ def choose_encoder_path(
         if backend == "onnxruntime":
             raise FssError(f"the onnxruntime encoder path is not available: {why_torch}")
         return EncoderPath(model, "torch", f"torch ({why_torch})" if backend == "auto" else "torch")
-    from fss.export.backends import load_bundle
-
     try:
-        folder = cached_bundle(model, size)
+        bundle, folder = cached_bundle(model, size)
     except Exception as exc:  # auto never fails a model that runs in torch: it says why and runs torch
         if backend == "onnxruntime":
             raise
         reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}".splitlines()[0]
         return EncoderPath(model, "torch", f"torch (no verified ONNX graph: {reason})")
-    bundle = load_bundle(folder, backend="onnxruntime", device="cpu", input_size=size, impl=model.impl)
     return EncoderPath(bundle, "onnxruntime", f"onnxruntime (verified graph cached in {folder})")
 
 

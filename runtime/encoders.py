@@ -9,16 +9,9 @@ def make_encoder(
     model, device: torch.device, batch: int, size: int, precision: str, channels_last: bool, cuda_graph: bool
 ):
     """``M x 3 x S x S`` normalised (host or device) -> ``M x C x h x w`` fp32 features on ``device``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    check_encoder_settings(model, device, precision, cuda_graph)
     dtype = PRECISIONS[precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("fp16 encoding needs CUDA; use fp32 (or bf16) on the CPU")
     if getattr(model, "backend", "torch") != "torch":
-        # An exported bundle: precision and layout were fixed at export, and ONNX Runtime / TensorRT
-        # cannot be captured in a torch CUDA graph.
-        if dtype != torch.float32 or cuda_graph:
-            raise ValueError("precision and cuda_graph apply to torch models; export with --fp16 for bundles")
         return lambda x: model.encode(x).float()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
@@ -32,6 +25,18 @@ def make_encoder(
         return encode
     staged = pinned_staging(encode, batch, size)
     return CudaGraphEncoder(staged, batch, size, device) if cuda_graph else staged
+
+
+def check_encoder_settings(model, device: torch.device, precision: str, cuda_graph: bool) -> None:
+    """``ValueError`` for settings :func:`make_encoder` cannot honour (callers check before their work)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] == torch.float16 and device.type != "cuda":
+        raise ValueError("fp16 encoding needs CUDA; use fp32 (or bf16) on the CPU")
+    if getattr(model, "backend", "torch") != "torch" and (precision != "fp32" or cuda_graph):
+        # An exported bundle: precision and layout were fixed at export, and ONNX Runtime / TensorRT
+        # cannot be captured in a torch CUDA graph.
+        raise ValueError("precision and cuda_graph apply to torch models; export with --fp16 for bundles")
 
 
 def pinned_staging(encode, batch: int, size: int):

@@ -22,7 +22,7 @@ from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
 from fss.models.methods import adapts, resolve_refine
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
-from fss.runtime.encoders import PRECISIONS, make_encoder
+from fss.runtime.encoders import PRECISIONS, check_encoder_settings, make_encoder
 from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.data import ANNOTATIONS
@@ -102,7 +102,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         raise FssError(f"--backend onnxruntime is float32: drop --precision {config.precision}")
     try:
         resolve_impl(config.impl, torch.empty(0, device=device), "--impl")
-        make_encoder(model, device, images_per_call, size, config.precision, True, False)  # checks only
+        check_encoder_settings(model, device, config.precision, cuda_graph=False)
     except (ValueError, RuntimeError) as exc:
         raise FssError(str(exc)) from None
     dataset = open_dataset(
