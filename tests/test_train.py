@@ -9,8 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import fss
+from fss.errors import FssError
+from fss.models.methods import get_method
 from fss.train import evaluate as evaluation
-from fss.train.cli import main
+from fss.train.cli import build_parser, config_from_args, main
 from fss.train.data import EpisodeSampler, FolderDataset, Way, episode_tensors
 from fss.train.evaluate import IouCounts, evaluate, query_counts
 from fss.train.trainer import TrainConfig, default_val_classes, train
@@ -236,6 +238,39 @@ def test_resume_continues_bit_for_bit(shapes, tmp_path):
     assert len((tmp_path / "parts" / "log.csv").read_text().splitlines()) == 7
 
 
+def test_adamw_trains_and_resumes_bit_for_bit(shapes, tmp_path):
+    options = dict(val_classes=[], optimizer="adamw", lr=1e-3, lr_milestones=[4], seed=2)
+    whole = train(config(shapes, tmp_path / "whole", iters=6, **options))
+    train(config(shapes, tmp_path / "parts", iters=3, **options))
+    last = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
+    assert "exp_avg_sq" in next(iter(last["train_state"]["optimizer"]["state"].values()))
+    resumed = train(
+        config(shapes, tmp_path / "parts", iters=6, resume=tmp_path / "parts" / "last.pt", **options)
+    )
+    assert resumed.losses == whole.losses[3:]
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    sgd = train(config(shapes, tmp_path / "sgd", iters=6, **{**options, "optimizer": "sgd"}))
+    assert sgd.losses[1:] != whole.losses[1:]  # the option reaches the optimizer
+
+
+def test_resume_refuses_another_optimizer(shapes, tmp_path):
+    train(config(shapes, tmp_path, val_classes=[], iters=2))
+    with pytest.raises(FssError, match="trained with --optimizer sgd, not adamw"):
+        resume = tmp_path / "last.pt"
+        train(config(shapes, tmp_path, val_classes=[], iters=3, optimizer="adamw", resume=resume))
+
+
+def test_the_method_recipe_picks_the_optimizer(shapes, tmp_path):
+    argv = ["--data", str(shapes), "--out", str(tmp_path)]
+    oslsm = config_from_args(build_parser().parse_args([*argv, "--method", "oslsm"]))
+    assert (oslsm.optimizer, oslsm.lr) == ("adamw", get_method("oslsm").train_defaults["lr"])
+    panet = config_from_args(build_parser().parse_args(argv))
+    assert (panet.optimizer, panet.lr, panet.momentum) == ("sgd", 1e-3, 0.9)
+    chosen = config_from_args(build_parser().parse_args([*argv, "--method", "oslsm", "--optimizer", "sgd"]))
+    assert chosen.optimizer == "sgd"
+
+
 # -- command line -----------------------------------------------------------------------------------
 
 
@@ -262,6 +297,7 @@ def test_cli_trains_resumes_and_evaluates(shapes, tmp_path, capsys):
         (["--data", "{shapes}", "--val-classes", "cat"], "validation class 'cat' is not a class folder"),
         (["--data", "{shapes}", "--resume", "{tmp}/nothing.pt"], "checkpoint not found"),
         (["--data", "{shapes}", "--init", "{shapes}/bar/bar0.png"], "unreadable checkpoint"),
+        (["--data", "{shapes}", "--optimizer", "adamw", "--momentum", "0.5"], "--momentum is SGD's"),
     ],
 )
 def test_cli_user_errors_exit_2_without_traceback(shapes, tmp_path, capsys, args, message):

@@ -27,7 +27,7 @@ from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
 from fss.train.protocol import DATASETS, FOLDS
-from fss.train.trainer import TrainConfig, evaluate_only, train
+from fss.train.trainer import OPTIMIZERS, TrainConfig, evaluate_only, train
 from fss.validation import check_meta
 
 PROG = "fss-train"
@@ -178,9 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
     )
     p.add_argument(
-        "--lr", type=positive_float, default=None, help="SGD learning rate (default: the method's recipe)"
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="sgd (momentum, L2 decay) or adamw (decoupled decay) (default: the method's recipe: "
+        "adamw for oslsm, sgd otherwise)",
     )
-    p.add_argument("--momentum", type=non_negative_float, default=0.9)
+    p.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: the method's recipe)"
+    )
+    p.add_argument("--momentum", type=non_negative_float, default=None, help="SGD's momentum (default 0.9)")
     p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument(
         "--lr-milestones",
@@ -296,6 +303,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     method_options = sst_options(args)
     if method_options and args.method != "sst":
         raise FssError(f"--sst-* options apply to --method sst, not {args.method}")
+    recipe = get_method(args.method).train_defaults
+    optimizer = args.optimizer or recipe.get("optimizer", "sgd")
+    if args.momentum is not None and optimizer != "sgd":
+        raise FssError(f"--momentum is SGD's; --optimizer {optimizer} has none")
     size = args.size
     if size is None:
         size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
@@ -320,8 +331,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         width=args.width,
         init=args.init,
         freeze_stages=args.freeze_stages,
-        lr=args.lr if args.lr is not None else get_method(args.method).train_defaults["lr"],
-        momentum=args.momentum,
+        optimizer=optimizer,
+        lr=args.lr if args.lr is not None else recipe["lr"],
+        momentum=0.9 if args.momentum is None else args.momentum,
         weight_decay=args.weight_decay,
         lr_milestones=args.lr_milestones,
         lr_gamma=args.lr_gamma,

@@ -81,8 +81,9 @@ class TrainConfig:
     width: float = 1.0
     init: Path | str | None = None  # "auto": the encoder's pretrained weights; a file; None: from scratch
     freeze_stages: int = 0  # the encoder's first stages (stem, blocks) keep their initial weights
+    optimizer: str = "sgd"  # a name of OPTIMIZERS
     lr: float = 1e-3
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's
     weight_decay: float = 5e-4
     lr_milestones: list[int] | None = None  # None: 1/3 and 2/3 of iters
     lr_gamma: float = 0.1
@@ -228,6 +229,21 @@ def build_model(config: TrainConfig) -> PANet:
     return model
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``sgd``: the papers' (momentum, L2 weight decay); ``adamw``: Adam with decoupled weight decay,
+    for heads whose parameters see gradients of very different scales (OSLSM's hashed regression)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise FssError(f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
 def training_state(step: int, optimizer, rng: np.random.Generator, seconds: float) -> dict:
     """Everything besides the weights that a bit-for-bit resume needs, as plain picklable values."""
     return {
@@ -238,12 +254,17 @@ def training_state(step: int, optimizer, rng: np.random.Generator, seconds: floa
     }
 
 
-def load_training_state(path: Path, model: PANet, optimizer, rng: np.random.Generator) -> tuple[int, float]:
+def load_training_state(
+    path: Path, model: PANet, optimizer, rng: np.random.Generator, optimizer_name: str = "sgd"
+) -> tuple[int, float]:
     ckpt = read_torch_file(path)
     state = ckpt.get("train_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise FssError("not a resumable fss-train checkpoint (no training state); use last.pt", path)
     check_checkpoint(ckpt, path)
+    saved = ckpt["meta"].get("train_config", {}).get("optimizer", "sgd")  # runs before the option: SGD
+    if saved != optimizer_name:
+        raise FssError(f"the run was trained with --optimizer {saved}, not {optimizer_name}", path)
     load_state_strict(model, ckpt["state_dict"], path)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -335,15 +356,10 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         what="training classes",
     )
     model.train()
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     step, seconds = 0, 0.0
     if config.resume is not None:
-        step, seconds = load_training_state(Path(config.resume), model, optimizer, rng)
+        step, seconds = load_training_state(Path(config.resume), model, optimizer, rng, config.optimizer)
     losses_of = wrap_for_world(EpisodeLosses(model, config.align), world)
     result = TrainResult(model, step, data.train_classes, data.val_classes, rank=world.rank)
 

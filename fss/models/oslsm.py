@@ -364,7 +364,7 @@ register(
         build=build,
         losses=losses,
         default_refine="none",
-        train_defaults={"lr": 1e-3},
+        train_defaults={"optimizer": "adamw", "lr": 1e-4},
         scale=1.0,
         shot_poolings=no_prototypes,
         combine=combine,
