@@ -70,9 +70,11 @@ def bytes_per_input_pixel(model) -> float:
 def check_encoder_memory(model, size: int, images: int, device, factor: float = 1.0, hint="--batch") -> None:
     """Refuse (one line) a ``size`` whose encoder activations for ``images`` images at once cannot fit.
 
-    ``factor``: training keeps every activation for the backward pass (about 3x).
+    ``factor``: training keeps every activation for the backward pass (about 3x). A model whose encoder
+    pads its input (OSLSM's official geometry) says by how much with ``encoder_input_side(size)``.
     """
-    need = factor * images * size * size * bytes_per_input_pixel(model)
+    side = model.encoder_input_side(size) if hasattr(model, "encoder_input_side") else size
+    need = factor * images * side * side * bytes_per_input_pixel(model)
     available = available_bytes(device)
     if available is not None and need > available:
         raise FssError(

@@ -241,3 +241,15 @@ def test_an_oslsm_checkpoint_exports_both_branches_and_its_bundle_segments_alike
         assert len(np.unique(a)) > 1
         assert ((a != b) & (p > 0.5 + 1e-4)).sum() == 0  # only near-threshold pixels may differ
     assert fss.load_model(bundle).conditioning is not None
+
+
+def test_memory_check_counts_the_official_query_padding(monkeypatch):
+    from fss import memory
+
+    model = tiny_oslsm()
+    assert model.encoder_input_side(417) == 417 + 2 * 121
+    assert tiny_oslsm("efficientnet-lite0", width=1.0).encoder_input_side(417) == 417
+    unpadded = 417 * 417 * memory.bytes_per_input_pixel(model)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * unpadded)  # fits unpadded only
+    with pytest.raises(FssError, match="--size 417 needs about"):
+        memory.check_encoder_memory(model, 417, 1, "cpu")

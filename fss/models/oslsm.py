@@ -251,6 +251,11 @@ class OSLSM(nn.Module):
         x = self.dropout(F.relu(self.cond_fc7(x)))
         return self.hashing(self.cond_fc8(x)) * self.weight_scale
 
+    def encoder_input_side(self, size: int) -> int:
+        """Side of the query trunk's first activations for queries of side ``size`` (the official
+        geometry pads conv1_1 by 121): what the memory check scales with."""
+        return size + 2 * QUERY_PAD if self.geometry_entry is FCN32 else size
+
     def geometry(self, in_size) -> tuple | None:
         """The head's upsampling geometry for queries of side ``in_size`` (int or ``(H, W)``)."""
         return head_geometry(self.meta, in_size)
