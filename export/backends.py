@@ -272,14 +272,20 @@ def load_bundle(
             encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
         else:
             encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
+    return bundle_model(bundle_dir, manifest, encoder, backend, impl)
+
+
+def bundle_model(bundle_dir: Path, manifest: dict, encoder, backend: str, impl="auto") -> "BundleModel":
+    """A validated bundle's method around ``encoder`` (any object with ``encode`` and ``device``): its
+    conditioning branch (OSLSM) and learned head (SST) come from the bundle's own files."""
     conditioning = manifest.get("conditioning")
     if conditioning is not None:  # OSLSM's conditioning branch, beside the encoder
-        conditioning = OnnxRuntimeEncoder(bundle_dir / conditioning["file"], encoder.device)
+        conditioning = OnnxRuntimeEncoder(Path(bundle_dir) / conditioning["file"], encoder.device)
     model = BundleModel(encoder, manifest, backend, impl, conditioning)
     if "head" in manifest:  # a learned head (SST)
         from fss.export.head import attach_head
 
-        attach_head(model, bundle_dir)
+        attach_head(model, Path(bundle_dir))
     return model
 
 

@@ -93,17 +93,6 @@ def print_report(out: Path, manifest: dict) -> None:
         )
 
 
-def check_servable(ckpt: Path) -> None:
-    """fss-serve's Triton repository runs the prototype head (PANet, PRNet), not a learned one (SST)."""
-    from fss.checkpoint import read_torch_file
-    from fss.errors import FssError
-
-    obj = read_torch_file(ckpt)
-    method = obj.get("meta", {}).get("method", "panet") if isinstance(obj, dict) else "panet"
-    if method == "sst":
-        raise FssError("--triton-repo: fss-serve runs prototype heads (panet, prnet), not sst", ckpt)
-
-
 def export_main(args) -> int:
     from fss.export.build import export_bundle
     from fss.export.quantize import calibration_photos
@@ -112,7 +101,6 @@ def export_main(args) -> int:
         from fss.export.triton_repo import check_repo_replaceable
 
         check_repo_replaceable(args.triton_repo)  # before the export, not after
-        check_servable(args.ckpt)
     int8_photos = calibration_photos(args.int8) if args.int8 is not None else ()
     out, manifest = export_bundle(
         args.ckpt,

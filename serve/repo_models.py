@@ -87,8 +87,12 @@ class DiskStore(SupportStore):
     without locks; the directory keeps the ``capacity`` most recently used sets.
     """
 
-    def __init__(self, capacity: int, directory: Path):
+    def __init__(self, capacity: int, directory: Path, combine=None):
+        """``combine``: the served method's (``Method.combine``), which rebuilds a loaded set's state."""
+        from fss.models.methods import combine as prototype_combine
+
         super().__init__(capacity)
+        self.combine = combine or prototype_combine
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -124,7 +128,6 @@ class DiskStore(SupportStore):
         """Bring a set from the directory into memory; False when no process has stored it."""
         import torch
 
-        from fss.models.methods import combine
         from fss.runtime.segmenter import SupportSet
 
         path = self.path(key)
@@ -133,7 +136,8 @@ class DiskStore(SupportStore):
             os.utime(path)
         except (FileNotFoundError, EOFError, RuntimeError):
             return False
-        support = SupportSet(state["classes"], state["fg"], state["bg"], combine(state["fg"], state["bg"]))
+        fg, bg = state["fg"], state["bg"]
+        support = SupportSet(state["classes"], fg, bg, self.combine(fg, bg), self.combine)
         SupportStore.put(self, key, support, state["shots"])
         return True
 
@@ -165,8 +169,9 @@ def parameters(model_config: dict) -> dict:
 
 def build_services(args: dict):
     """The handlers of one model instance, from its ``config.pbtxt`` parameters."""
-    from fss.export.backends import BundleModel, load_bundle
+    from fss.export.backends import bundle_model, load_bundle
     from fss.export.bundle import validate_bundle
+    from fss.models.methods import bound_method, resolve_refine
     from fss.serve.server import ServeConfig, Services
 
     model_config = json.loads(args["model_config"])
@@ -184,7 +189,7 @@ def build_services(args: dict):
             max_batch,
             lambda: load_bundle(bundle, backend="onnxruntime", device="cpu").encoder,
         )
-        model = BundleModel(encoder, manifest, backend="triton")
+        model = bundle_model(bundle, manifest, encoder, backend="triton")
     config = ServeConfig(
         bundle=bundle,
         max_batch=max_batch,
@@ -194,7 +199,8 @@ def build_services(args: dict):
     cache = params.get("SUPPORT_CACHE") or os.path.join(
         "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(), f"fss-supports-{os.getuid()}"
     )
-    store = DiskStore(config.max_supports, Path(cache) / params["REPO_ID"])
+    combine = bound_method(model, resolve_refine(None, model)).combine  # the served Segmenter's
+    store = DiskStore(config.max_supports, Path(cache) / params["REPO_ID"], combine)
     return Services(config, model=model, device=model.device, store=store)
 
 

@@ -91,9 +91,25 @@ def test_decoding_limits_are_checked_from_the_header():
             decode_image(data, limits)
 
 
-@pytest.fixture(scope="module")
-def small_model():
+def small_method_model(method: str):
+    """A small random model at 65 px of each kind fss-serve runs: prototypes, a learned head (SST), a
+    conditioning branch (OSLSM)."""
+    if method == "sst":
+        from test_sst import tiny_sst
+
+        model = tiny_sst()
+        model.meta["input_size"] = 65
+        return model
+    if method == "oslsm":
+        from test_oslsm import tiny_oslsm
+
+        return tiny_oslsm(input_size=65)
     return random_model(width=0.125, input_size=65)
+
+
+@pytest.fixture(scope="module", params=["panet", "sst", "oslsm"])
+def small_model(request):
+    return small_method_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +449,8 @@ class TritonPythonModel:
 """
 
 
-def test_fss_export_writes_a_triton_repository_that_triton_serves(tmp_path):
+@pytest.mark.parametrize("method", ["panet", "sst", "oslsm"])
+def test_fss_export_writes_a_triton_repository_that_triton_serves(method, tmp_path):
     pytest.importorskip("pytriton", reason="fss[serve] not installed")
     pytest.importorskip("onnxruntime", reason="fss[onnx] not installed")
     from fss.export.cli import main as fss_export
@@ -441,7 +458,7 @@ def test_fss_export_writes_a_triton_repository_that_triton_serves(tmp_path):
     from fss.serve import Client, ServeError
 
     ckpt, bundle, repo = tmp_path / "small.pt", tmp_path / "bundle", tmp_path / "repo"
-    fss.save_checkpoint(random_model(width=0.125, input_size=65), ckpt)
+    fss.save_checkpoint(small_method_model(method), ckpt)
     (repo / "mine").mkdir(parents=True)
     assert fss_export(["--ckpt", str(ckpt), "--out", str(bundle), "--triton-repo", str(repo)]) == 2
     assert not bundle.exists()  # refused before the export

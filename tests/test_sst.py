@@ -363,17 +363,10 @@ def test_tune_refinement_moves_the_support_features_and_none_does_not():
         )
 
 
-def test_fss_export_prints_the_head_and_refuses_a_triton_repository(tmp_path, capsys):
+def test_fss_export_prints_the_head(tmp_path, capsys):
     from fss.export.cli import main as export_main
 
     ckpt = tmp_path / "sst.pt"
     fss.save_checkpoint(tiny_sst(seed=1), ckpt)
-    argv = ["--ckpt", str(ckpt), "--out", str(tmp_path / "bundle")]
-    assert export_main([*argv, "--triton-repo", str(tmp_path / "repo")]) == 2
-    err = capsys.readouterr().err
-    assert (
-        "fss-export: error: --triton-repo: fss-serve runs prototype heads" in err and "Traceback" not in err
-    )
-    assert not (tmp_path / "bundle").exists()
-    assert export_main(argv) == 0
+    assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
     assert "head (head.onnx) vs eager PyTorch: relative error" in capsys.readouterr().out
