@@ -116,6 +116,28 @@ def test_masks_equal_segmenter_and_fss_run_zip(engine, model, tmp_path):
     session.close()
 
 
+@pytest.mark.parametrize("method", ["sst", "oslsm"])
+def test_learned_head_and_conditioning_methods_match_the_segmenter(method, tmp_path):
+    from test_serve import small_method_model
+
+    model = small_method_model(method)
+    rng = np.random.default_rng(2)
+    shots = {"cat": [shot(rng, box=(4, 4, 20, 30)), shot(rng, box=(10, 2, 40, 20))], "dog": [shot(rng)]}
+    session = Session(Engine(model, f"tiny {method}", device="cpu", batch=2))
+    paths = queries(tmp_path)
+    session.add_queries(paths)
+    for name, pairs in shots.items():
+        for image, mask in pairs:
+            session.add_shot(name, image, mask)
+    session.remove_shot("cat", 1)  # the state is rebuilt from the remaining shot
+    shots["cat"] = shots["cat"][:1]
+    expected, got = reference(model, shots, paths), labels(session)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+    session.close()
+
+
 def test_shot_changes_match_cached_query_features_without_re_encoding(engine, model, tmp_path):
     rng = np.random.default_rng(1)
     first, second, other = shot(rng), shot(rng, box=(2, 2, 25, 35)), shot(rng, box=(20, 10, 46, 38))
