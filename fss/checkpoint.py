@@ -149,7 +149,11 @@ def init_encoder(model: PANet, path) -> None:
                 raise CheckpointError(
                     f"checkpoint has encoder {source.meta['encoder']}, the model {entry.name}", path
                 )
-            load_state_strict(model, source.state_dict(), path)
+            if source.meta.get("method", DEFAULT_METHOD) == model.meta["method"]:  # the whole model too
+                load_state_strict(model, source.state_dict(), path)
+            else:  # another method's model (a PANet for an SST): its encoder starts every trunk
+                for trunk in (model.encoder, *getattr(model, "extra_encoders", list)()):
+                    load_state_strict(trunk, source.encoder.state_dict(), path)
             model.meta["normalisation"] = source.meta["normalisation"]
             return
     model.meta.update(entry.init(model.encoder, path))

@@ -126,3 +126,30 @@ def test_init_encoder_from_an_fss_checkpoint_or_official_snapshot(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(target.parameters(), source.parameters(), strict=True))
     with pytest.raises(CheckpointError, match="has shape"):
         init_encoder(fss.PANet(width=0.5), tmp_path / "pre.pt")
+
+
+@pytest.mark.parametrize("method", ["sst", "oslsm"])
+def test_init_from_another_methods_checkpoint_starts_every_trunk_from_its_encoder(method, tmp_path):
+    from fss.models.methods import build_model
+
+    source = random_model(width=0.25, seed=3)
+    fss.save_checkpoint(source, tmp_path / "panet.pt")
+    torch.manual_seed(0)
+    target = build_model(method, "vgg16-dilated", 0.25)
+    heads = {k: v.clone() for k, v in target.state_dict().items() if not k.startswith("encoder.")}
+    init_encoder(target, tmp_path / "panet.pt")
+    trunks = [target.encoder, *getattr(target, "extra_encoders", list)()]
+    for trunk in trunks:
+        for (name, a), b in zip(
+            trunk.state_dict().items(), source.encoder.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    for name, value in heads.items():
+        if not name.startswith("support_encoder."):
+            assert torch.equal(target.state_dict()[name], value), name  # the head keeps its initialisation
+    fss.save_checkpoint(target, tmp_path / "same.pt")  # the same method: the whole model, heads included
+    torch.manual_seed(1)
+    again = build_model(method, "vgg16-dilated", 0.25)
+    init_encoder(again, tmp_path / "same.pt")
+    for name, value in target.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
