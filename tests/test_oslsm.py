@@ -84,7 +84,9 @@ def test_forward_is_the_head_and_shot_mask_repeats_shots():
         mask = torch.tensor([[[True, True, True], [True, False, False]]])
         padded = model(supp, fg, 1 - fg, qry, shot_mask=mask)
         alone = model(supp[:, 1:, :1], fg[:, 1:, :1], 1 - fg[:, 1:, :1], qry)
-        torch.testing.assert_close(padded[:, :, 2], alone[:, :, 1])
+        # Batches of 6 and 1 supports take other BLAS blockings: float32 rounding, relative to the logits.
+        scale = alone[:, :, 1].abs().max().item()
+        torch.testing.assert_close(padded[:, :, 2], alone[:, :, 1], rtol=0, atol=1e-5 * scale)
 
 
 def test_checkpoint_round_trip_keeps_the_hashing(tmp_path):
