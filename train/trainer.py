@@ -2,8 +2,9 @@
 
 Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
-20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). ``--fold i`` holds out the
-fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
+20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). A method's recipe may
+change the optimizer and learning rate (``Method.train_defaults``: OSLSM trains with AdamW).
+``--fold i`` holds out the fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
 RNG): ``resume`` continues bit-for-bit on the same machine. ``OUT/final.pt`` (weights and metadata
