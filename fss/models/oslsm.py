@@ -369,7 +369,7 @@ register(
         build=build,
         losses=losses,
         default_refine="none",
-        train_defaults={"optimizer": "adamw", "lr": 1e-4},
+        train_defaults={"optimizer": "adamw", "lr": 5e-5},
         scale=1.0,
         shot_poolings=no_prototypes,
         combine=combine,
