@@ -80,23 +80,52 @@ def test_segment_cuda(benchmark, shots, impl):
     bench(benchmark, "official", shots, "cuda", lambda f, w: segment(f, w, size, geometry, impl=impl))
 
 
-@pytest.mark.parametrize("method", ["panet", "oslsm"])
-def test_query_cost_lite0(benchmark, method):
-    """Cost per query through ``Segmenter.segment`` (decode, encode, head) on EfficientNet-Lite0 at 321:
-    the bundled PANet against an OSLSM of the same encoder (random weights: the cost is the same)."""
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+LITE0_METHODS = pytest.mark.parametrize("method", ["panet", "oslsm"])
+ENCODER_PATHS = pytest.mark.parametrize("backend", ["auto", "torch"])
+
+
+def lite0_segmenter(method, backend):
+    """The bundled PANet, or an OSLSM of the same encoder and size (random weights: the cost is the same)."""
     import fss
     from fss.models.methods import build_model
     from fss.runtime.segmenter import Segmenter
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
     model = fss.load_model(None)
     if method == "oslsm":
-        model = build_model(
-            "oslsm", "efficientnet-lite0", 1.0, {"input_size": model.meta["input_size"]}
-        ).eval()
-    seg = Segmenter(model, device="cpu", batch=1)
-    shots = sorted((examples / "support" / "bus").glob("*.jpg"))[:1]
-    seg.set_support([shots], [[shots[0].with_suffix(".png")]], ["bus"])
-    query = sorted((examples / "query").glob("*.jpg"))[0]
-    benchmark.group = "cost per query, EfficientNet-Lite0 at 321, 1-way 1-shot (CPU)"
+        meta = {"input_size": model.meta["input_size"]}
+        model = build_model("oslsm", "efficientnet-lite0", 1.0, meta).eval()
+    return Segmenter(model, device="cpu", batch=1, backend=backend)
+
+
+def example_shots(shots):
+    """``shots`` (photo, mask) paths of the bundled examples (bus and pizza; repeated past four)."""
+    photos = sorted((EXAMPLES / "support").glob("*/*.jpg"))
+    picked = [photos[i % len(photos)] for i in range(shots)]
+    return picked, [p.with_suffix(".png") for p in picked]
+
+
+@LITE0_METHODS
+@ENCODER_PATHS
+@SHOTS
+def test_query_cost_lite0(benchmark, method, backend, shots):
+    """Cost per query through ``Segmenter.segment`` (decode, encode, head) on EfficientNet-Lite0 at 321,
+    one support set registered beforehand; ``auto`` is the CPU default (ONNX Runtime encoder)."""
+    seg = lite0_segmenter(method, backend)
+    photos, masks = example_shots(shots)
+    seg.set_support([photos], [masks], ["object"])
+    query = sorted((EXAMPLES / "query").glob("*.jpg"))[0]
+    benchmark.group = f"cost per query, EfficientNet-Lite0 at 321, 1-way {shots}-shot (CPU)"
     benchmark(seg.segment, [query])
+
+
+@LITE0_METHODS
+@ENCODER_PATHS
+@SHOTS
+def test_set_support_cost_lite0(benchmark, method, backend, shots):
+    """Cost of registering a support set (decode, PANet's encoder at 321 or OSLSM's conditioning
+    branch at 224 per shot), paid once per support set, not per query."""
+    seg = lite0_segmenter(method, backend)
+    photos, masks = example_shots(shots)
+    benchmark.group = f"set_support, EfficientNet-Lite0, 1-way {shots}-shot (CPU)"
+    benchmark(seg.set_support, [photos], [masks], ["object"])
