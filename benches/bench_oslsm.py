@@ -85,8 +85,9 @@ LITE0_METHODS = pytest.mark.parametrize("method", ["panet", "oslsm"])
 ENCODER_PATHS = pytest.mark.parametrize("backend", ["auto", "torch"])
 
 
-def lite0_segmenter(method, backend):
-    """The bundled PANet, or an OSLSM of the same encoder and size (random weights: the cost is the same)."""
+def lite0_segmenter(benchmark, method, backend):
+    """The bundled PANet, or an OSLSM of the same encoder and size (random weights: the cost is the same);
+    the encoder path that ``backend`` chose is recorded with the timing."""
     import fss
     from fss.models.methods import build_model
     from fss.runtime.segmenter import Segmenter
@@ -95,7 +96,9 @@ def lite0_segmenter(method, backend):
     if method == "oslsm":
         meta = {"input_size": model.meta["input_size"]}
         model = build_model("oslsm", "efficientnet-lite0", 1.0, meta).eval()
-    return Segmenter(model, device="cpu", batch=1, backend=backend)
+    seg = Segmenter(model, device="cpu", batch=1, backend=backend)
+    benchmark.extra_info["encoder path"] = seg.backend
+    return seg
 
 
 def example_shots(shots):
@@ -111,7 +114,7 @@ def example_shots(shots):
 def test_query_cost_lite0(benchmark, method, backend, shots):
     """Cost per query through ``Segmenter.segment`` (decode, encode, head) on EfficientNet-Lite0 at 321,
     one support set registered beforehand; ``auto`` is the CPU default (ONNX Runtime encoder)."""
-    seg = lite0_segmenter(method, backend)
+    seg = lite0_segmenter(benchmark, method, backend)
     photos, masks = example_shots(shots)
     seg.set_support([photos], [masks], ["object"])
     query = sorted((EXAMPLES / "query").glob("*.jpg"))[0]
@@ -125,7 +128,7 @@ def test_query_cost_lite0(benchmark, method, backend, shots):
 def test_set_support_cost_lite0(benchmark, method, backend, shots):
     """Cost of registering a support set (decode, PANet's encoder at 321 or OSLSM's conditioning
     branch at 224 per shot), paid once per support set, not per query."""
-    seg = lite0_segmenter(method, backend)
+    seg = lite0_segmenter(benchmark, method, backend)
     photos, masks = example_shots(shots)
     benchmark.group = f"set_support, EfficientNet-Lite0, 1-way {shots}-shot (CPU)"
     benchmark(seg.set_support, [photos], [masks], ["object"])
