@@ -13,6 +13,7 @@ from hostile import save_pixel_bomb, save_rotated_jpeg
 from PIL import Image
 
 import fss
+from fss.io import LOCK_FILE
 from fss.runtime.cli import main
 
 
@@ -41,8 +42,14 @@ def one_error_line(err: str, *needles: str) -> None:
     assert all(n in lines[-1] for n in needles), err
 
 
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def snapshot(folder, but=()):
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in but)
+    return {p.relative_to(folder): p.read_bytes() for p in files}
+
+
+def users_view(folder):
+    """Every file but fss's lock and journal (a refused run may compact the journal)."""
+    return snapshot(folder, but=(LOCK_FILE,))
 
 
 def entries(out):
@@ -193,12 +200,21 @@ def test_byte_identical_support_elsewhere_resumes(setup, ckpt, capsys, tmp_path)
     assert code == 0 and "0 segmented, 3 already done" in err
 
 
-def test_damaged_outputs_are_recomputed(setup, ckpt, capsys):
+def test_damaged_outputs_are_refused_then_recomputed_once_moved_away(setup, ckpt, capsys):
     support, query, out = setup
     assert run(capsys, *base(support, query, out, ckpt))[0] == 0
     good = (out / "q0.png").read_bytes()
-    (out / "q0.png").write_bytes(good[: len(good) // 2])  # truncated
+    (out / "q0.png").write_bytes(good[: len(good) // 2])  # truncated, or edited by hand: not replaced
     (out / "overlays" / "q2.jpg").write_bytes(b"garbage")
+    before = users_view(out)
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and users_view(out) == before
+    one_error_line(err, "--out holds q0.png, which differs from the file fss-run wrote there", "--overwrite")
+    (out / "q0.png").unlink()
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "--out holds overlays/q2.jpg, which differs")
+    (out / "overlays" / "q2.jpg").unlink()
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
     assert (out / "q0.png").read_bytes() == good
@@ -225,10 +241,25 @@ def test_garbled_entries_and_older_results_are_recomputed(setup, ckpt, capsys):
     (out / "results.json").write_text(json.dumps(results))
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
-    # a results.json of the earlier fss-run (no settings recorded): nothing can be verified, redo
-    (out / "results.json").write_text(json.dumps({"support": {}, "queries": [{"file": "q0.jpg"}]}))
+
+
+@pytest.mark.parametrize("older", ["first fss-run", "settings removed"])
+def test_results_without_settings_are_refused_not_trusted(setup, ckpt, capsys, older):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    if older == "first fss-run":
+        results = {"support": {}, "queries": [{"file": "q0.jpg"}]}
+    else:
+        del results["settings"]  # not "no settings to check": nothing in it can be verified
+    (out / "results.json").write_text(json.dumps(results))
+    before = users_view(out)
     code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and users_view(out) == before
+    one_error_line(err, "results.json that records no settings", "--overwrite")
+    code, err = run(capsys, *base(support, query, out, ckpt, "--overwrite"))
     assert code == 0 and "3 segmented" in err
+    assert run(capsys, *base(support, query, out, ckpt))[1].count("3 already done") == 1
 
 
 def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
@@ -240,14 +271,40 @@ def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
     assert run(capsys, *base(support, query, out, ckpt, "--no-overlays"))[1].count("3 already done") == 1
 
 
-def test_temporaries_of_a_killed_run_are_removed(setup, ckpt, capsys):
+def killed_mid_writes(out, names):
+    """A process that dies (no clean-up, as under kill -9) while atomic_write writes every one of
+    ``names`` in ``out``."""
+    from fss.io import atomic_write, folder_lock
+
+    def write_then_die(names):
+        def write(f):
+            f.write(b"half a file")
+            f.flush()
+            write_then_die(names[1:]) if names[1:] else os._exit(9)
+
+        atomic_write(out / names[0], write)
+
+    pid = os.fork()
+    if pid == 0:
+        with folder_lock(out):
+            write_then_die(names)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_only_those(setup, ckpt, capsys):
     support, query, out = setup
     (out / "overlays").mkdir(parents=True)
-    for stale in (out / ".q0.png.abc123xy.tmp", out / "overlays" / ".q0.jpg.zz9.tmp"):
-        stale.write_bytes(b"half")
-    (out / "keep.tmp").write_text("not ours")
-    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
-    assert not list(out.rglob(".*.tmp")) and (out / "keep.tmp").exists()
+    killed_mid_writes(out, ["q0.png", "overlays/q1.jpg"])
+    killed = sorted(out.rglob(".fss-partial.*.tmp"))
+    assert [p.parent.name for p in killed] == ["out", "overlays"]
+    users = [out / ".notes.tmp", out / ".x.tmp", out / "keep.tmp", out / "overlays" / ".notes.tmp"]
+    users += [out / ".q0.png.abc123xy.tmp", out / "overlays" / ".q2.jpg.zz9.tmp"]  # named as fss once did
+    for path in users:
+        path.write_text("the user's")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0, err
+    assert not any(p.exists() for p in killed)
+    assert all(p.read_text() == "the user's" for p in users)
 
 
 def test_a_second_writer_into_the_same_out_is_refused(setup, ckpt, capsys):
@@ -364,7 +421,7 @@ def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch)
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        real(path, labels)
+        return real(path, labels)
 
     monkeypatch.setattr(fss.io, "write_label_png", interrupted)
     code, err = run(capsys, *base(support, query, out, ckpt, "--batch", "1"))
