@@ -90,7 +90,11 @@ def parse_args(argv):
         help="test-time refinement of the prototypes on each query (default: the checkpoint's method's: "
         "none for PANet, fusion for PRNet, tune for SST)",
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute queries already in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute queries already in --out, replacing any file at their output paths",
+    )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
     args = p.parse_args(argv)
     if args.batch < 1:
