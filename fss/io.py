@@ -464,7 +464,10 @@ def journal(kind: str, path: Path, sha: str | None = None) -> None:
             record = {kind: str((parent / path.name).relative_to(folder))}
             if sha is not None:
                 record["sha256"] = sha
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            try:
+                os.write(fd, (json.dumps(record) + "\n").encode())
+            except OSError as exc:  # a full disk or a file-size limit: say which file
+                raise OSError(exc.errno, exc.strerror, str(folder / LOCK_FILE)) from None
             return
 
 

@@ -234,12 +234,6 @@ SETTING_NAMES = {
 }
 
 
-SETTINGS_BEFORE_RECORDED = {
-    "refine": "none",
-    "precision": "fp32",
-}  # what results.json files older than the setting mean
-
-
 def read_previous(results_path: Path, overwrite: bool) -> dict | None:
     """The previous ``results.json`` of this folder, None when there is none; a file fss-run did not
     write, cannot read, or that records no settings (nothing in it can be verified) is refused unless
@@ -275,7 +269,7 @@ def read_previous(results_path: Path, overwrite: bool) -> dict | None:
 
 def settings_difference(previous: dict, settings: dict) -> str | None:
     """What differs between a previous run's settings and these (None: nothing)."""
-    old = {**SETTINGS_BEFORE_RECORDED, **previous["settings"]}
+    old = previous["settings"]
     for key, what in SETTING_NAMES.items():
         if key not in old:
             return f"settings an older fss-run did not record ({key})"
