@@ -15,11 +15,15 @@ they refer to the image as displayed.
 """
 
 import contextlib
+import errno
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -43,10 +47,12 @@ DRAFT_FACTOR = 4  # JPEGs up to 4x the pixel limit decode at half side (JPEG dra
 FULL_SIZE_KEY = "fss_full_size"  # PIL info key: (w, h) as displayed when decoded at a reduced size
 MAX_CLASSES = 254  # labels 1..254 in a uint8 PNG; 0 is background, 255 reads back as "ignored"
 RESERVED_CLASS_NAMES = ("background",)  # label 0
-TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_write's temporaries: .<name>.<random>.tmp
-LOCK_FILE = ".fss.lock"
+TEMP_PREFIX = ".fss-partial."  # atomic_write's temporaries: .fss-partial.<name>.<random>.tmp
+TEMP_FILE = re.compile(r"^\.fss-partial\..+\.tmp$")
+LOCK_FILE = ".fss.lock"  # also the folder's journal: JSON lines, see folder_lock
 
 _open_lock = threading.Lock()  # warnings filters are process-wide: one Image.open at a time
+_journals: dict[Path, int] = {}  # locked folder (resolved) -> its journal's file descriptor
 _max_pixels_override: int | None = None
 
 Warn = Callable[[str, Path], None]
@@ -408,41 +414,127 @@ def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
 # -- writing -------------------------------------------------------------------------------------------
 def atomic_write(path, write) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
+    _atomic_write(Path(path), write)
+
+
+def atomic_write_bytes(path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically, verified (the file holds every byte); its sha256.
+
+    Encoders such as Pillow's write to the file descriptor themselves and let a short write pass (a
+    file-size limit truncates a JPEG without an error): encode into memory, then write through this.
+    """
+    sha = hashlib.sha256(data).hexdigest()
+
+    def write(f):
+        f.write(data)
+        f.flush()
+        if os.fstat(f.fileno()).st_size != len(data):
+            raise OSError(errno.EIO, f"only part of the {len(data)} bytes were written", str(path))
+
+    _atomic_write(Path(path), write, sha)
+    return sha
+
+
+def _atomic_write(path: Path, write, sha: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}.tmp"
+    journal("temporary", tmp)  # recorded before it exists: a kill at any point leaves it known
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+        if sha is not None:
+            journal("output", path, sha)  # fss wrote it, even if killed before recording it elsewhere
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write errors (disk full...) name no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 
+def journal(kind: str, path: Path, sha: str | None = None) -> None:
+    """Record a ``temporary`` or an ``output`` (with its sha256) in the journal of the locked folder
+    holding ``path``, if any."""
+    if not _journals:
+        return
+    parent = path.parent.resolve()
+    for folder in (parent, *parent.parents):
+        fd = _journals.get(folder)
+        if fd is not None:
+            record = {kind: str((parent / path.name).relative_to(folder))}
+            if sha is not None:
+                record["sha256"] = sha
+            try:
+                os.write(fd, (json.dumps(record) + "\n").encode())
+            except OSError as exc:  # a full disk or a file-size limit: say which file
+                raise OSError(exc.errno, exc.strerror, str(folder / LOCK_FILE)) from None
+            return
+
+
+def read_journal(folder: Path) -> list[dict]:
+    """The records of ``folder``'s journal (lines that are not fss's records are ignored)."""
+    try:
+        text = (folder / LOCK_FILE).read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        name = record.get("temporary", record.get("output")) if isinstance(record, dict) else None
+        if isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts:
+            records.append(record)
+    return records
+
+
+def journal_outputs(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of the last file fss wrote there, as ``folder``'s journal records."""
+    records = read_journal(folder)
+    return {r["output"]: r["sha256"] for r in records if "output" in r and isinstance(r.get("sha256"), str)}
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries a killed :func:`atomic_write` left in ``folder`` (hold its lock first)."""
+    """Delete the temporaries a killed :func:`atomic_write` left under ``folder`` (hold its lock): only
+    files its journal records and named as fss names them; a user's ``.notes.tmp`` stays. The journal
+    then keeps one record per output that still exists."""
+    fd = _journals.get(folder.resolve())
+    if fd is None:
+        raise RuntimeError(f"remove_stale_temporaries needs the lock of {folder}")
     removed = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if TEMP_FILE.match(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    for record in read_journal(folder):
+        path = folder / record.get("temporary", "")
+        if "temporary" in record and TEMP_FILE.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    outputs = {name: sha for name, sha in journal_outputs(folder).items() if (folder / name).is_file()}
+    os.ftruncate(fd, 0)
+    os.write(fd, "".join(json.dumps({"output": n, "sha256": s}) + "\n" for n, s in outputs.items()).encode())
     return removed
 
 
 @contextlib.contextmanager
 def folder_lock(folder: Path):
-    """Hold an exclusive lock on an output folder: a second writer is refused, not interleaved."""
+    """Hold an exclusive lock on an output folder: a second writer is refused, not interleaved.
+
+    The lock file is also the folder's journal: while the lock is held, :func:`atomic_write` records
+    there every temporary it creates under the folder, and :func:`atomic_write_bytes` the sha256 of
+    every file it puts in place, so that fss later removes only its own temporaries and knows which
+    files it wrote even when killed before recording them elsewhere.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FssError("another fss command is writing into this folder", folder) from None
-        yield
+        _journals[folder.resolve()] = fd
+        try:
+            yield
+        finally:
+            del _journals[folder.resolve()]
     finally:
         os.close(fd)
 
@@ -457,7 +549,7 @@ def check_output_folder(folder: Path, what: str = "--out", need_bytes: int = 0) 
                 raise FssError(f"{what} is inside a file, not a folder", parent)
             break
     folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}write-probe.", suffix=".tmp")
     os.close(fd)
     Path(probe).unlink(missing_ok=True)  # another process may clean temporaries meanwhile
     check_free_space(folder, need_bytes, what)
@@ -480,15 +572,21 @@ def check_free_space(folder: Path, need_bytes: int, what: str = "--out") -> None
         )
 
 
-def write_json(path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+def write_json(path, obj) -> str:
+    return atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
 
 
-def write_label_png(path, labels: np.ndarray) -> None:
-    """Labels (uint8, 0 background, k class k) as a palette PNG with the VOC colours."""
+def encoded(img: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, **options)
+    return buffer.getvalue()
+
+
+def write_label_png(path, labels: np.ndarray) -> str:
+    """Labels (uint8, 0 background, k class k) as a palette PNG with the VOC colours; its sha256."""
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(voc_palette())
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    return atomic_write_bytes(path, encoded(img, format="PNG"))
 
 
 def overlay_image(
@@ -514,6 +612,7 @@ def overlay_image(
     return out
 
 
-def write_overlay(path, img: Image.Image, labels: np.ndarray, class_names: list[str]) -> None:
+def write_overlay(path, img: Image.Image, labels: np.ndarray, class_names: list[str]) -> str:
+    """The overlay as a JPEG; its sha256."""
     out = overlay_image(img, labels, class_names)
-    atomic_write(path, lambda f: out.save(f, format="JPEG", quality=90))
+    return atomic_write_bytes(path, encoded(out, format="JPEG", quality=90))

@@ -1,9 +1,12 @@
 """``fss-run``: segment a folder of queries from a folder of annotated supports.
 
 Resuming is keyed on content: ``results.json`` records the run's settings (sha256 of the model file,
-input size, method, backend, sha256 of every support image and mask) and, per query, the sha256 of
-the query file and of the outputs written for it. A query counts as done only when all of these
-match; other settings are refused, a replaced query or a damaged output is recomputed.
+input size, method, backend, pixel limit, versions of the libraries that decode, resize and run the
+model, sha256 of every support image and mask) and, per query, the sha256 of the query file and of
+the outputs written for it. A query counts as done only when all of these match; other settings, or
+none recorded, are refused, a replaced query or a damaged output is recomputed. A file in ``--out``
+that fss-run did not write (its hash recorded neither in ``results.json`` nor in the folder's
+journal, :func:`fss.io.folder_lock`) is never replaced without ``--overwrite``.
 """
 
 import argparse
@@ -87,7 +90,11 @@ def parse_args(argv):
         help="test-time refinement of the prototypes on each query (default: the checkpoint's method's: "
         "none for PANet, fusion for PRNet, tune for SST)",
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute queries already in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute queries already in --out, replacing any file at their output paths",
+    )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
     args = p.parse_args(argv)
     if args.batch < 1:
@@ -195,6 +202,23 @@ def model_identity(args, model, backend: str) -> dict:
     return {"model_sha256": sha, "backend": backend, "method": str(model.meta.get("method", "panet"))}
 
 
+def library_versions(backend: str) -> dict[str, str]:
+    """Versions of the libraries that decode, resize and run the model: another may give other pixels."""
+    import PIL
+    import torch
+
+    versions = {"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__}
+    if "onnxruntime" in backend:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    if "tensorrt" in backend:
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+    return versions
+
+
 # -- previous results ----------------------------------------------------------------------------------
 SETTING_NAMES = {
     "model_sha256": "another model",
@@ -205,18 +229,15 @@ SETTING_NAMES = {
     "input_size": "another --size",
     "support_sha256": "another support set (images or masks differ)",
     "classes": "other classes",
+    "max_pixels": "another pixel limit (--max-pixels or $FSS_MAX_PIXELS)",
+    "libraries": "other versions of the libraries that decode, resize or run the model",
 }
-
-
-SETTINGS_BEFORE_RECORDED = {
-    "refine": "none",
-    "precision": "fp32",
-}  # what results.json files older than the setting mean
 
 
 def read_previous(results_path: Path, overwrite: bool) -> dict | None:
     """The previous ``results.json`` of this folder, None when there is none; a file fss-run did not
-    write (or cannot read) is refused unless ``overwrite``, which replaces it."""
+    write, cannot read, or that records no settings (nothing in it can be verified) is refused unless
+    ``overwrite``, which replaces it."""
     if not results_path.exists():
         return None
     try:
@@ -229,12 +250,17 @@ def read_previous(results_path: Path, overwrite: bool) -> dict | None:
             "--overwrite",
             results_path,
         ) from None
-    if isinstance(previous, dict) and previous.get("format") == RESULTS_FORMAT:
+    ours = isinstance(previous, dict) and previous.get("format") == RESULTS_FORMAT
+    if ours and isinstance(previous.get("settings"), dict):
         return previous
-    if isinstance(previous, dict) and "support" in previous and "queries" in previous:
-        return {"queries": []}  # an older fss-run's: nothing in it can be verified, recompute
     if overwrite:
         return None
+    if ours or (isinstance(previous, dict) and "support" in previous and "queries" in previous):
+        raise FssError(
+            f"--out holds a {RESULTS_FILE} that records no settings (an older fss-run's, or edited): "
+            "nothing in it can be verified; pass --overwrite to replace it, or choose another --out",
+            results_path,
+        )
     raise FssError(
         f"--out holds a {RESULTS_FILE} that fss-run did not write: move it away or choose another --out",
         results_path,
@@ -242,12 +268,21 @@ def read_previous(results_path: Path, overwrite: bool) -> dict | None:
 
 
 def settings_difference(previous: dict, settings: dict) -> str | None:
-    """What differs between a previous run's settings and these (None: nothing, or none recorded)."""
-    old = previous.get("settings")
-    if not isinstance(old, dict):
-        return None
-    old = {**SETTINGS_BEFORE_RECORDED, **old}
-    return next((what for key, what in SETTING_NAMES.items() if old.get(key) != settings[key]), None)
+    """What differs between a previous run's settings and these (None: nothing)."""
+    old = previous["settings"]
+    for key, what in SETTING_NAMES.items():
+        if key not in old:
+            return f"settings an older fss-run did not record ({key})"
+        if old[key] != settings[key]:
+            if key == "libraries" and isinstance(old[key], dict):
+                what += ": " + version_changes(old[key], settings[key])
+            return what
+    return None
+
+
+def version_changes(old: dict, new: dict) -> str:
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    return ", ".join(f"{name} {old.get(name, 'none')} -> {new.get(name, 'none')}" for name in changed)
 
 
 def reusable_entries(previous, settings: dict, out: Path, overwrite: bool, results_path: Path) -> dict:
@@ -280,27 +315,54 @@ def valid_entries(previous: dict | None) -> dict[str, dict]:
     return entries
 
 
+def output_paths(stem: str, overlays: bool) -> list[tuple[str, str]]:
+    """(path relative to --out, key of its sha256 in a results entry) of a query's outputs."""
+    paths = [(f"{stem}.png", "mask_sha256")]
+    return paths + [(f"{OVERLAYS}/{stem}.jpg", "overlay_sha256")] if overlays else paths
+
+
+def check_no_foreign_outputs(out: Path, queries: list[Path], previous: dict | None, overlays: bool) -> None:
+    """Refuse an output path of these queries that holds a file fss-run did not write: one whose
+    sha256 neither ``results.json`` nor the folder's journal records there (a user's file, or an
+    output edited or damaged since: either may be someone's work)."""
+    from fss.io import journal_outputs
+
+    entries, written = valid_entries(previous), journal_outputs(out)
+    for path in queries:
+        entry = entries.get(path.stem, {})
+        for name, key in output_paths(path.stem, overlays):
+            target = out / name
+            if not (target.exists() or target.is_symlink()):
+                continue
+            recorded = {sha for sha in (entry.get(key), written.get(name)) if isinstance(sha, str)}
+            if target.is_file() and not target.is_symlink() and file_sha256(target) in recorded:
+                continue
+            if recorded:
+                what = "which differs from the file fss-run wrote there (edited or damaged)"
+            else:
+                what = "which fss-run did not write"
+            raise FssError(
+                f"--out holds {name}, {what}: move it away (it is then recomputed), choose another --out, "
+                "or pass --overwrite",
+                target,
+            )
+
+
 def outputs_intact(out: Path, entry: dict, overlays: bool) -> bool:
     """The outputs an entry records exist and hash as recorded."""
     if entry.get("error") or not isinstance(entry.get("mask_sha256"), str):
         return False
-    stem = Path(entry["file"]).stem
-    mask = out / f"{stem}.png"
-    if not mask.is_file() or file_sha256(mask) != entry["mask_sha256"]:
-        return False
-    if not overlays:
-        return True
-    overlay = out / OVERLAYS / f"{stem}.jpg"
-    return overlay.is_file() and file_sha256(overlay) == entry.get("overlay_sha256")
+    for name, key in output_paths(Path(entry["file"]).stem, overlays):
+        if not (out / name).is_file() or file_sha256(out / name) != entry.get(key):
+            return False
+    return True
 
 
 def remove_outputs(out: Path, entries: dict[str, dict]) -> None:
     """Delete the outputs previous entries recorded (only files that still hash as recorded)."""
     for stem, entry in entries.items():
-        for path, key in (
-            (out / f"{stem}.png", "mask_sha256"),
-            (out / OVERLAYS / f"{stem}.jpg", "overlay_sha256"),
-        ):
+        for name, key in output_paths(stem, overlays=True):
+            path = out / name
             if path.is_file() and isinstance(entry.get(key), str) and file_sha256(path) == entry[key]:
                 path.unlink()
 
@@ -401,11 +463,10 @@ def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict
     stem = result.query.stem
     width, height = full_size(result.image)
     labels = full_size_labels(result.labels, (width, height))
-    write_label_png(out / f"{stem}.png", labels)
-    entry = {"mask_sha256": file_sha256(out / f"{stem}.png")}
+    entry = {"mask_sha256": write_label_png(out / f"{stem}.png", labels)}  # verified as written
     if overlays:
-        write_overlay(out / OVERLAYS / f"{stem}.jpg", result.image, result.labels, classes)
-        entry["overlay_sha256"] = file_sha256(out / OVERLAYS / f"{stem}.jpg")
+        overlay = out / OVERLAYS / f"{stem}.jpg"
+        entry["overlay_sha256"] = write_overlay(overlay, result.image, result.labels, classes)
     return {**entry, "size": [width, height], "fractions": fractions(labels, ["background", *classes])}
 
 
@@ -413,7 +474,7 @@ def segment_folder(args, pairs, queries) -> int:
     from tqdm import tqdm
 
     from fss.command import error_line
-    from fss.io import check_output_folder, folder_lock, remove_stale_temporaries, write_json
+    from fss.io import check_output_folder, folder_lock, max_pixels, remove_stale_temporaries, write_json
     from fss.memory import check_encoder_memory
     from fss.models.methods import resolve_refine
     from fss.runtime.segmenter import Segmenter
@@ -425,9 +486,10 @@ def segment_folder(args, pairs, queries) -> int:
         raise FssError(f"--out/{OVERLAYS} is a file, not a folder", out / OVERLAYS)
     results_path = out / RESULTS_FILE
     with folder_lock(out):
-        for folder in (out, out / OVERLAYS):
-            remove_stale_temporaries(folder)
+        remove_stale_temporaries(out)  # those of out/overlays too: the journal records both
         previous = read_previous(results_path, args.overwrite)
+        if not args.overwrite:
+            check_no_foreign_outputs(out, queries, previous, overlays)
         model, device = load_runtime_model(args)
         size = int(args.size or model.meta["input_size"])
         check_encoder_memory(model, size, args.batch, device)
@@ -449,6 +511,8 @@ def segment_folder(args, pairs, queries) -> int:
             "input_size": size,
             "support_sha256": support_sha,
             "classes": classes,
+            "max_pixels": max_pixels(),
+            "libraries": library_versions(seg.backend),
         }
         entries = reusable_entries(previous, settings, out, args.overwrite, results_path)
         hashes = {path: file_sha256(path) for path in queries}

@@ -2,9 +2,13 @@
 its error promise (one line, exit 2, before the work)."""
 
 import errno
+import hashlib
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from hostile import save_pixel_bomb, save_rotated_jpeg
 from PIL import Image
 
 import fss
+from fss.io import LOCK_FILE
 from fss.runtime.cli import main
 
 
@@ -41,8 +46,14 @@ def one_error_line(err: str, *needles: str) -> None:
     assert all(n in lines[-1] for n in needles), err
 
 
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def snapshot(folder, but=()):
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in but)
+    return {p.relative_to(folder): p.read_bytes() for p in files}
+
+
+def users_view(folder):
+    """Every file but fss's lock and journal (a refused run may compact the journal)."""
+    return snapshot(folder, but=(LOCK_FILE,))
 
 
 def entries(out):
@@ -185,6 +196,49 @@ def test_other_settings_are_refused_then_replaced_with_overwrite(setup, ckpt, ot
     assert run(capsys, *args)[1].count("3 already done") == 1
 
 
+def test_pixel_limit_is_a_resume_setting(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    args = base(support, query, out, ckpt, "--backend", "torch")  # auto may verify on larger photos
+    assert run(capsys, *args, "--max-pixels", "5000")[0] == 0
+    assert json.loads((out / "results.json").read_text())["settings"]["max_pixels"] == 5000
+    for other in (["--max-pixels", "6000"], []):  # another limit; the default one
+        code, err = run(capsys, *args, *other)
+        assert code == 2
+        one_error_line(err, "another pixel limit (--max-pixels or $FSS_MAX_PIXELS)", "--overwrite")
+    monkeypatch.setenv("FSS_MAX_PIXELS", "5000")  # the same limit, given by the environment
+    assert run(capsys, *args)[1].count("3 already done") == 1
+    results = json.loads((out / "results.json").read_text())
+    del results["settings"]["max_pixels"]  # a results.json of the fss-run before it was recorded
+    (out / "results.json").write_text(json.dumps(results))
+    code, err = run(capsys, *args)
+    assert code == 2
+    one_error_line(err, "settings an older fss-run did not record (max_pixels)")
+
+
+@pytest.mark.parametrize("library", ["pillow", "numpy", "torch", "onnxruntime"])
+def test_library_versions_are_a_resume_setting(setup, ckpt, capsys, library):
+    import onnxruntime
+    import PIL
+    import torch
+
+    support, query, out = setup
+    backend = "onnxruntime" if library == "onnxruntime" else "torch"
+    args = base(support, query, out, ckpt, "--backend", backend)
+    assert run(capsys, *args)[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = {"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__}
+    if backend == "onnxruntime":
+        expected["onnxruntime"] = onnxruntime.__version__
+    assert results["settings"]["libraries"] == expected
+    results["settings"]["libraries"][library] = "0.0.1"  # as a run with another decoder would record
+    (out / "results.json").write_text(json.dumps(results))
+    code, err = run(capsys, *args)
+    assert code == 2
+    one_error_line(err, "other versions of the libraries", f"{library} 0.0.1 -> {expected[library]}")
+    code, err = run(capsys, *args, "--overwrite")
+    assert code == 0 and "3 segmented" in err
+
+
 def test_byte_identical_support_elsewhere_resumes(setup, ckpt, capsys, tmp_path):
     support, query, out = setup
     assert run(capsys, *base(support, query, out, ckpt))[0] == 0
@@ -193,12 +247,21 @@ def test_byte_identical_support_elsewhere_resumes(setup, ckpt, capsys, tmp_path)
     assert code == 0 and "0 segmented, 3 already done" in err
 
 
-def test_damaged_outputs_are_recomputed(setup, ckpt, capsys):
+def test_damaged_outputs_are_refused_then_recomputed_once_moved_away(setup, ckpt, capsys):
     support, query, out = setup
     assert run(capsys, *base(support, query, out, ckpt))[0] == 0
     good = (out / "q0.png").read_bytes()
-    (out / "q0.png").write_bytes(good[: len(good) // 2])  # truncated
+    (out / "q0.png").write_bytes(good[: len(good) // 2])  # truncated, or edited by hand: not replaced
     (out / "overlays" / "q2.jpg").write_bytes(b"garbage")
+    before = users_view(out)
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and users_view(out) == before
+    one_error_line(err, "--out holds q0.png, which differs from the file fss-run wrote there", "--overwrite")
+    (out / "q0.png").unlink()
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2
+    one_error_line(err, "--out holds overlays/q2.jpg, which differs")
+    (out / "overlays" / "q2.jpg").unlink()
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
     assert (out / "q0.png").read_bytes() == good
@@ -225,10 +288,25 @@ def test_garbled_entries_and_older_results_are_recomputed(setup, ckpt, capsys):
     (out / "results.json").write_text(json.dumps(results))
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
-    # a results.json of the earlier fss-run (no settings recorded): nothing can be verified, redo
-    (out / "results.json").write_text(json.dumps({"support": {}, "queries": [{"file": "q0.jpg"}]}))
+
+
+@pytest.mark.parametrize("older", ["first fss-run", "settings removed"])
+def test_results_without_settings_are_refused_not_trusted(setup, ckpt, capsys, older):
+    support, query, out = setup
+    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    if older == "first fss-run":
+        results = {"support": {}, "queries": [{"file": "q0.jpg"}]}
+    else:
+        del results["settings"]  # not "no settings to check": nothing in it can be verified
+    (out / "results.json").write_text(json.dumps(results))
+    before = users_view(out)
     code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and users_view(out) == before
+    one_error_line(err, "results.json that records no settings", "--overwrite")
+    code, err = run(capsys, *base(support, query, out, ckpt, "--overwrite"))
     assert code == 0 and "3 segmented" in err
+    assert run(capsys, *base(support, query, out, ckpt))[1].count("3 already done") == 1
 
 
 def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
@@ -240,14 +318,83 @@ def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
     assert run(capsys, *base(support, query, out, ckpt, "--no-overlays"))[1].count("3 already done") == 1
 
 
-def test_temporaries_of_a_killed_run_are_removed(setup, ckpt, capsys):
+def killed_mid_writes(out, names):
+    """A process that dies (no clean-up, as under kill -9) while atomic_write writes every one of
+    ``names`` in ``out``."""
+    from fss.io import atomic_write, folder_lock
+
+    def write_then_die(names):
+        def write(f):
+            f.write(b"half a file")
+            f.flush()
+            write_then_die(names[1:]) if names[1:] else os._exit(9)
+
+        atomic_write(out / names[0], write)
+
+    pid = os.fork()
+    if pid == 0:
+        with folder_lock(out):
+            write_then_die(names)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_only_those(setup, ckpt, capsys):
     support, query, out = setup
     (out / "overlays").mkdir(parents=True)
-    for stale in (out / ".q0.png.abc123xy.tmp", out / "overlays" / ".q0.jpg.zz9.tmp"):
-        stale.write_bytes(b"half")
-    (out / "keep.tmp").write_text("not ours")
-    assert run(capsys, *base(support, query, out, ckpt))[0] == 0
-    assert not list(out.rglob(".*.tmp")) and (out / "keep.tmp").exists()
+    killed_mid_writes(out, ["q0.png", "overlays/q1.jpg"])
+    killed = sorted(out.rglob(".fss-partial.*.tmp"))
+    assert [p.parent.name for p in killed] == ["out", "overlays"]
+    users = [out / ".notes.tmp", out / ".x.tmp", out / "keep.tmp", out / "overlays" / ".notes.tmp"]
+    users += [out / ".q0.png.abc123xy.tmp", out / "overlays" / ".q2.jpg.zz9.tmp"]  # named as fss once did
+    for path in users:
+        path.write_text("the user's")
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 0, err
+    assert not any(p.exists() for p in killed)
+    assert all(p.read_text() == "the user's" for p in users)
+
+
+@pytest.mark.parametrize("where", ["mask", "overlay", "overlay after a --no-overlays run"])
+def test_a_users_file_at_an_output_path_is_refused_before_work(setup, ckpt, capsys, monkeypatch, where):
+    import fss.runtime.cli
+
+    support, query, out = setup
+    if where.endswith("--no-overlays run"):
+        assert run(capsys, *base(support, query, out, ckpt, "--no-overlays"))[0] == 0
+    name = "q1.png" if where == "mask" else "overlays/q1.jpg"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    save_image(out / name, np.random.default_rng(7))  # the user's own picture
+    before = users_view(out)
+    real_load = fss.runtime.cli.load_runtime_model
+    monkeypatch.setattr(fss.runtime.cli, "load_runtime_model", lambda a: pytest.fail("loaded the model"))
+    code, err = run(capsys, *base(support, query, out, ckpt))
+    assert code == 2 and users_view(out) == before
+    one_error_line(err, f"--out holds {name}, which fss-run did not write", "--overwrite", str(out / name))
+    monkeypatch.setattr(fss.runtime.cli, "load_runtime_model", real_load)
+    code, err = run(capsys, *base(support, query, out, ckpt, "--overwrite"))
+    assert code == 0 and "3 segmented" in err
+    assert Image.open(out / name).size == (43, 37)  # now fss-run's output for q1.jpg
+    assert run(capsys, *base(support, query, out, ckpt))[1].count("3 already done") == 1
+
+
+def test_outputs_written_but_not_yet_in_results_are_still_ours(setup, ckpt, capsys, monkeypatch):
+    support, query, out = setup
+    import fss.io
+
+    real, calls = fss.io.write_label_png, []
+
+    def interrupted(path, labels):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # q0's outputs are in place, results.json not yet saved
+        return real(path, labels)
+
+    monkeypatch.setattr(fss.io, "write_label_png", interrupted)
+    assert run(capsys, *base(support, query, out, ckpt, "--batch", "4"))[0] == 130
+    assert (out / "q0.png").exists() and entries(out) == {}
+    monkeypatch.setattr(fss.io, "write_label_png", real)
+    code, err = run(capsys, *base(support, query, out, ckpt))  # the journal knows fss wrote them
+    assert code == 0 and "3 segmented" in err
 
 
 def test_a_second_writer_into_the_same_out_is_refused(setup, ckpt, capsys):
@@ -324,6 +471,38 @@ def test_disk_full_before_and_during_the_run(setup, ckpt, capsys, monkeypatch):
     one_error_line(err, "No space left on device", "q0.png")
 
 
+def test_output_cut_by_a_file_size_limit_is_never_recorded_as_done(setup, ckpt, capsys):
+    """Under RLIMIT_FSIZE a write stops at the limit: Python ignores SIGXFSZ, so write() fails with
+    EFBIG, but Pillow's encoders write to the descriptor themselves and let that short write pass
+    (the overlay JPEG was cut at the limit, exit 0, its hash recorded). Outputs are now encoded in
+    memory and written verified."""
+    support, query, out = setup
+    noise = np.random.default_rng(0).random((300, 400, 3)) * 255
+    Image.fromarray(noise.astype(np.uint8)).save(query / "z.jpg", quality=95)  # its overlay: ~100 KB
+    limit = 80_000  # beyond Pillow's 64 KiB encoder buffer, below the overlay: a silent cut before
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = [str(a) for a in base(support, query, out, ckpt, "--backend", "torch", "--batch", "1")]
+    child = subprocess.run(
+        [sys.executable, "-m", "fss.runtime.cli", *args],
+        preexec_fn=file_size_limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 2
+    one_error_line(child.stderr, "File too large", str(out / "overlays" / "z.jpg"))
+    assert sorted(entries(out)) == ["q0.jpg", "q1.jpg", "q2.jpg"]  # z is not recorded
+    assert not (out / "overlays" / "z.jpg").exists() and not list(out.rglob(".fss-partial.*"))
+    code, err = run(capsys, *args)  # without the limit, the resume redoes z
+    assert code == 0 and "1 segmented, 3 already done" in err
+    overlay = out / "overlays" / "z.jpg"
+    assert overlay.stat().st_size > limit and Image.open(overlay).load() is not None
+    assert entries(out)["z.jpg"]["overlay_sha256"] == hashlib.sha256(overlay.read_bytes()).hexdigest()
+
+
 def test_too_many_classes_says_the_limit_before_reading_images(tmp_path, ckpt, capsys):
     rng = np.random.default_rng(0)
     for k in range(255):
@@ -364,7 +543,7 @@ def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch)
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        real(path, labels)
+        return real(path, labels)
 
     monkeypatch.setattr(fss.io, "write_label_png", interrupted)
     code, err = run(capsys, *base(support, query, out, ckpt, "--batch", "1"))

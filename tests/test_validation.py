@@ -236,13 +236,17 @@ def test_train_size_beyond_memory_is_refused_before_training(shapes, tmp_path, c
 
 
 def test_train_removes_stale_temporaries_and_resume_rejects_a_damaged_state(shapes, tmp_path, capsys):
+    from fss.io import folder_lock, journal
     from fss.train.cli import main
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / ".last.pt.k1l2m3n4.tmp").write_bytes(b"half a checkpoint")
+    stale = out / ".fss-partial.last.pt.k1l2m3n4.tmp"
+    with folder_lock(out):  # what a killed checkpoint write leaves: a temporary its journal records
+        journal("temporary", stale)
+        stale.write_bytes(b"half a checkpoint")
+    (out / ".notes.tmp").write_text("the user's")
     assert main([*train_args(shapes, out), "--val-classes", "none", "--no-progress"]) == 0
-    assert not list(out.glob(".*.tmp"))
+    assert not stale.exists() and (out / ".notes.tmp").read_text() == "the user's"
     ckpt = torch.load(out / "last.pt", weights_only=True)
     ckpt["train_state"]["optimizer"] = {"state": 3}
     torch.save(ckpt, out / "last.pt")
