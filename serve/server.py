@@ -14,7 +14,6 @@ and empty outputs, and no error text is a traceback (details go to the server's 
 """
 
 import json
-import logging
 import os
 import signal
 import sysconfig
@@ -34,8 +33,6 @@ from fss.serve.handlers import (
     SupportStore,
     internal_error,
 )
-
-LOG = logging.getLogger("fss.serve")
 
 
 @dataclass
@@ -307,6 +304,8 @@ def make_segment_infer(service: SegmentService):
                 own = request_rows(request)
             except RequestError as err:
                 failed[k] = str(err)
+            except Exception as err:  # a server bug reading this request: the others go on
+                failed[k] = internal_error("fss_segment", err)
             spans.append((len(rows), len(rows) + len(own)))
             rows.extend(own)
         try:

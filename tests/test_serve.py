@@ -488,6 +488,8 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(servers):
         (lambda: client.support_op("shrink"), "unknown op"),
         (lambda: client.register(["bus"], [queries()[0].read_bytes()], [b"x"]), "mask: not a readable"),
         (lambda: client.remove_shot(sid, "bus", 7), "has 2 shots"),
+        (lambda: client.register([], [], []), "at least one shot"),
+        (lambda: client.register(["background"], [b"x"], [b"x"]), "collides with label 0"),
     ]
     for call, message in cases:
         with pytest.raises(ServeError, match=message) as caught:
@@ -511,6 +513,12 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(servers):
         )
     assert client.ready()
     np.testing.assert_array_equal(client.segment(sid, queries()[0].read_bytes()), before)
+    # Rows at the pixel limit, one tall, one wide: padded to H x W they made a 2 TB reply.
+    tall, wide = encoded(np.zeros((1_000_000, 1), np.uint8)), encoded(np.zeros((1, 1_000_000), np.uint8))
+    masks = client.segment_batch(sid, [tall, wide, queries()[0].read_bytes()])
+    assert [m.shape for m in masks[:2]] == [(1_000_000, 1), (1, 1_000_000)]
+    np.testing.assert_array_equal(masks[2], before)
+    assert client.ready()
 
 
 def test_a_replica_that_never_saw_the_set_gets_it_transparently(servers):
@@ -634,8 +642,15 @@ def test_fss_export_writes_a_triton_repository_that_triton_serves(method, tmp_pa
             for query in queries():
                 expected = np.asarray(Image.open(tmp_path / "out" / f"{query.stem}.png"))
                 np.testing.assert_array_equal(client.segment(sid, query.read_bytes()), expected)
+            batch = client.segment_batch(sid, [q.read_bytes() for q in queries()])  # rows of two sizes
+            for labels, query in zip(batch, queries(), strict=True):
+                expected = np.asarray(Image.open(tmp_path / "out" / f"{query.stem}.png"))
+                np.testing.assert_array_equal(labels, expected)
             with pytest.raises(ServeError, match="not a readable image"):
                 client.segment(sid, b"junk")
+            # No PyTriton proxy here: an empty support set reaches fss's handlers, one line back.
+            with pytest.raises(ServeError, match="^a support set needs at least one shot"):
+                client.support_op(protocol.OP_REGISTER, images=[], masks=[], classes=[])
     finally:
         codes = [server.stop() for server in servers]
     assert codes == [0, 0], [server.log.read_text()[-2000:] for server in servers]
