@@ -26,7 +26,16 @@ import torch
 from PIL import Image
 
 from fss.errors import FssError
-from fss.io import IGNORE_INDEX, overlay_image, read_mask, write_json, write_label_png, write_overlay
+from fss.io import (
+    IGNORE_INDEX,
+    check_class_names,
+    is_class_folder_name,
+    overlay_image,
+    read_mask,
+    write_json,
+    write_label_png,
+    write_overlay,
+)
 from fss.runtime.cli import fractions
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
@@ -41,12 +50,19 @@ class DemoError(FssError):
 
 
 def check_class_name(name: str) -> str:
+    """A name the page accepts: one the zip's ``support/<name>/`` folder gives back to ``fss-run``."""
     name = (name or "").strip()
     if not CLASS_NAME.fullmatch(name):
         raise DemoError(
             f"class name {name!r} must be 1-40 letters, digits, spaces or _ . + - (starting with a letter "
             "or digit)"
         )
+    try:
+        check_class_names([name])
+    except FssError as err:
+        raise DemoError(err.message) from None
+    if not is_class_folder_name(name):
+        raise DemoError(f"class name {name!r} ends like an image file name: fss-run skips such folders")
     return name
 
 

@@ -177,8 +177,8 @@ def find_support_pairs(root, warn: Warn | None = None) -> dict[str, list[tuple[P
     root = Path(root)
     if not root.is_dir():
         raise FssError("support folder not found", root)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    subdirs = [p for p in subdirs if p.suffix.lower() not in IMAGE_EXTS]  # scan_folder warns of those
+    # scan_folder warns of folders named like images
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and is_class_folder_name(p.name))
     if subdirs:
         loose, _ = scan_folder(root)
         if loose:
@@ -201,11 +201,19 @@ def find_support_pairs(root, warn: Warn | None = None) -> dict[str, list[tuple[P
     return classes
 
 
-def check_class_names(classes: list[str], where) -> None:
-    """Class names fit the label format: not a reserved name, at most ``MAX_CLASSES`` classes."""
+def is_class_folder_name(name: str) -> bool:
+    """Whether a subfolder so named is a class of a support folder: not hidden, not named like an image."""
+    return not name.startswith(".") and Path(name).suffix.lower() not in IMAGE_EXTS
+
+
+def check_class_names(classes: list[str], where=None) -> None:
+    """Class names fit the label format: not a reserved name, at most ``MAX_CLASSES`` classes.
+
+    ``fss-run``'s rule, applied as well wherever class names come from elsewhere (fss-serve, fss-demo).
+    """
     for name in classes:
         if name.lower() in RESERVED_CLASS_NAMES:
-            raise FssError(f"class {name!r} collides with label 0 (background): rename its folder", where)
+            raise FssError(f"class {name!r} collides with label 0 (background): rename the class", where)
     if len(classes) > MAX_CLASSES:
         raise FssError(
             f"{len(classes)} classes, more than the {MAX_CLASSES} a label PNG can hold "

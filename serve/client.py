@@ -206,6 +206,8 @@ class Client:
 
         Label k is the k-th distinct class name in order of appearance (``fss-run`` sorts folders).
         """
+        if not images:  # PyTriton's server cannot carry an empty tensor: refuse it here, in one line
+            raise ServeError("a support set needs at least one shot (image + mask + class name)")
         out = self.support_op(protocol.OP_REGISTER, backend, images=images, masks=masks, classes=classes)
         support_id = first_text(out["support_id"])
         self.remember(support_id, (list(classes), list(images), list(masks)))
@@ -277,8 +279,8 @@ class Client:
             if error:
                 raise ServeError(error)
             h, w = (int(v) for v in out["size"][k])
-            labels = out["labels"][k, :h, :w].copy()
-            results.append((labels, out["prob"][k, :h, :w].copy()) if with_prob else labels)
+            labels = out["labels"][k, : h * w].reshape(h, w).copy()
+            results.append((labels, out["prob"][k, : h * w].reshape(h, w).copy()) if with_prob else labels)
         return results
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ cause raises :class:`RequestError` with one line; the Triton layer turns it into
 
 import copy
 import io
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
@@ -19,8 +20,10 @@ import numpy as np
 from PIL import Image
 
 from fss.errors import FssError
-from fss.io import find_support_pairs, read_image, read_mask
+from fss.io import check_class_names, find_support_pairs, read_image, read_mask
 from fss.serve import protocol
+
+LOG = logging.getLogger("fss.serve")
 
 # The formats fss-run reads (its image extensions); Pillow would open many more.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
@@ -28,6 +31,12 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 
 class RequestError(Exception):
     """A bad request: the message is what the client sees."""
+
+
+def internal_error(what: str, err: Exception) -> str:
+    """A server bug: the traceback goes to the log, the client gets one line without it."""
+    LOG.error("%s failed", what, exc_info=err)
+    return f"internal error in {what} ({type(err).__name__}); details are in the server's log"
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,14 @@ def unknown_support(support_id: str) -> RequestError:
     return RequestError(f"{protocol.UNKNOWN_SUPPORT} {support_id!r}: register the support set (again)")
 
 
+def check_label_names(names: list[str]) -> None:
+    """``fss-run``'s class-name rules (no class named like label 0, labels fit a uint8 PNG)."""
+    try:
+        check_class_names(names)
+    except FssError as err:
+        raise RequestError(err.message) from None
+
+
 def group_shots(classes: list[str], images: list[bytes], masks: list[bytes]):
     """Per-shot lists -> class names in first-appearance order and per-class ``(image, mask)`` lists."""
     grouped: dict[str, list[tuple[bytes, bytes]]] = {}
@@ -198,6 +215,7 @@ class SupportService:
         for name in classes:
             self.check_class_name(name)
         names, pairs = group_shots(classes, images, masks)
+        check_label_names(names)
         shots = [[protocol.shot_digest(i, m) for i, m in class_pairs] for class_pairs in pairs]
         support_id = protocol.support_id(names, shots)
         if support_id in self.store:
@@ -217,7 +235,11 @@ class SupportService:
         return self.describe(support_id)
 
     def register_folder(self, folder: str) -> dict:
-        """A support folder on the server (``fss-run`` layout), only below ``--support-root``."""
+        """A support folder on the server (``fss-run`` layout), only below ``--support-root``.
+
+        Every path read is resolved first, the folder, its class folders and each image and mask, so
+        a symbolic link leading out of the root is refused rather than followed.
+        """
         if self.support_root is None:
             raise RequestError(
                 "server-side support folders are disabled (start fss-serve with --support-root)"
@@ -225,6 +247,10 @@ class SupportService:
         path = (self.support_root / folder).resolve()
         if not path.is_relative_to(self.support_root):
             raise RequestError(f"support folder {folder!r} is outside the server's support root")
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.is_dir():  # a class folder find_support_pairs would list
+                    self.inside_root(entry, folder)
         try:
             found = find_support_pairs(path)
         except FssError as err:
@@ -233,9 +259,22 @@ class SupportService:
         for name, pairs in found.items():
             for image_path, mask_path in pairs:
                 classes.append(name)
-                images.append(image_path.read_bytes())
-                masks.append(mask_path.read_bytes())
+                images.append(self.read_below_root(image_path, folder))
+                masks.append(self.read_below_root(mask_path, folder))
         return self.register(classes, images, masks)
+
+    def inside_root(self, path: Path, folder: str) -> Path:
+        """``path`` resolved; refused when it leads outside the support root (the target is not named)."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.support_root):
+            shown = str(path.relative_to(self.support_root))
+            raise RequestError(f"support folder {folder!r}: {shown!r} leads outside the support root")
+        return resolved
+
+    def read_below_root(self, path: Path, folder: str) -> bytes:
+        """A file's bytes, read only below the root, and no more than the image size limit (+1 to tell)."""
+        with self.inside_root(path, folder).open("rb") as f:
+            return f.read(self.limits.max_image_bytes + 1)
 
     def base(self, support_id: str):
         try:
@@ -263,6 +302,7 @@ class SupportService:
         """One more shot of a class (a new class is appended last); only the new shot is encoded."""
         self.check_class_name(class_name)
         base, base_shots = self.base(base_id)
+        check_label_names(list(dict.fromkeys([*base.classes, class_name])))
         if sum(len(s) for s in base_shots) >= self.limits.max_shots:
             raise RequestError(f"support set already has the limit of {self.limits.max_shots} shots")
         img, parsed = decode_shot(image, mask, self.limits, f"new shot of class {class_name!r}")
@@ -330,6 +370,7 @@ class SegmentService:
         return self.seg.load_query(img)
 
     def segment(self, rows: list[Row]) -> list[RowResult]:
+        """One result per row; whatever goes wrong with a row or a support set's group fails only those."""
         results = [RowResult() for _ in rows]
         loaded = {}
         for i, future in enumerate([self.pool.submit(self.load, row) for row in rows]):
@@ -337,11 +378,16 @@ class SegmentService:
                 loaded[i] = future.result()
             except RequestError as err:
                 results[i].error = str(err)
+            except Exception as err:  # a server bug on this image: its batchmates go on
+                results[i].error = internal_error("fss_segment decoding", err)
         groups: dict[tuple[str, bool], list[int]] = {}
         for i in loaded:
             groups.setdefault((rows[i].support_id, rows[i].with_prob), []).append(i)
         for (support_id, with_prob), members in groups.items():
-            outputs = self.run_group(support_id, with_prob, [loaded[i] for i in members])
+            try:
+                outputs = self.run_group(support_id, with_prob, [loaded[i] for i in members])
+            except Exception as err:  # e.g. out of memory for this group: the other groups go on
+                outputs = [internal_error("fss_segment", err)] * len(members)
             for i, out in zip(members, outputs, strict=True):
                 if isinstance(out, str):
                     results[i].error = out

@@ -65,9 +65,10 @@ SEGMENT_INPUTS = [
     ("support_id", "BYTES", (1,), False),
     ("image", "BYTES", (1,), False),
 ]
+# A row's labels / prob: its H x W values flattened (row-major), zero-padded to the request's largest row.
 SEGMENT_OUTPUTS = [
-    ("labels", "UINT8", (-1, -1), False),
+    ("labels", "UINT8", (-1,), False),
     ("size", "INT32", (2,), False),
-    ("prob", "FP32", (-1, -1), False),
+    ("prob", "FP32", (-1,), False),
     ("error", "BYTES", (1,), False),
 ]

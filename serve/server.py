@@ -4,16 +4,16 @@
   outputs the content-hash ``support_id``, the ``classes`` in label order, ``shots`` per class, ``info``
   (JSON) and ``error``.
 - ``fss_segment`` (dynamically batched across clients, ``instances`` copies): rows of ``support_id`` +
-  ``image`` (encoded bytes) -> ``labels`` (``n x H x W`` uint8, padded to the request's largest image),
-  ``size`` (``n x 2``: H, W of each row), ``prob`` (only when asked for) and ``error`` per row.
+  ``image`` (encoded bytes) -> ``labels`` (``n x L`` uint8: row k is its ``H x W`` mask, row-major,
+  padded with zeros to the request's largest pixel count ``L``), ``size`` (``n x 2``: H, W of each row),
+  ``prob`` (the same layout, float32, only when asked for) and ``error`` per row.
 
 A bad request never fails the batch it shares with other clients: its rows carry ``error`` (one line)
-and empty outputs. Protocol errors (wrong dtype / shape, batch over ``max_batch``) are refused by Triton
-itself before they reach us.
+and empty outputs, and no error text is a traceback (details go to the server's log). Protocol errors
+(wrong dtype / shape, batch over ``max_batch``) are refused by Triton itself before they reach us.
 """
 
 import json
-import logging
 import os
 import signal
 import sysconfig
@@ -31,9 +31,8 @@ from fss.serve.handlers import (
     SegmentService,
     SupportService,
     SupportStore,
+    internal_error,
 )
-
-LOG = logging.getLogger("fss.serve")
 
 
 @dataclass
@@ -226,8 +225,7 @@ def make_support_infer(services: Services):
             except RequestError as err:
                 replies.append(support_reply(error=str(err)))
             except Exception as err:  # a server bug must not take the server down: report it, go on
-                LOG.exception("fss_support failed")
-                replies.append(support_reply(error=f"internal error: {type(err).__name__}: {err}"))
+                replies.append(support_reply(error=internal_error("fss_support", err)))
         return replies
 
     return infer
@@ -250,23 +248,35 @@ def request_rows(request) -> list[Row]:
     return [Row(i, image, with_prob) for i, image in zip(ids, images, strict=True)]
 
 
-def segment_reply(results, with_prob: bool) -> dict:
-    """Per-row results -> ``n x H x W`` labels padded to the request's largest row, sizes, errors."""
-    shapes = [r.labels.shape if r.labels is not None else (0, 0) for r in results]
-    # At least 1 x 1: PyTriton cannot send an empty tensor (rows that failed carry size 0 x 0).
-    height, width = max(1, *(s[0] for s in shapes)), max(1, *(s[1] for s in shapes))
-    labels = np.zeros((len(results), height, width), np.uint8)
-    prob = np.zeros((len(results), height, width), np.float32) if with_prob else None
-    for k, r in enumerate(results):
+def segment_reply(results: list[RowResult], with_prob: bool, max_pixels: int) -> dict:
+    """Per-row results -> ``n x L`` labels (row k: its ``H x W`` mask flattened, then zeros), sizes, errors.
+
+    Triton sends a request's rows as one tensor, so rows must be padded to a common length. Padding
+    flat rows to the largest pixel count (not to the tallest height times the widest width, which a
+    400000 x 1 row beside a 1 x 4000 row makes 1.6 G pixels) bounds a reply by ``n x max_pixels``
+    values, checked here before allocating: a row over ``max_pixels`` gets an error, its batchmates
+    their masks.
+    """
+    rows = [
+        RowResult(error=f"reply: {r.labels.size} pixels, more than the limit of {max_pixels} pixels")
+        if r.labels is not None and r.labels.size > max_pixels
+        else r
+        for r in results
+    ]
+    shapes = [r.labels.shape if r.labels is not None else (0, 0) for r in rows]
+    # At least 1 value per row: PyTriton cannot send an empty tensor (rows that failed carry size 0 x 0).
+    length = max(1, *(h * w for h, w in shapes))
+    labels = np.zeros((len(rows), length), np.uint8)
+    prob = np.zeros((len(rows), length), np.float32) if with_prob else None
+    for k, r in enumerate(rows):
         if r.labels is not None:
-            h, w = r.labels.shape
-            labels[k, :h, :w] = r.labels
+            labels[k, : r.labels.size] = r.labels.ravel()
             if with_prob:
-                prob[k, :h, :w] = r.prob
+                prob[k, : r.prob.size] = r.prob.ravel()
     reply = {
         "labels": labels,
-        "size": np.array(shapes, dtype=np.int32).reshape(len(results), 2),
-        "error": bytes_array([r.error for r in results]).reshape(len(results), 1),
+        "size": np.array(shapes, dtype=np.int32).reshape(len(rows), 2),
+        "error": bytes_array([r.error for r in rows]).reshape(len(rows), 1),
     }
     if with_prob:
         reply["prob"] = prob
@@ -278,7 +288,14 @@ def request_size(request) -> int:
     return max((len(v) for v in request.data.values()), default=1)
 
 
+def error_reply(request, message: str) -> dict:
+    """Every row of ``request`` failed with ``message``."""
+    return segment_reply([RowResult(error=message)] * request_size(request), wants(request, "prob"), 1)
+
+
 def make_segment_infer(service: SegmentService):
+    max_pixels = service.limits.max_pixels
+
     def infer(requests):
         rows, spans, failed = [], [], {}
         for k, request in enumerate(requests):
@@ -287,20 +304,24 @@ def make_segment_infer(service: SegmentService):
                 own = request_rows(request)
             except RequestError as err:
                 failed[k] = str(err)
+            except Exception as err:  # a server bug reading this request: the others go on
+                failed[k] = internal_error("fss_segment", err)
             spans.append((len(rows), len(rows) + len(own)))
             rows.extend(own)
         try:
             results = service.segment(rows)
         except Exception as err:  # a server bug must not take the server down: every request gets it
-            LOG.exception("fss_segment failed")
-            failed = {k: f"internal error: {type(err).__name__}: {err}" for k in range(len(requests))}
+            message = internal_error("fss_segment", err)
+            failed = {k: message for k in range(len(requests))}
         replies = []
         for k, (request, (start, stop)) in enumerate(zip(requests, spans, strict=True)):
             if k in failed:
-                own = [RowResult(error=failed[k]) for _ in range(request_size(request))]
-            else:
-                own = results[start:stop]
-            replies.append(segment_reply(own, wants(request, "prob")))
+                replies.append(error_reply(request, failed[k]))
+                continue
+            try:
+                replies.append(segment_reply(results[start:stop], wants(request, "prob"), max_pixels))
+            except Exception as err:  # e.g. out of memory for this reply: the other requests still get theirs
+                replies.append(error_reply(request, internal_error("fss_segment reply", err)))
         return replies
 
     return infer

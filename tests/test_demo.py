@@ -235,6 +235,15 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
         session.add_shot("cat", image, mask[:-1])
     with pytest.raises(DemoError, match="class name"):
         session.add_shot("../etc", image, mask)
+    # fss-run's class-name rules: the zip's support/<class>/ folders must read back as these classes.
+    for name, message in [
+        ("background", "collides with label 0"),
+        ("Background", "collides with label 0"),
+        ("bus.png", "like an image file name"),
+    ]:
+        with pytest.raises(DemoError, match=message):
+            session.add_shot(name, image, mask)
+    assert session.classes == []
     session.add_shot("cat", image, mask)
     with pytest.raises(DemoError, match="no shot 3"):
         session.remove_shot("cat", 2)

@@ -212,6 +212,145 @@ def test_server_side_folders_stay_below_the_root(small_model, tmp_path):
         service.register_folder("nothing-here")
 
 
+def test_support_root_refuses_links_that_lead_outside(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(EXAMPLES / "support", root / "support")
+    shutil.copytree(EXAMPLES / "support" / "bus", outside / "bus")
+    model = random_model(width=0.125, input_size=65)
+    service = SupportService(fss.Segmenter(model), SupportStore(2), Limits(), support_root=root)
+    expected = service.register_folder("support")
+    bus = root / "support" / "bus"
+    image = sorted(p for p in bus.iterdir() if p.suffix == ".jpg")[0]
+    mask = bus / f"{image.stem}.png"
+
+    def refused():
+        with pytest.raises(RequestError, match="leads outside the support root") as caught:
+            service.register_folder("support")
+        assert str(outside) not in str(caught.value) and "/etc" not in str(caught.value)
+
+    (root / "support" / "car").symlink_to(outside / "bus", target_is_directory=True)  # a class folder
+    refused()
+    (root / "support" / "car").unlink()
+    inside_copy = root / "kept.jpg"
+    shutil.move(image, inside_copy)
+    image.symlink_to(inside_copy)  # a link that stays inside the root is read
+    assert service.register_folder("support") == expected
+    image.unlink()
+    image.symlink_to(next((outside / "bus").glob("*.jpg")))  # an image from outside the root
+    refused()
+    image.unlink()
+    shutil.move(inside_copy, image)
+    mask.unlink()
+    mask.symlink_to("/etc/hostname")  # a system file
+    refused()
+
+
+def test_class_names_follow_fss_run_rules():
+    service = SupportService(
+        fss.Segmenter(random_model(width=0.125, input_size=65)), SupportStore(2), Limits(max_shots=300), None
+    )
+    shot = (b"never decoded", b"never decoded")
+    for names in (["background"], ["bus", "Background"], [f"c{k}" for k in range(255)]):
+        with pytest.raises(RequestError, match="collides with label 0|more than the 254") as caught:
+            service.register(names, [shot[0]] * len(names), [shot[1]] * len(names))
+        assert "\n" not in str(caught.value)
+    classes, images, masks = support_files()
+    registered = service.register(classes, images, masks)
+    with pytest.raises(RequestError, match="collides with label 0"):
+        service.add_shot(registered["support_id"], "background", images[0], masks[0])
+
+
+class FakeRequest:
+    """A Triton request as the infer functions read one."""
+
+    def __init__(self, data: dict, outputs=None):
+        self.data = data
+        self.requested_output_names = outputs
+
+
+def segment_request(support_id: str, images: list[bytes], outputs=None) -> FakeRequest:
+    n = len(images)
+    data = {
+        "support_id": np.array([[support_id.encode()]] * n, dtype=object),
+        "image": np.array([[i] for i in images], dtype=object),
+    }
+    return FakeRequest(data, outputs)
+
+
+def crop(reply: dict, k: int, name="labels") -> np.ndarray:
+    h, w = reply["size"][k]
+    return reply[name][k, : h * w].reshape(h, w)
+
+
+def test_replies_pad_flat_rows_and_never_the_cross_product():
+    from fss.serve.server import RowResult, segment_reply
+
+    tall, wide = np.ones((16_000_000, 1), np.uint8), np.full((1, 16_000_000), 2, np.uint8)
+    reply = segment_reply([RowResult(labels=tall), RowResult(labels=wide)], False, 16_000_000)
+    assert reply["labels"].shape == (2, 16_000_000)  # 32 MB, where H x W padding asked for 512 TB
+    assert (crop(reply, 0) == tall).all() and (crop(reply, 1) == wide).all()
+    square = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rows = [RowResult(labels=square, prob=square / 12), RowResult(error="query image: x"), RowResult()]
+    rows[2].labels, rows[2].prob = np.ones((40, 1), np.uint8), np.ones((40, 1), np.float32)
+    reply = segment_reply(rows, True, 30)  # the 40-pixel row is over a 30-pixel limit
+    assert reply["labels"].shape == reply["prob"].shape == (3, 12)
+    np.testing.assert_array_equal(crop(reply, 0), square)
+    np.testing.assert_array_equal(crop(reply, 0, "prob"), (square / 12).astype(np.float32))
+    assert [e[0].decode() for e in reply["error"]] == [
+        "",
+        "query image: x",
+        "reply: 40 pixels, more than the limit of 30 pixels",
+    ]
+    assert reply["size"].tolist() == [[3, 4], [0, 0], [0, 0]]
+
+
+def test_a_hostile_batch_fails_alone_and_errors_carry_no_traceback(caplog):
+    from fss.serve.server import make_segment_infer, make_support_infer
+
+    model = random_model(width=0.125, input_size=65)
+    store = SupportStore(2)
+    support = SupportService(fss.Segmenter(model), store, Limits())
+    seg = fss.Segmenter(model)
+    seg.supports = store
+    service = SegmentService(seg, Limits(max_pixels=400_000))
+    sid = support.register(*support_files())["support_id"]
+    query = queries()[0].read_bytes()
+    tall, wide = encoded(np.zeros((400_000, 1), np.uint8)), encoded(np.zeros((1, 4000), np.uint8))
+    infer = make_segment_infer(service)
+    expected = seg.segment([decode_image(query, Limits())], sid)[0]
+    replies = infer([segment_request(sid, [tall, wide, query]), segment_request(sid, [query])])
+    assert [r["labels"].shape for r in replies] == [(3, 400_000), (1, expected.size)]
+    assert [tuple(s) for s in replies[0]["size"]] == [(400_000, 1), (1, 4000), expected.shape]
+    for reply, k in ((replies[0], 2), (replies[1], 0)):
+        np.testing.assert_array_equal(crop(reply, k), expected)
+
+    # A server bug in one support set's group, or in decoding one row: only those rows fail.
+    broken = "sha256:" + "f" * 64
+    run_group = service.run_group
+    service.run_group = lambda support_id, *args: run_group(support_id, *args) if support_id == sid else 1 / 0
+    replies = infer([segment_request(broken, [query]), segment_request(sid, [query])])
+    np.testing.assert_array_equal(crop(replies[1], 0), expected)
+    service.run_group = run_group
+    service.load = lambda row: (_ for _ in ()).throw(MemoryError("Unable to allocate\n  File x"))
+    replies.append(infer([segment_request(sid, [query])])[0])
+    service.segment = lambda rows: 1 / 0
+    replies.append(infer([segment_request(sid, [query])])[0])
+    errors = [r["error"][0, 0].decode() for r in replies if r["error"][0, 0]]
+    assert errors == [
+        "internal error in fss_segment (ZeroDivisionError); details are in the server's log",
+        "internal error in fss_segment decoding (MemoryError); details are in the server's log",
+        "internal error in fss_segment (ZeroDivisionError); details are in the server's log",
+    ]
+    assert "Traceback" in caplog.text  # the details are in the server's log
+
+    # op=register with no shots, as the handlers see it (PyTriton's own proxy is another matter).
+    empty = np.array([], dtype=object)
+    request = FakeRequest({"op": np.array([b"register"], dtype=object), "images": empty, "masks": empty})
+    request.data["classes"] = empty
+    reply = make_support_infer(type("S", (), {"support": support})())([request])[0]
+    assert reply["error"][0].decode() == "a support set needs at least one shot (image + mask + class name)"
+
+
 def test_server_gets_the_interpreter_libdir():
     import sysconfig
 
@@ -349,6 +488,8 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(servers):
         (lambda: client.support_op("shrink"), "unknown op"),
         (lambda: client.register(["bus"], [queries()[0].read_bytes()], [b"x"]), "mask: not a readable"),
         (lambda: client.remove_shot(sid, "bus", 7), "has 2 shots"),
+        (lambda: client.register([], [], []), "at least one shot"),
+        (lambda: client.register(["background"], [b"x"], [b"x"]), "collides with label 0"),
     ]
     for call, message in cases:
         with pytest.raises(ServeError, match=message) as caught:
@@ -372,6 +513,12 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(servers):
         )
     assert client.ready()
     np.testing.assert_array_equal(client.segment(sid, queries()[0].read_bytes()), before)
+    # Rows at the pixel limit, one tall, one wide: padded to H x W they made a 2 TB reply.
+    tall, wide = encoded(np.zeros((1_000_000, 1), np.uint8)), encoded(np.zeros((1, 1_000_000), np.uint8))
+    masks = client.segment_batch(sid, [tall, wide, queries()[0].read_bytes()])
+    assert [m.shape for m in masks[:2]] == [(1_000_000, 1), (1, 1_000_000)]
+    np.testing.assert_array_equal(masks[2], before)
+    assert client.ready()
 
 
 def test_a_replica_that_never_saw_the_set_gets_it_transparently(servers):
@@ -495,8 +642,15 @@ def test_fss_export_writes_a_triton_repository_that_triton_serves(method, tmp_pa
             for query in queries():
                 expected = np.asarray(Image.open(tmp_path / "out" / f"{query.stem}.png"))
                 np.testing.assert_array_equal(client.segment(sid, query.read_bytes()), expected)
+            batch = client.segment_batch(sid, [q.read_bytes() for q in queries()])  # rows of two sizes
+            for labels, query in zip(batch, queries(), strict=True):
+                expected = np.asarray(Image.open(tmp_path / "out" / f"{query.stem}.png"))
+                np.testing.assert_array_equal(labels, expected)
             with pytest.raises(ServeError, match="not a readable image"):
                 client.segment(sid, b"junk")
+            # No PyTriton proxy here: an empty support set reaches fss's handlers, one line back.
+            with pytest.raises(ServeError, match="^a support set needs at least one shot"):
+                client.support_op(protocol.OP_REGISTER, images=[], masks=[], classes=[])
     finally:
         codes = [server.stop() for server in servers]
     assert codes == [0, 0], [server.log.read_text()[-2000:] for server in servers]
