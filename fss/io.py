@@ -3,7 +3,7 @@
 Images are read as a person sees them: the EXIF orientation is applied, 16-bit and float pixels are
 scaled by their value range to 8 bits, and an image may have at most :func:`max_pixels` pixels
 (checked from the header, before decoding; a JPEG up to ``DRAFT_FACTOR`` times larger is decoded at
-half its side by the JPEG decoder itself).
+half its side by the JPEG decoder itself; Pillow's own bound never refuses first: :func:`pillow_allows`).
 
 Mask conventions (one parser, :func:`parse_mask`, for files, PIL images and arrays): palette PNGs
 (mode P, VOC style) read 0 as background, 255 as ignored and any other index as foreground; every
@@ -224,6 +224,22 @@ def too_many_pixels(width: int, height: int, limit: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def pillow_allows(pixels: int):
+    """Within the block (under ``_open_lock``), Pillow's own decompression-bomb check lets images of
+    ``pixels`` through. It is a process-wide setting that refuses, on opening, images over twice
+    ``Image.MAX_IMAGE_PIXELS``: raised, never lowered, so that no other thread's image is refused by
+    it meanwhile; ours, checked from the header before anything is decoded, is the limit that refuses.
+    Yields the bound in force."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if previous is not None:
+        Image.MAX_IMAGE_PIXELS = max(previous, pixels)
+    try:
+        yield Image.MAX_IMAGE_PIXELS
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def open_image(path, what: str, draft: bool = False) -> Image.Image:
     """A decoded image of at most :func:`max_pixels` pixels (checked before decoding).
 
@@ -231,8 +247,9 @@ def open_image(path, what: str, draft: bool = False) -> Image.Image:
     ``info[FULL_SIZE_KEY]`` keeps its stored size.
     """
     limit = max_pixels()
+    allowed = DRAFT_FACTOR * limit if draft else limit
     try:
-        with _open_lock, warnings.catch_warnings():
+        with _open_lock, warnings.catch_warnings(), pillow_allows(allowed) as pillow_bound:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked below
             img = Image.open(path)
     except FileNotFoundError:
@@ -240,7 +257,11 @@ def open_image(path, what: str, draft: bool = False) -> Image.Image:
     except IsADirectoryError:
         raise FssError(f"{what} is a folder", path) from None
     except Image.DecompressionBombError:
-        raise FssError(f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", path) from None
+        raise FssError(
+            f"image has more than {2 * pillow_bound:,} pixels, more than the limit of {limit:,} "
+            f"(--max-pixels or ${MAX_PIXELS_ENV})",
+            path,
+        ) from None
     except Exception:  # Pillow raises several types for truncated or foreign files
         raise FssError(f"unreadable or corrupt {what}", path) from None
     width, height = img.size

@@ -153,6 +153,40 @@ def test_large_jpeg_decodes_at_half_side_in_draft_mode(tmp_path):
         read_image(tmp_path / "big.jpg")  # beyond 4x: refused
 
 
+PILLOW_BOUND_AT_10000 = 13_981  # Pillow's default bound (89,478,485) as it stands to our default limit (64 M)
+
+
+def test_jpeg_exactly_4x_over_the_limit_decodes_at_half_side_past_pillows_own_bound(tmp_path, monkeypatch):
+    """At the default limit, 16000 x 16000 (4x) is beyond Pillow's bound (twice 89 M): scaled down."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_BOUND_AT_10000)
+    rng = np.random.default_rng(2)
+    for width in (200, 201):
+        pixels = (rng.random((200, width, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{width}.jpg")
+    with pixel_limit(10_000):
+        img = read_image(tmp_path / "200.jpg")  # 40,000 pixels: exactly 4x
+        assert img.size == (100, 100) and full_size(img) == (200, 200)
+        with pytest.raises(FssError, match=r"201 x 200 = 40,200 pixels, more than the limit of 10,000"):
+            read_image(tmp_path / "201.jpg")  # beyond 4x: refused by our limit, from the header
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_BOUND_AT_10000  # only raised while fss opens an image
+
+
+def test_pillows_own_bound_rises_with_the_pixel_limit(tmp_path, monkeypatch):
+    save_image(tmp_path / "a.png", np.random.default_rng(0), size=(100, 100))
+    save_mask(tmp_path / "m.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2,000 pixels
+    with pixel_limit(10_000):
+        assert read_image(tmp_path / "a.png").size == (100, 100)
+        assert read_mask(tmp_path / "m.png").shape == (100, 100)
+    with pixel_limit(1999), pytest.raises(FssError, match="10,000 pixels, more than the limit of 1,999"):
+        read_image(tmp_path / "a.png")
+    with (
+        pixel_limit(100),
+        pytest.raises(FssError, match="more than 2,000 pixels, more than the limit of 100"),
+    ):
+        read_mask(tmp_path / "m.png")  # beyond twice Pillow's bound, Pillow's refusal is one line too
+
+
 def test_rotated_large_jpeg_keeps_its_displayed_full_size(tmp_path):
     save_rotated_jpeg(tmp_path / "r.jpg", np.zeros((300, 400, 3), np.uint8), orientation=8)
     with pixel_limit(40_000):
