@@ -8,7 +8,9 @@ half its side by the JPEG decoder itself; Pillow's own bound never refuses first
 Mask conventions (one parser, :func:`parse_mask`, for files, PIL images and arrays): palette PNGs
 (mode P, VOC style) read 0 as background, 255 as ignored and any other index as foreground; every
 other mode (grey, 16-bit grey, RGB, binary) reads 0 as background and anything else as foreground
-(FSS-1000 stores 0/255). An array is read as a greyscale image, except one that holds only 0, 1
+(FSS-1000 stores 0/255). With transparency (RGBA, LA), the colour is read while the alpha is uniform,
+the alpha (0 background) while the colour is: :func:`colour_or_alpha`. An array is read as a
+greyscale image (``H x W x 2`` / ``x 4``: grey / RGB and alpha), except one that holds only 0, 1
 and 255 with at least one 1: that is an already parsed mask (what :func:`read_mask` returns).
 Parsed masks are ``uint8`` with 0 background, 1 foreground, 255 ignored. Masks have no orientation:
 they refer to the image as displayed.
@@ -371,23 +373,28 @@ def as_rgb(image) -> Image.Image:
     return read_image(image)
 
 
-def parse_mask(mask) -> np.ndarray:
+def parse_mask(mask, where=None) -> np.ndarray:
     """A mask file, PIL image or array -> ``H x W`` uint8: 0 background, 1 foreground, 255 ignored.
 
-    The one mask parser of fss (rules in the module docstring).
+    The one mask parser of fss (rules in the module docstring). ``where``: the file named in errors (a
+    path given as ``mask`` names itself).
     """
     if isinstance(mask, (str, os.PathLike)):
-        mask = open_image(mask, "mask")
+        mask, where = open_image(mask, "mask"), mask
     if isinstance(mask, Image.Image):
         if mask.mode == "P":
             index = np.asarray(mask)
             parsed = (index != 0).astype(np.uint8)
             parsed[index == IGNORE_INDEX] = IGNORE_INDEX
             return parsed
+        if "A" in mask.getbands():  # RGBA, LA, PA
+            return colour_or_alpha(np.asarray(mask.convert("RGB")), np.asarray(mask.getchannel("A")), where)
         if len(mask.getbands()) > 1:
             return np.asarray(mask.convert("RGB")).any(axis=-1).astype(np.uint8)
         return (np.asarray(mask) != 0).astype(np.uint8)
     values = np.asarray(mask)
+    if values.ndim == 3 and values.shape[-1] in (2, 4):  # grey or RGB, then alpha (as PIL's LA / RGBA)
+        return colour_or_alpha(values[..., :-1], values[..., -1], where)
     if values.ndim == 3:
         values = values.any(axis=-1)
     if values.ndim != 2:
@@ -399,10 +406,27 @@ def parse_mask(mask) -> np.ndarray:
     return (values != 0).astype(np.uint8)
 
 
+def colour_or_alpha(colour: np.ndarray, alpha: np.ndarray, where=None) -> np.ndarray:
+    """The mask of an image with transparency (``colour`` ``H x W x C``, ``alpha`` ``H x W``): its colour
+    (0 background) while the alpha is uniform (opaque); its alpha (0 background) where only the alpha
+    varies, as in an object cut out of a white or black layer. Where both vary, they must agree."""
+    by_colour = colour.any(axis=-1)
+    if alpha.size == 0 or (alpha == alpha.flat[0]).all():
+        return by_colour.astype(np.uint8)
+    by_alpha = alpha != 0
+    if (colour == colour[0, 0]).all() or np.array_equal(by_colour, by_alpha):
+        return by_alpha.astype(np.uint8)
+    raise FssError(
+        "mask with transparency whose colour and alpha mark different pixels: keep the object in one of "
+        "them (alpha with a uniform colour, or colour on an opaque image)",
+        where,
+    )
+
+
 def read_mask(path) -> np.ndarray:
     """``H x W`` uint8: 0 background, 1 foreground, 255 ignored (see the module docstring); ``path``
     may be a file object (a served request's bytes)."""
-    return parse_mask(open_image(path, "mask"))
+    return parse_mask(open_image(path, "mask"), path if isinstance(path, (str, os.PathLike)) else None)
 
 
 @lru_cache(maxsize=16)

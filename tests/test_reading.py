@@ -85,6 +85,60 @@ def test_one_parser_for_files_images_and_arrays(tmp_path):
     assert parse_mask(rgb).tolist() == expected.tolist()
 
 
+def box_mask(box=(1, 2, 4, 5)) -> np.ndarray:
+    """A 6 x 7 parsed mask with a foreground box (x0, y0, x1, y1)."""
+    mask = np.zeros((6, 7), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def with_alpha(colour: np.ndarray, alpha: np.ndarray, mode: str) -> Image.Image:
+    return Image.fromarray(np.dstack([colour, alpha]).astype(np.uint8), mode=mode)
+
+
+def parse_everywhere(img: Image.Image, tmp_path) -> list[np.ndarray]:
+    """The image parsed as a PNG file, a PIL image and an array."""
+    img.save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == img.mode  # the file keeps its alpha
+    return [read_mask(tmp_path / "m.png"), parse_mask(img), parse_mask(np.asarray(img))]
+
+
+@pytest.mark.parametrize("white", [True, False])
+def test_a_mask_only_in_the_alpha_channel_reads_the_alpha(tmp_path, white):
+    """An object cut out of a white (or black) layer: the colour is uniform, the alpha holds the mask."""
+    expected = box_mask()
+    alpha = expected * 255
+    alpha[2, 1] = 128  # half-transparent edges are foreground
+    rgb = np.full((6, 7, 3), 255 if white else 0, np.uint8)
+    for img in (with_alpha(rgb, alpha, "RGBA"), with_alpha(rgb[..., :1], alpha, "LA")):
+        for parsed in parse_everywhere(img, tmp_path):
+            assert parsed.tolist() == expected.tolist(), img.mode
+
+
+def test_a_colour_mask_with_transparency_reads_its_colour(tmp_path):
+    expected = box_mask()
+    colour = np.zeros((6, 7, 3), np.uint8)
+    colour[..., 0] = expected * 200
+    opaque = np.full((6, 7), 255, np.uint8)
+    cut_out = expected * 255  # the same object in both: transparent black background
+    for alpha in (opaque, cut_out):
+        for img in (with_alpha(colour, alpha, "RGBA"), with_alpha(colour[..., :1], alpha, "LA")):
+            for parsed in parse_everywhere(img, tmp_path):
+                assert parsed.tolist() == expected.tolist(), img.mode
+
+
+def test_a_mask_whose_colour_and_alpha_disagree_is_refused(tmp_path):
+    colour = np.zeros((6, 7, 3), np.uint8)
+    colour[..., 1] = box_mask((1, 2, 4, 5)) * 255
+    alpha = box_mask((3, 0, 7, 3)) * 255
+    with_alpha(colour, alpha, "RGBA").save(tmp_path / "m.png")
+    with pytest.raises(FssError, match=r"colour and alpha mark different pixels.*\(.*m\.png\)$"):
+        read_mask(tmp_path / "m.png")
+    with pytest.raises(FssError, match="colour and alpha mark different pixels"):
+        parse_mask(np.dstack([colour, alpha]))
+
+
 def test_segmenter_accepts_an_fss1000_array_mask():
     from helpers import random_model
 
