@@ -96,14 +96,14 @@ def serve(args, block: bool = True):
 
 
 def main(argv=None) -> int:
+    from fss.command import run_command
+
     args = parse_args(argv)
-    try:
-        serve(args)
-    except FssError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(PROG, lambda: serve_until_stopped(args))
+
+
+def serve_until_stopped(args) -> int:
+    serve(args)
     return 0
 
 

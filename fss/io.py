@@ -3,12 +3,14 @@
 Images are read as a person sees them: the EXIF orientation is applied, 16-bit and float pixels are
 scaled by their value range to 8 bits, and an image may have at most :func:`max_pixels` pixels
 (checked from the header, before decoding; a JPEG up to ``DRAFT_FACTOR`` times larger is decoded at
-half its side by the JPEG decoder itself).
+half its side by the JPEG decoder itself; Pillow's own bound never refuses first: :func:`pillow_allows`).
 
 Mask conventions (one parser, :func:`parse_mask`, for files, PIL images and arrays): palette PNGs
 (mode P, VOC style) read 0 as background, 255 as ignored and any other index as foreground; every
 other mode (grey, 16-bit grey, RGB, binary) reads 0 as background and anything else as foreground
-(FSS-1000 stores 0/255). An array is read as a greyscale image, except one that holds only 0, 1
+(FSS-1000 stores 0/255). With transparency (RGBA, LA), the colour is read while the alpha is uniform,
+the alpha (0 background) while the colour is: :func:`colour_or_alpha`. An array is read as a
+greyscale image (``H x W x 2`` / ``x 4``: grey / RGB and alpha), except one that holds only 0, 1
 and 255 with at least one 1: that is an already parsed mask (what :func:`read_mask` returns).
 Parsed masks are ``uint8`` with 0 background, 1 foreground, 255 ignored. Masks have no orientation:
 they refer to the image as displayed.
@@ -238,6 +240,22 @@ def too_many_pixels(width: int, height: int, limit: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def pillow_allows(pixels: int):
+    """Within the block (under ``_open_lock``), Pillow's own decompression-bomb check lets images of
+    ``pixels`` through. It is a process-wide setting that refuses, on opening, images over twice
+    ``Image.MAX_IMAGE_PIXELS``: raised, never lowered, so that no other thread's image is refused by
+    it meanwhile; ours, checked from the header before anything is decoded, is the limit that refuses.
+    Yields the bound in force."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if previous is not None:
+        Image.MAX_IMAGE_PIXELS = max(previous, pixels)
+    try:
+        yield Image.MAX_IMAGE_PIXELS
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def open_image(path, what: str, draft: bool = False) -> Image.Image:
     """A decoded image of at most :func:`max_pixels` pixels (checked before decoding).
 
@@ -245,8 +263,9 @@ def open_image(path, what: str, draft: bool = False) -> Image.Image:
     ``info[FULL_SIZE_KEY]`` keeps its stored size.
     """
     limit = max_pixels()
+    allowed = DRAFT_FACTOR * limit if draft else limit
     try:
-        with _open_lock, warnings.catch_warnings():
+        with _open_lock, warnings.catch_warnings(), pillow_allows(allowed) as pillow_bound:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked below
             img = Image.open(path)
     except FileNotFoundError:
@@ -254,7 +273,11 @@ def open_image(path, what: str, draft: bool = False) -> Image.Image:
     except IsADirectoryError:
         raise FssError(f"{what} is a folder", path) from None
     except Image.DecompressionBombError:
-        raise FssError(f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels", path) from None
+        raise FssError(
+            f"image has more than {2 * pillow_bound:,} pixels, more than the limit of {limit:,} "
+            f"(--max-pixels or ${MAX_PIXELS_ENV})",
+            path,
+        ) from None
     except Exception:  # Pillow raises several types for truncated or foreign files
         raise FssError(f"unreadable or corrupt {what}", path) from None
     width, height = img.size
@@ -364,23 +387,28 @@ def as_rgb(image) -> Image.Image:
     return read_image(image)
 
 
-def parse_mask(mask) -> np.ndarray:
+def parse_mask(mask, where=None) -> np.ndarray:
     """A mask file, PIL image or array -> ``H x W`` uint8: 0 background, 1 foreground, 255 ignored.
 
-    The one mask parser of fss (rules in the module docstring).
+    The one mask parser of fss (rules in the module docstring). ``where``: the file named in errors (a
+    path given as ``mask`` names itself).
     """
     if isinstance(mask, (str, os.PathLike)):
-        mask = open_image(mask, "mask")
+        mask, where = open_image(mask, "mask"), mask
     if isinstance(mask, Image.Image):
         if mask.mode == "P":
             index = np.asarray(mask)
             parsed = (index != 0).astype(np.uint8)
             parsed[index == IGNORE_INDEX] = IGNORE_INDEX
             return parsed
+        if "A" in mask.getbands():  # RGBA, LA, PA
+            return colour_or_alpha(np.asarray(mask.convert("RGB")), np.asarray(mask.getchannel("A")), where)
         if len(mask.getbands()) > 1:
             return np.asarray(mask.convert("RGB")).any(axis=-1).astype(np.uint8)
         return (np.asarray(mask) != 0).astype(np.uint8)
     values = np.asarray(mask)
+    if values.ndim == 3 and values.shape[-1] in (2, 4):  # grey or RGB, then alpha (as PIL's LA / RGBA)
+        return colour_or_alpha(values[..., :-1], values[..., -1], where)
     if values.ndim == 3:
         values = values.any(axis=-1)
     if values.ndim != 2:
@@ -392,10 +420,27 @@ def parse_mask(mask) -> np.ndarray:
     return (values != 0).astype(np.uint8)
 
 
+def colour_or_alpha(colour: np.ndarray, alpha: np.ndarray, where=None) -> np.ndarray:
+    """The mask of an image with transparency (``colour`` ``H x W x C``, ``alpha`` ``H x W``): its colour
+    (0 background) while the alpha is uniform (opaque); its alpha (0 background) where only the alpha
+    varies, as in an object cut out of a white or black layer. Where both vary, they must agree."""
+    by_colour = colour.any(axis=-1)
+    if alpha.size == 0 or (alpha == alpha.flat[0]).all():
+        return by_colour.astype(np.uint8)
+    by_alpha = alpha != 0
+    if (colour == colour[0, 0]).all() or np.array_equal(by_colour, by_alpha):
+        return by_alpha.astype(np.uint8)
+    raise FssError(
+        "mask with transparency whose colour and alpha mark different pixels: keep the object in one of "
+        "them (alpha with a uniform colour, or colour on an opaque image)",
+        where,
+    )
+
+
 def read_mask(path) -> np.ndarray:
     """``H x W`` uint8: 0 background, 1 foreground, 255 ignored (see the module docstring); ``path``
     may be a file object (a served request's bytes)."""
-    return parse_mask(open_image(path, "mask"))
+    return parse_mask(open_image(path, "mask"), path if isinstance(path, (str, os.PathLike)) else None)
 
 
 @lru_cache(maxsize=16)

