@@ -14,7 +14,7 @@ from fss.export.backends import OnnxRuntimeEncoder
 from fss.export.build import export_bundle
 from fss.export.cli import main as fss_export
 from fss.export.onnx import INPUT_NAME, OUTPUT_NAME
-from fss.export.quantize import QUANTISATION, calibration_photos, quantize_encoder
+from fss.export.quantize import QUANTISATION, calibration_photos, needs_exact_int8_entry, quantize_encoder
 from fss.runtime.cli import main as fss_run
 
 SIZE = 65
@@ -115,3 +115,11 @@ def test_int8_products_are_exact_on_every_cpu(tmp_path):
     features = OnnxRuntimeEncoder(tmp_path / "ones-int8.onnx", "cpu").encode(ones)
     # exact: 64 up to the output's 8-bit step; saturated pairs give about half (32767 / 64770)
     assert torch.allclose(features, torch.full_like(features, channels), rtol=0.01)
+
+
+def test_exact_kernels_are_asked_for_unless_the_cpu_has_vnni():
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert needs_exact_int8_entry(avx2) and needs_exact_int8_entry(avx2 | {"avx512f", "avx512bw"})
+    assert not needs_exact_int8_entry(avx2 | {"avx512f", "avx512bw", "avx512_vnni"})
+    assert not needs_exact_int8_entry(avx2 | {"avx_vnni"})
+    assert needs_exact_int8_entry(None)  # flags unknown: the safe kernels
