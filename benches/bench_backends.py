@@ -11,13 +11,14 @@ import copy
 
 import pytest
 import torch
+from timing import QUICK
 
 import fss
 from fss.export.backends import TorchEncoder, load_bundle, onnxruntime_has_cuda
 from fss.export.build import export_bundle
 from fss.export.tensorrt import tensorrt_missing
 
-SIZE = 417
+SIZE, WIDTH = (65, 0.125) if QUICK else (417, 1.0)
 ROUNDS = 5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,7 +26,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return fss.PANet(width=1.0).eval()
+    return fss.PANet(width=WIDTH, meta={"input_size": SIZE}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def measure(benchmark, encode, device="cpu"):
         return features
 
     features = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    assert features.shape == (1, 512, 53, 53)
+    assert features.shape == (1, int(512 * WIDTH), -(-SIZE // 8), -(-SIZE // 8))
 
 
 @pytest.mark.benchmark(group="encoder-cpu-417-batch1")

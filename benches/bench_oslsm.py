@@ -95,6 +95,7 @@ def lite0_segmenter(benchmark, method, backend):
     model = fss.load_model(None)
     if method == "oslsm":
         meta = {"input_size": model.meta["input_size"]}
+        torch.manual_seed(0)  # the same weights in every case: `auto` exports and verifies them once
         model = build_model("oslsm", "efficientnet-lite0", 1.0, meta).eval()
     seg = Segmenter(model, device="cpu", batch=1, backend=backend)
     benchmark.extra_info["encoder path"] = seg.backend

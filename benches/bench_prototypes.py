@@ -8,11 +8,12 @@ Run: ``pytest benches/bench_prototypes.py --benchmark-only``.
 import pytest
 import torch
 from official_reference import episode_prototypes
-from timing import synced
+from timing import QUICK, synced
 
 from fss.kernels import prototypes
 
-WAYS, SHOTS, C, FEAT, SIZE = 1, 5, 512, 53, 417
+WAYS, SHOTS = 1, 5
+C, FEAT, SIZE = (64, 17, 129) if QUICK else (512, 53, 417)
 GROUP = f"prototypes {WAYS}-way {SHOTS}-shot C={C} {FEAT}->{SIZE}"
 has_cuda = torch.cuda.is_available()
 

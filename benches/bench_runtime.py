@@ -24,11 +24,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timing import QUICK
 
 import fss
 
-SIZE = 417
-QUERIES = 8
+SIZE, WIDTH, QUERIES = (65, 0.125, 2) if QUICK else (417, 1.0, 8)
+
+
+def at_size(pixels: int) -> int:
+    """A coordinate of the 417-pixel case at ``SIZE``."""
+    return pixels * SIZE // 417
+
+
 BENCHES = Path(__file__).resolve().parent
 EXAMPLES = BENCHES.parent / "examples"
 
@@ -43,13 +50,13 @@ def episode_files(tmp_path_factory):
         root / "support" / "thing" / "s.jpg"
     )
     mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[100:300, 120:330] = 255
+    mask[at_size(100) : at_size(300), at_size(120) : at_size(330)] = 255
     Image.fromarray(mask).save(root / "support" / "thing" / "s.png")
     for i in range(QUERIES):
         Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
             root / "query" / f"q{i}.jpg"
         )
-    model = fss.PANet(width=1.0, meta={"input_size": SIZE})
+    model = fss.PANet(width=WIDTH, meta={"input_size": SIZE})
     fss.save_checkpoint(model, root / "vgg16.pt")
     return root
 
@@ -178,7 +185,7 @@ def gpu_segmenter(batch, precision):
     )
     rng = np.random.default_rng(0)
     mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[100:300, 100:300] = 1
+    mask[at_size(100) : at_size(300), at_size(100) : at_size(300)] = 1
     seg.set_support([[(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)]], [[mask]], ["thing"])
     return seg
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_load import ServerProcess, reference_masks
+from serve_load import ServerProcess, reference_masks, set_folder_support
 
 import fss
 
@@ -52,11 +52,8 @@ def served(tmp_path_factory):
 
 
 def test_in_process_segmenter(benchmark, photos):
-    from fss.runtime.cli import load_supports
-
     seg = fss.Segmenter(fss.load_model(None))
-    classes, images, masks = load_supports(SUPPORT)
-    seg.set_support(images, masks, classes)
+    set_folder_support(seg, SUPPORT)
     cycle = itertools.cycle(photos.values())
     # From a worker thread, as the server calls its Segmenter (see serve_load.paired_overhead).
     with ThreadPoolExecutor(1) as worker:

@@ -9,13 +9,17 @@ depend on them).
 import numpy as np
 import pytest
 import torch
+from timing import QUICK
 
 import fss
 from fss.models.methods import build_model, method_of
 
-SIZE = 321
-QUERIES = 4
-CHANNELS = 128
+SIZE, QUERIES, CHANNELS = (65, 2, 16) if QUICK else (321, 4, 128)
+
+
+def at_size(pixels: int) -> int:
+    """A coordinate of the 321-pixel case at ``SIZE``."""
+    return pixels * SIZE // 321
 
 
 def sst_model(**options):
@@ -35,7 +39,7 @@ def photos():
     rng = np.random.default_rng(0)
     images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(QUERIES + 1)]
     mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[80:240, 100:260] = 1
+    mask[at_size(80) : at_size(240), at_size(100) : at_size(260)] = 1
     return images[0], mask, images[1:]
 
 
@@ -63,10 +67,10 @@ def test_training_step(benchmark, variant):
     gen = torch.Generator().manual_seed(0)
     supp = torch.randn(1, 1, 1, 3, SIZE, SIZE, generator=gen)
     fg = torch.zeros(1, 1, 1, SIZE, SIZE)
-    fg[..., 80:240, 100:260] = 1
+    fg[..., at_size(80) : at_size(240), at_size(100) : at_size(260)] = 1
     qry = torch.randn(1, 1, 3, SIZE, SIZE, generator=gen)
     labels = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.long)
-    labels[..., 60:200, 90:250] = 1
+    labels[..., at_size(60) : at_size(200), at_size(90) : at_size(250)] = 1
 
     def step():
         model.zero_grad(set_to_none=True)

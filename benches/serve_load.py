@@ -137,6 +137,16 @@ def reference_masks(model_args: list[str], support: Path, queries: Path, out: Pa
     return {p.stem: np.asarray(Image.open(p)) for p in out.glob("*.png")}
 
 
+def set_folder_support(seg, folder: Path) -> None:
+    """Register a support folder (``fss-run``'s layout) with an in-process Segmenter."""
+    from fss.io import find_support_pairs
+
+    pairs = find_support_pairs(folder)
+    images = [[image for image, _ in shots] for shots in pairs.values()]
+    masks = [[mask for _, mask in shots] for shots in pairs.values()]
+    seg.set_support(images, masks, list(pairs))
+
+
 def paired_overhead(
     model_args: list[str], support: Path, url: str, sid: str, blobs: dict, rounds: int
 ) -> dict:
@@ -147,13 +157,11 @@ def paired_overhead(
     the median of the per-round differences.
     """
     import fss
-    from fss.runtime.cli import load_supports
     from fss.serve import Client
 
     ckpt = model_args[model_args.index("--ckpt") + 1] if "--ckpt" in model_args else None
     seg = fss.Segmenter(fss.load_model(ckpt))
-    classes, images, masks = load_supports(support)
-    seg.set_support(images, masks, classes)
+    set_folder_support(seg, support)
     client = Client(url)
 
     # Called from a worker thread, as the server calls its Segmenter. (On the shared 2-core machine,

@@ -17,6 +17,7 @@ import torch
 
 from fss.errors import FssError
 from fss.export.bundle import validate_bundle
+from fss.export.quantize import EXACT_INT8_SESSION_ENTRY, cpu_flags, needs_exact_int8_entry
 from fss.export.tensorrt import require_tensorrt, tensorrt_missing
 from fss.models.methods import bound_method, episode_logits, method_of
 
@@ -57,6 +58,8 @@ def cpu_session_options(ort):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if needs_exact_int8_entry(cpu_flags()):  # int8 graphs: exact integer products (fss.export.quantize)
+        options.add_session_config_entry(*EXACT_INT8_SESSION_ENTRY)
     return options
 
 

@@ -64,8 +64,8 @@ def parse_args(argv):
     p.add_argument(
         "--int8",
         action="store_true",
-        help="run the bundle's int8 encoder (opt-in, CPU; made by fss-export --int8 PHOTOS): faster, masks "
-        "close to but not equal to float32 (docs/performance.md)",
+        help="run the bundle's int8 encoder (opt-in, CPU; made by fss-export --int8 PHOTOS): faster on CPUs "
+        "with VNNI, masks close to but not equal to float32 (docs/performance.md)",
     )
     p.add_argument(
         "--precision",

@@ -27,6 +27,12 @@ def test_ci_runs_the_readme_quickstart_verbatim():
     assert ci_lines.index(commands[0]) + 1 == ci_lines.index(commands[1])  # the two, in order, first
 
 
+def test_ci_runs_every_bench_once():
+    """Benches rot unseen unless CI runs them: all of ``benches/``, once each, on small inputs."""
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "FSS_BENCH_QUICK=1 python3 -m pytest -q benches --benchmark-disable" in ci_lines
+
+
 def test_demo_model_is_bundled_small_and_described():
     from fss.checkpoint import DEMO_MODEL
 
