@@ -36,9 +36,12 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(job.parent, ignore_errors=True)
     if encoder_path.cache_folder(model, size) != folder:  # the saved model would key another entry
         return 1
-    with encoder_path.export_lock(folder, wait=False) as held:
-        if not held or encoder_path.refused_marker(folder).is_file():
-            return 0
+    with (
+        encoder_path.export_lock(encoder_path.exporter_slot(folder), wait=False) as slot,
+        encoder_path.export_lock(folder, wait=False) as held,
+    ):
+        if not (slot and held) or encoder_path.refused_marker(folder).is_file():
+            return 0  # another exporter runs; a later job starts this one again
         if encoder_path.load_verified(folder, model, size, warn=False) is None:
             encoder_path.export_into_cache(model, folder, size)
     return 0

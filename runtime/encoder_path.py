@@ -46,6 +46,7 @@ CACHE_ENV = "FSS_CACHE_DIR"
 CACHE_FORMAT = 1  # bump when the cached bundle's layout or verification changes
 EXAMPLE_PHOTOS = Path(fss.__file__).resolve().parent.parent / "examples"
 ONNX_TOOLS = ("onnx", "onnxscript", "onnxruntime")
+EXPORTER = "fss.runtime.background_export"  # the background exporter's module
 log = logging.getLogger("fss.runtime")  # commands print its notes (fss.command)
 
 
@@ -236,17 +237,32 @@ def load_cached(folder: Path, model, size: int):
 
 def start_background_export(model, folder: Path, size: int) -> bool:
     """Export ``model`` into the cache in a separate process at idle CPU priority that outlives this one
-    (:mod:`fss.runtime.background_export`); False when another process is already exporting it."""
-    with export_lock(folder, wait=False) as held:
-        if not held:
-            return False
+    (:mod:`fss.runtime.background_export`); False when an exporter is running already: one at a time
+    per cache, so that a loop over many new checkpoints does not start one process each."""
+    for lock in (folder, exporter_slot(folder)):
+        with export_lock(lock, wait=False) as held:
+            if not held:
+                return False
     from fss.checkpoint import save_checkpoint
 
     jobs = cache_root() / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
     job = Path(tempfile.mkdtemp(dir=jobs, prefix=f"{folder.name}.")) / "model.pt"
-    save_checkpoint(model, job)
-    command = [sys.executable, "-m", "fss.runtime.background_export", str(job), str(folder), str(size)]
+    try:
+        save_checkpoint(model, job)
+        launch_exporter([sys.executable, "-m", EXPORTER, str(job), str(folder), str(size)])
+    except BaseException:
+        shutil.rmtree(job.parent, ignore_errors=True)
+        raise
+    return True
+
+
+def exporter_slot(folder: Path) -> Path:
+    """The pseudo cache entry whose lock a background exporter holds while it runs."""
+    return folder.with_name("background-exporter")
+
+
+def launch_exporter(command: list[str]) -> None:
     BACKGROUND.append(
         subprocess.Popen(
             command,
@@ -257,7 +273,6 @@ def start_background_export(model, folder: Path, size: int) -> bool:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     )
-    return True
 
 
 BACKGROUND: list = []  # started exporters, kept referenced while this process runs
@@ -298,8 +313,9 @@ def choose_encoder_path(
         bundle = load_verified(folder, model, size)
         if bundle is None and export_now:
             bundle = export_locked(model, folder, size, wait=backend == "onnxruntime")
-        elif bundle is None and start_background_export(model, folder, size):
-            return EncoderPath(model, "torch", f"torch ({BACKGROUND_REASON})")
+        elif bundle is None:
+            started = start_background_export(model, folder, size)
+            return EncoderPath(model, "torch", f"torch ({BACKGROUND_REASON if started else BUSY_REASON})")
     except Exception as exc:  # auto never fails a model that runs in torch: it says why and runs torch
         if backend == "onnxruntime":
             raise
@@ -310,6 +326,7 @@ def choose_encoder_path(
     return EncoderPath(bundle, "onnxruntime", f"onnxruntime (verified graph cached in {folder})")
 
 
+BUSY_REASON = "new checkpoint: an ONNX Runtime export is running already, the next run starts this one"
 BACKGROUND_REASON = "new checkpoint: its ONNX Runtime graph is exported in the background, for the next run"
 
 
