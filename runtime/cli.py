@@ -55,8 +55,9 @@ def parse_args(argv):
         "--backend",
         default="auto",
         choices=["auto", "torch", "onnxruntime", "tensorrt"],
-        help="what runs the encoder (default auto: on the CPU, ONNX Runtime with a graph exported, verified "
-        "and cached once per checkpoint, else torch; a bundle's TensorRT engine where it fits the GPU)",
+        help="what runs the encoder (default auto: on the CPU, ONNX Runtime from a verified graph cached per "
+        "checkpoint; a new checkpoint's first run takes torch and exports the graph in the background, "
+        "unless the job repays exporting first; a bundle's TensorRT engine where it fits the GPU)",
     )
     p.add_argument(
         "--int8",
