@@ -100,7 +100,8 @@ def test_cold_against_warm_fss_run(benchmark, encoder, tmp_path):
         times["warm"].append(fss_run_seconds(root, tmp_path / "warm", warm_cache, "auto"))
 
     benchmark.pedantic(warm, setup=cold_pipelines, rounds=1 if quick else ROUNDS, warmup_rounds=0)
-    paths = {name: json.loads((tmp_path / name / "results.json").read_text())["settings"]["backend"] for name in times}
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in times}
+    paths = {name: run["settings"]["backend"] for name, run in results.items()}
     assert paths == {"cold": "torch", "torch": "torch", "export_first": "onnxruntime", "warm": "onnxruntime"}
     assert worst_agreement(tmp_path / "cold", tmp_path / "warm") > 0.999  # the same masks up to argmax ties
     medians = {name: statistics.median(values) for name, values in times.items()}
