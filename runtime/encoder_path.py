@@ -62,9 +62,11 @@ class ExportGain:
         return math.ceil(self.export_passes / (1 - 1 / self.speedup))
 
 
-# Encoder name prefix -> gain. VGG16 at 417 px: 0.37 vs 0.33 s per pass, export 13.5 s (-> ~400 images);
-# EfficientNet-Lite0 at 321 px: 30 vs 16 ms, export 9 s (-> ~600 images). An encoder not listed is
-# exported in the background only.
+# Encoder name prefix -> gain, from idle figures of docs/performance.md ("First run of a new checkpoint"):
+# VGG16 at 417 px 0.37 vs 0.33 s per pass, export 13.5 s (-> ~400 images); EfficientNet-Lite0 at 321 px
+# 30 vs 16 ms, export 9 s (-> ~600 images). Under load torch slows down more than ONNX Runtime, and the
+# export with it: the break-even moves, but a small job's cold run stays far cheaper in torch. An
+# encoder not listed is exported in the background only.
 EXPORT_GAINS = {
     "vgg16": ExportGain(speedup=1.1, export_passes=36),
     "efficientnet-lite": ExportGain(speedup=2.0, export_passes=300),
@@ -306,13 +308,14 @@ def choose_encoder_path(
         if backend == "onnxruntime":
             raise FssError(f"the onnxruntime encoder path is not available: {why_torch}")
         return EncoderPath(model, "torch", f"torch ({why_torch})" if backend == "auto" else "torch")
-    export_now = backend == "onnxruntime" or continuing == "onnxruntime" or export_pays(model, images)
+    needed = backend == "onnxruntime" or continuing == "onnxruntime"  # worth waiting for another exporter
+    export_now = needed or export_pays(model, images)
     try:
         folder = cache_folder(model, size)
         check_not_refused(folder)
         bundle = load_verified(folder, model, size)
         if bundle is None and export_now:
-            bundle = export_locked(model, folder, size, wait=backend == "onnxruntime")
+            bundle = export_locked(model, folder, size, wait=needed)
         elif bundle is None:
             started = start_background_export(model, folder, size)
             return EncoderPath(model, "torch", f"torch ({BACKGROUND_REASON if started else BUSY_REASON})")
