@@ -1,7 +1,8 @@
-"""The background exporter ``fss.runtime.encoder_path`` starts for a new checkpoint: it exports, verifies
-and caches the encoder's ONNX graph while the job that started it runs in torch, so the next job loads
-it. Runs at idle CPU priority on one thread (on a 2-core machine it must not slow the job down), and
-outlives the job. It prints nothing: the job's own output says it started.
+"""The background exporter ``fss.runtime.encoder_path`` starts for a new checkpoint: once the job that
+started it (in torch) has ended, it exports, verifies and caches the encoder's ONNX graph, so the next job
+loads it. It waits for the job because on a 2-core machine an export beside the job slows it down even at
+idle priority (shared cores, caches and memory bandwidth: docs/performance.md); then it runs at idle CPU
+priority on one thread. It prints nothing: the job's own output says it started.
 
 Usage: ``python -m fss.runtime.background_export JOB_CHECKPOINT CACHE_ENTRY SIZE``; the job checkpoint
 (written by the starting process into its own temporary folder) is removed once read.
@@ -21,8 +22,14 @@ def idle_priority() -> None:
         os.nice(19)
 
 
+def wait_for_the_job() -> None:
+    """Until the starting process ends: it holds our stdin's pipe open while it runs."""
+    sys.stdin.buffer.read()
+
+
 def main(argv: list[str]) -> int:
     job, folder, size = Path(argv[0]), Path(argv[1]), int(argv[2])
+    wait_for_the_job()
     idle_priority()
     import torch
 

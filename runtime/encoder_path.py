@@ -14,9 +14,10 @@ weights), the path is torch.
 The export costs far more than a few images (VGG16: ~36 torch encoder passes, Lite0: ~300), so for a
 new checkpoint ``auto`` takes the path that is faster for *this* job (:func:`export_pays`): it exports
 first only when the job's images repay the export (a long-lived caller that gives no count: always);
-otherwise it runs torch and exports in a background process at idle CPU priority, so that the next job
-finds the verified graph. One exporter per cache entry at a time (a lock file); a bundle becomes visible
-only complete and verified (staged, then renamed into place).
+otherwise it runs torch and exports in a background process at idle CPU priority once the job's process
+has ended (on 2 cores, even an idle-priority export beside the job made a VGG16 job ~2x slower), so that
+the next job finds the verified graph. One exporter per cache entry at a time (a lock file); a bundle
+becomes visible only complete and verified (staged, then renamed into place).
 
 The cache folder is ``$FSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/fss``, else ``~/.cache/fss``.
 """
@@ -265,10 +266,11 @@ def exporter_slot(folder: Path) -> Path:
 
 
 def launch_exporter(command: list[str]) -> None:
+    """Start the exporter; it waits for the end of this process (its stdin, a pipe held here, closes)."""
     BACKGROUND.append(
         subprocess.Popen(
             command,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # not stopped by the terminal's Ctrl-C, nor waited for at exit
@@ -277,7 +279,7 @@ def launch_exporter(command: list[str]) -> None:
     )
 
 
-BACKGROUND: list = []  # started exporters, kept referenced while this process runs
+BACKGROUND: list = []  # started exporters: their stdin pipes stay open while this process runs
 
 
 def choose_encoder_path(

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import subprocess
 
 import numpy as np
 import pytest
@@ -217,6 +218,7 @@ def in_process_exporter(monkeypatch):
 
     commands = []
     monkeypatch.setattr(background_export, "idle_priority", lambda: None)
+    monkeypatch.setattr(background_export, "wait_for_the_job", lambda: None)
 
     def run_now(command):
         commands.append(command)
@@ -267,6 +269,7 @@ def test_background_exporter_refuses_a_model_of_another_key(cache, monkeypatch, 
     job, folder, size = command[3:]
     fss.save_checkpoint(random_model(input_size=SIZE, seed=1), job)  # not the model the key names
     monkeypatch.setattr(background_export, "idle_priority", lambda: None)
+    monkeypatch.setattr(background_export, "wait_for_the_job", lambda: None)
     exports = count_exports(monkeypatch)
     threads = torch.get_num_threads()
     try:
@@ -350,12 +353,18 @@ def test_one_exporter_at_a_time(cache, monkeypatch, launched):
 
 
 def test_background_exporter_process(cache, monkeypatch, no_background_exports):
-    """The real thing: a separate process at idle priority, which outlives the call, caches the graph."""
+    """The real thing: a separate process at idle priority which waits for the end of the job (here: its
+    stdin closed, as when this process exits), then caches the graph."""
     monkeypatch.setattr(encoder_path, "launch_exporter", no_background_exports)
     model = random_model(input_size=SIZE)
     path = choose_encoder_path(model, CPU, SIZE, images=SMALL_JOB)
     assert path.backend == "torch" and "background" in path.reason
-    assert encoder_path.BACKGROUND[-1].wait(timeout=120) == 0
+    exporter = encoder_path.BACKGROUND[-1]
+    with pytest.raises(subprocess.TimeoutExpired):
+        exporter.wait(timeout=1)  # waiting for the job
+    assert not (cache / "encoders").exists()
+    exporter.stdin.close()  # the job ends
+    assert exporter.wait(timeout=120) == 0
     assert choose_encoder_path(model, CPU, SIZE, images=SMALL_JOB).backend == "onnxruntime"
     assert not any((cache / "jobs").iterdir())
 
