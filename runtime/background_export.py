@@ -4,8 +4,8 @@ loads it. It waits for the job because on a 2-core machine an export beside the 
 idle priority (shared cores, caches and memory bandwidth: docs/performance.md); then it runs at idle CPU
 priority on one thread. It prints nothing: the job's own output says it started.
 
-Usage: ``python -m fss.runtime.background_export JOB_CHECKPOINT CACHE_ENTRY SIZE``; the job checkpoint
-(written by the starting process into its own temporary folder) is removed once read.
+Usage: ``main([JOB_CHECKPOINT, CACHE_ENTRY, SIZE])``, started by ``encoder_path.EXPORTER_BOOT``; the job
+checkpoint (written by the starting process into its own temporary folder) is removed once read.
 """
 
 import os
@@ -22,14 +22,10 @@ def idle_priority() -> None:
         os.nice(19)
 
 
-def wait_for_the_job() -> None:
-    """Until the starting process ends: it holds our stdin's pipe open while it runs."""
-    sys.stdin.buffer.read()
-
-
 def main(argv: list[str]) -> int:
+    """Export the job checkpoint into the cache entry (the starting process has ended: see
+    ``encoder_path.EXPORTER_BOOT``, which holds this until the job's end closes its stdin)."""
     job, folder, size = Path(argv[0]), Path(argv[1]), int(argv[2])
-    wait_for_the_job()
     idle_priority()
     import torch
 

@@ -48,6 +48,11 @@ CACHE_FORMAT = 1  # bump when the cached bundle's layout or verification changes
 EXAMPLE_PHOTOS = Path(fss.__file__).resolve().parent.parent / "examples"
 ONNX_TOOLS = ("onnx", "onnxscript", "onnxruntime")
 EXPORTER = "fss.runtime.background_export"  # the background exporter's module
+# The exporter's command: wait for the end of the job (its stdin closes) before importing anything:
+# even importing torch beside a short job made it slower on 2 cores.
+EXPORTER_BOOT = (
+    f"import sys; sys.stdin.buffer.read(); from {EXPORTER} import main; sys.exit(main(sys.argv[1:]))"
+)
 log = logging.getLogger("fss.runtime")  # commands print its notes (fss.command)
 
 
@@ -253,7 +258,7 @@ def start_background_export(model, folder: Path, size: int) -> bool:
     job = Path(tempfile.mkdtemp(dir=jobs, prefix=f"{folder.name}.")) / "model.pt"
     try:
         save_checkpoint(model, job)
-        launch_exporter([sys.executable, "-m", EXPORTER, str(job), str(folder), str(size)])
+        launch_exporter([sys.executable, "-c", EXPORTER_BOOT, str(job), str(folder), str(size)])
     except BaseException:
         shutil.rmtree(job.parent, ignore_errors=True)
         raise

@@ -218,13 +218,12 @@ def in_process_exporter(monkeypatch):
 
     commands = []
     monkeypatch.setattr(background_export, "idle_priority", lambda: None)
-    monkeypatch.setattr(background_export, "wait_for_the_job", lambda: None)
 
     def run_now(command):
         commands.append(command)
         threads = torch.get_num_threads()
         try:
-            assert command[1:3] == ["-m", encoder_path.EXPORTER]
+            assert command[1:3] == ["-c", encoder_path.EXPORTER_BOOT]
             assert background_export.main(command[3:]) == 0
         finally:
             torch.set_num_threads(threads)
@@ -269,7 +268,6 @@ def test_background_exporter_refuses_a_model_of_another_key(cache, monkeypatch, 
     job, folder, size = command[3:]
     fss.save_checkpoint(random_model(input_size=SIZE, seed=1), job)  # not the model the key names
     monkeypatch.setattr(background_export, "idle_priority", lambda: None)
-    monkeypatch.setattr(background_export, "wait_for_the_job", lambda: None)
     exports = count_exports(monkeypatch)
     threads = torch.get_num_threads()
     try:
