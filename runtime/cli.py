@@ -58,8 +58,9 @@ def parse_args(argv):
         "--backend",
         default="auto",
         choices=["auto", "torch", "onnxruntime", "tensorrt"],
-        help="what runs the encoder (default auto: on the CPU, ONNX Runtime with a graph exported, verified "
-        "and cached once per checkpoint, else torch; a bundle's TensorRT engine where it fits the GPU)",
+        help="what runs the encoder (default auto: on the CPU, ONNX Runtime from a verified graph cached per "
+        "checkpoint; a new checkpoint's first run takes torch and exports the graph in the background, "
+        "unless the job repays exporting first; a bundle's TensorRT engine where it fits the GPU)",
     )
     p.add_argument(
         "--int8",
@@ -456,6 +457,13 @@ def encoder_backend(args) -> str:
     return "auto" if args.bundle is not None else args.backend
 
 
+def resumed_backend(previous: dict | None, overwrite: bool) -> str | None:
+    """The encoder path of the results this run resumes: ``auto`` keeps it, so that one path makes
+    every mask of the folder (the first run of a new checkpoint may have taken torch)."""
+    settings = previous.get("settings") if previous is not None and not overwrite else None
+    return settings.get("backend") if isinstance(settings, dict) else None
+
+
 def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict:
     """A segmented query's mask (at its full size) and overlay; its results entry (without source)."""
     from fss.io import full_size, write_label_png, write_overlay
@@ -502,6 +510,8 @@ def segment_folder(args, pairs, queries) -> int:
             refine=args.refine,
             precision=args.precision,
             backend=encoder_backend(args),
+            expected_images=len(queries) + sum(len(shots) for shots in images),
+            continuing=resumed_backend(previous, args.overwrite),
         )
         print(f"{PROG}: encoder: {seg.backend_reason}", file=sys.stderr)
         settings = {

@@ -105,6 +105,10 @@ class Segmenter:
             exported, verified and cached once per checkpoint; torch elsewhere), ``torch`` or
             ``onnxruntime`` (:mod:`fss.runtime.encoder_path`). ``self.backend`` and
             ``self.backend_reason`` say which and why.
+        expected_images: for ``auto``, the images a batch job will encode: a new checkpoint is exported
+            for ONNX Runtime first only when that many repay the export, else it runs in torch while the
+            export runs in the background (None: a long-lived Segmenter, export first).
+        continuing: for ``auto``, the encoder path of earlier results this job completes (kept).
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -123,6 +127,8 @@ class Segmenter:
         workers: int = 2,
         refine: str | None = None,
         backend: str = "auto",
+        expected_images: int | None = None,
+        continuing: str | None = None,
     ):
         from fss.checkpoint import load_model
 
@@ -149,7 +155,15 @@ class Segmenter:
                 )
             self.base_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
         if precision == "fp32":
-            path = choose_encoder_path(self.model, self.device, self.size, backend, adapts(self.refine))
+            path = choose_encoder_path(
+                self.model,
+                self.device,
+                self.size,
+                backend,
+                adapts(self.refine),
+                images=expected_images,
+                continuing=continuing,
+            )
             self.model, self.backend, self.backend_reason = path.model, path.backend, path.reason
         elif backend == "onnxruntime":
             raise ValueError(f"the onnxruntime encoder path is float32; precision {precision} runs in torch")
