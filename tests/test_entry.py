@@ -55,6 +55,23 @@ def blocked_writing_to_a_pipe(pid: int) -> bool:
         return False
 
 
+def as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground job has it. A test runner started in
+    the background inherits SIGINT ignored, which the commands rightly keep (see the last test)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def finished(process: subprocess.Popen) -> str:
+    """The stderr of ``process`` once it ends; killed after a minute (a command that ignored the signal
+    would otherwise hold the test run)."""
+    try:
+        return process.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 def interrupted(argv: list[str], ready, delay: float = 0.0) -> tuple[int, str]:
     """(exit status, stderr) of ``argv`` sent SIGINT ``delay`` s after ``ready(pid)`` (or a minute). Its
     stdout is a full pipe: it cannot end before the signal, whatever the machine's speed (the help it
@@ -62,7 +79,9 @@ def interrupted(argv: list[str], ready, delay: float = 0.0) -> tuple[int, str]:
     read_end, write_end = full_pipe()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     with open(read_end, "rb") as stdout:
-        process = subprocess.Popen(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env)
+        process = subprocess.Popen(
+            argv, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_from_a_terminal
+        )
         os.close(write_end)
         deadline = time.monotonic() + 60
         while process.poll() is None and not ready(process.pid) and time.monotonic() < deadline:
@@ -70,7 +89,7 @@ def interrupted(argv: list[str], ready, delay: float = 0.0) -> tuple[int, str]:
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         threading.Thread(target=stdout.read, daemon=True).start()  # its exit flushes stdout
-        err = process.communicate(timeout=60)[1]
+        err = finished(process)
     return process.returncode, err
 
 
@@ -109,12 +128,14 @@ def test_ctrl_c_in_pythons_teardown_leaves_the_commands_status():
     """After the last exit hook only the teardown remains (torch's takes ~0.8 s): Ctrl-C is ignored."""
     for _ in range(5):  # the teardown of fss-demo --help lasts ~20 ms: seen at once here, retried if missed
         argv = console_script("fss-demo") + ["--help"]
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal
+        )
         while process.poll() is None and not ignores_sigint(process.pid):
             time.sleep(0.001)
         signalled = process.poll() is None
         process.send_signal(signal.SIGINT)
-        err = process.communicate(timeout=60)[1]
+        err = finished(process)
         if signalled:
             break
     assert signalled, "never saw the process ignore SIGINT before it ended"
