@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from timing import wait_for_background_export
+from timing import wait_for_background_export, write_random_episode
 
 import fss
 
@@ -40,18 +40,9 @@ ROUNDS = 3
 
 
 def make_episode(root: Path, encoder: str, size: int, width: float) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "support" / "thing").mkdir(parents=True)
-    (root / "query").mkdir()
-    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(
-        root / "support" / "thing" / "s.jpg"
+    write_random_episode(
+        root, size, QUERIES, (slice(size // 4, 3 * size // 4), slice(size // 5, 4 * size // 5))
     )
-    mask = np.zeros((size, size), np.uint8)
-    mask[size // 4 : 3 * size // 4, size // 5 : 4 * size // 5] = 255
-    Image.fromarray(mask).save(root / "support" / "thing" / "s.png")
-    for i in range(QUERIES):
-        pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "query" / f"q{i}.jpg")
     model = fss.PANet(width=width, meta={"input_size": size}, encoder=encoder)
     fss.save_checkpoint(model, root / "model.pt")
     return root

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from timing import QUICK, wait_for_background_export
+from timing import QUICK, wait_for_background_export, write_random_episode
 
 import fss
 
@@ -43,19 +43,9 @@ EXAMPLES = BENCHES.parent / "examples"
 @pytest.fixture(scope="module")
 def episode_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    rng = np.random.default_rng(0)
-    (root / "support" / "thing").mkdir(parents=True)
-    (root / "query").mkdir()
-    Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
-        root / "support" / "thing" / "s.jpg"
+    write_random_episode(
+        root, SIZE, QUERIES, (slice(at_size(100), at_size(300)), slice(at_size(120), at_size(330)))
     )
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[at_size(100) : at_size(300), at_size(120) : at_size(330)] = 255
-    Image.fromarray(mask).save(root / "support" / "thing" / "s.png")
-    for i in range(QUERIES):
-        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
-            root / "query" / f"q{i}.jpg"
-        )
     model = fss.PANet(width=WIDTH, meta={"input_size": SIZE})
     fss.save_checkpoint(model, root / "vgg16.pt")
     return root
