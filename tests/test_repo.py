@@ -1,8 +1,16 @@
-"""Repository promises: the README quickstart is what CI runs; the bundled assets are shippable."""
+"""Repository promises: the README quickstart is what CI runs and its Python example runs; the docs name
+only flags and Python names that exist; the bundled assets are shippable."""
 
+import argparse
+import contextlib
+import io
 import json
+import os
 import re
+import shutil
+from importlib import import_module, metadata
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -82,3 +90,152 @@ def test_examples_are_licensed_for_shipping():
         assert record["license"] in SHIPPABLE_LICENCES and record["flickr_url"], record
     attribution = (examples / "ATTRIBUTION.md").read_text()
     assert all(f in attribution for f in photos)
+
+
+COMMANDS = ("fss-run", "fss-train", "fss-eval", "fss-export", "fss-serve", "fss-demo")
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+class ParserBuilt(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser a console script builds, caught when its ``main()`` first parses (nothing runs)."""
+    (script,) = (e for e in metadata.entry_points(group="console_scripts") if e.name == command)
+    entry = import_module(script.module)
+    with mock.patch.object(entry, "launch", lambda prog, module: module):  # fss.entry: which module
+        module = getattr(entry, script.attr)()
+
+    def caught(parser, *args, **kwargs):
+        raise ParserBuilt(parser)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", caught):
+        with pytest.raises(ParserBuilt) as built:
+            import_module(module).main([])
+    return built.value.parser
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
+
+
+def code_texts(text: str) -> list[str]:
+    """Fenced blocks (lines continued with a backslash joined) and inline code spans."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+    rest = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return [*(block.replace("\\\n", " ") for block in fenced), *re.findall(r"`([^`\n]+)`", rest)]
+
+
+def mentioned_flags() -> dict[str, set[tuple[str, str]]]:
+    """Command -> (flag, file) for every ``fss-<cmd> ... --flag`` written in code in the README and docs:
+    the flags after a command's name, up to the end of the line, a shell separator or another command."""
+    found = {c: set() for c in COMMANDS}
+    names = "|".join(COMMANDS)
+    for doc in DOCS:
+        for code in code_texts(doc.read_text()):
+            for line in code.splitlines():
+                for invocation in re.split(r"&&|\|\||;|\|(?!\w)", line):
+                    parts = re.split(rf"(?<![\w/-])({names})(?![\w-])", invocation)
+                    for command, args in zip(parts[1::2], parts[2::2], strict=True):
+                        found[command] |= {(f, doc.name) for f in re.findall(r"(?<![\w-])--[a-z][\w-]*(?![\w*-])", args)}
+    return found
+
+
+def test_every_flag_the_docs_mention_exists():
+    mentioned = mentioned_flags()
+    assert sum(map(len, mentioned.values())) > 50  # the reading works
+    for command, flags in mentioned.items():
+        known = option_strings(command_parser(command)) | {"--help"}
+        assert not {(f, doc) for f, doc in flags if f not in known}, command
+
+
+def reference_table_flags(doc: Path, command: str) -> set[str]:
+    """The flags of a command's option table: the table under its ``### `fss-<cmd>` reference`` heading."""
+    section = doc.read_text().split(f"### `{command}` reference", 1)[1].split("\n#", 1)[0]
+    return {f for row in re.findall(r"^\| `(--[^`]*)`", section, re.M) for f in row.split(", ")}
+
+
+@pytest.mark.parametrize(
+    "command, doc",
+    [
+        ("fss-run", "run.md"),
+        ("fss-train", "train.md"),
+        ("fss-eval", "train.md"),
+        ("fss-export", "export.md"),
+        ("fss-serve", "serving.md"),
+        ("fss-demo", "demo.md"),
+    ],
+)
+def test_every_command_has_its_full_reference_in_its_topic_doc(command, doc):
+    table_rows = re.findall(r"^\|.*$", (ROOT / "README.md").read_text(), re.M)
+    assert any(f"`{command}`" in row and f"(docs/{doc}" in row for row in table_rows)  # README links it
+    assert reference_table_flags(ROOT / "docs" / doc, command) == option_strings(command_parser(command))
+
+
+FSS_NAME = re.compile(r"(?<![\w./-])fss(?:\.[A-Za-z_]\w*)+(?![\w*-])")
+
+
+def resolves(name: str) -> bool:
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):  # the longest importable module, then attributes
+        try:
+            value = import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                value = getattr(value, attribute)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_python_name_the_docs_give_exists():
+    names = {(n, doc.name) for doc in DOCS for code in code_texts(doc.read_text()) for n in FSS_NAME.findall(code)}
+    assert len(names) > 20  # the reading works
+    assert not {(n, doc) for n, doc in names if not resolves(n)}
+
+
+def readme_python_example() -> str:
+    section = (ROOT / "README.md").read_text().split("## Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_example_runs_verbatim(tmp_path):
+    """The README's example, as written, in a folder holding the bundled examples: it prints one line per
+    query with the query's name and the label map's size."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    printed = io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        with contextlib.redirect_stdout(printed):
+            exec(compile(readme_python_example(), "README.md", "exec"), {"__name__": "readme"})
+    finally:
+        os.chdir(cwd)
+    queries = sorted((ROOT / "examples" / "query").glob("*.jpg"))
+    lines = printed.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == [q.name for q in queries]
+    for line, query in zip(lines, queries, strict=True):
+        width, height = fss.io.read_image(query).size
+        assert f"({height}, {width})" in line, line
+
+
+def heading_anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation but '-' dropped."""
+    headings = re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_link_between_the_docs_lands():
+    links = {(doc, target) for doc in DOCS for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text())}
+    local = {(doc, t) for doc, t in links if not re.match(r"[a-z]+:", t)}
+    assert len(local) > 20  # the reading works
+    for doc, target in local:
+        path, _, anchor = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), (doc.name, target)
+        assert not anchor or anchor in heading_anchors(linked), (doc.name, target)
