@@ -111,9 +111,9 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     def caught(parser, *args, **kwargs):
         raise ParserBuilt(parser)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", caught):
-        with pytest.raises(ParserBuilt) as built:
-            import_module(module).main([])
+    parsing = mock.patch.object(argparse.ArgumentParser, "parse_known_args", caught)
+    with parsing, pytest.raises(ParserBuilt) as built:
+        import_module(module).main([])
     return built.value.parser
 
 
@@ -128,6 +128,9 @@ def code_texts(text: str) -> list[str]:
     return [*(block.replace("\\\n", " ") for block in fenced), *re.findall(r"`([^`\n]+)`", rest)]
 
 
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*(?![\w*-])")  # not a pattern like --sst-*
+
+
 def mentioned_flags() -> dict[str, set[tuple[str, str]]]:
     """Command -> (flag, file) for every ``fss-<cmd> ... --flag`` written in code in the README and docs:
     the flags after a command's name, up to the end of the line, a shell separator or another command."""
@@ -139,7 +142,7 @@ def mentioned_flags() -> dict[str, set[tuple[str, str]]]:
                 for invocation in re.split(r"&&|\|\||;|\|(?!\w)", line):
                     parts = re.split(rf"(?<![\w/-])({names})(?![\w-])", invocation)
                     for command, args in zip(parts[1::2], parts[2::2], strict=True):
-                        found[command] |= {(f, doc.name) for f in re.findall(r"(?<![\w-])--[a-z][\w-]*(?![\w*-])", args)}
+                        found[command] |= {(f, doc.name) for f in FLAG.findall(args)}
     return found
 
 
@@ -194,7 +197,7 @@ def resolves(name: str) -> bool:
 
 
 def test_every_python_name_the_docs_give_exists():
-    names = {(n, doc.name) for doc in DOCS for code in code_texts(doc.read_text()) for n in FSS_NAME.findall(code)}
+    names = {(n, d.name) for d in DOCS for code in code_texts(d.read_text()) for n in FSS_NAME.findall(code)}
     assert len(names) > 20  # the reading works
     assert not {(n, doc) for n, doc in names if not resolves(n)}
 
