@@ -242,3 +242,25 @@ def test_every_link_between_the_docs_lands():
         linked = (doc.parent / path).resolve() if path else doc
         assert linked.exists(), (doc.name, target)
         assert not anchor or anchor in heading_anchors(linked), (doc.name, target)
+
+
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:fss|kernels|runtime|export|train|demo|serve|tests|benches|examples|docs|\.ci)/[\w./-]*\w)"
+    r"(?:::(\w+)(\*?))?"
+)
+
+
+def test_every_repository_path_the_docs_give_exists():
+    """A file the docs point to exists, and ``tests/x.py::test_y`` (or ``test_y*``) names a test in it."""
+    paths = {
+        (m.groups(), d.name)
+        for d in DOCS
+        for code in code_texts(d.read_text())
+        for m in REPO_PATH.finditer(code)
+    }
+    assert len(paths) > 20  # the reading works
+    for (path, function, prefix), doc in paths:
+        assert (ROOT / path).exists(), (doc, path)
+        if function:
+            pattern = rf"def {function}{'' if prefix else '[(]'}"
+            assert re.search(pattern, (ROOT / path).read_text()), (doc, path, function)
