@@ -154,10 +154,49 @@ def test_every_flag_the_docs_mention_exists():
         assert not {(f, doc) for f, doc in flags if f not in known}, command
 
 
-def reference_table_flags(doc: Path, command: str) -> set[str]:
-    """The flags of a command's option table: the table under its ``### `fss-<cmd>` reference`` heading."""
-    section = doc.read_text().split(f"### `{command}` reference", 1)[1].split("\n#", 1)[0]
-    return {f for row in re.findall(r"^\| `(--[^`]*)`", section, re.M) for f in row.split(", ")}
+def table_cell(text) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def reference_table(parser: argparse.ArgumentParser) -> list[str]:
+    """A command's options as the rows of its doc's reference table (``python tests/test_repo.py fss-run``
+    prints them): option, values (choices or metavar), default, help."""
+    rows = ["| option | values | default | what |", "|---|---|---|---|"]
+    for action in parser._actions:
+        if not action.option_strings or "--help" in action.option_strings:
+            continue
+        if action.choices:
+            values = "|".join(map(str, action.choices))
+        elif action.nargs == 0:
+            values = ""
+        else:
+            values = action.metavar or action.dest.upper()
+            values = {"+": f"{values} ...", "*": f"{values} ...", "?": f"[{values}]"}.get(
+                action.nargs, values
+            )
+        default = action.default
+        if (
+            isinstance(default, (str, Path))
+            and Path(default).is_absolute()
+            and Path(default).is_relative_to(ROOT)
+        ):
+            default = Path(default).relative_to(ROOT).as_posix()  # a folder of the repository, wherever it is
+        shown = (
+            action.nargs != 0
+            and default is not None
+            and default is not False
+            and default != argparse.SUPPRESS
+        )
+        values = f"`{table_cell(values)}`" if values else ""
+        cells = [f"`{', '.join(action.option_strings)}`", values, table_cell(default) if shown else ""]
+        rows.append(f"| {' | '.join([*cells, table_cell(action.help or '')])} |")
+    return rows
+
+
+def documented_reference(doc: Path, command: str) -> list[str]:
+    """The table under a doc's ``### `fss-<cmd>` reference`` heading."""
+    section = doc.read_text().split(f"### `{command}` reference\n", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\|.*\|$", section, re.M)
 
 
 @pytest.mark.parametrize(
@@ -172,9 +211,12 @@ def reference_table_flags(doc: Path, command: str) -> set[str]:
     ],
 )
 def test_every_command_has_its_full_reference_in_its_topic_doc(command, doc):
+    """Every option, its values and default as the parser has them (the help text may be worded for the
+    page); regenerate a table with ``python tests/test_repo.py COMMAND``."""
     table_rows = re.findall(r"^\|.*$", (ROOT / "README.md").read_text(), re.M)
     assert any(f"`{command}`" in row and f"(docs/{doc}" in row for row in table_rows)  # README links it
-    assert reference_table_flags(ROOT / "docs" / doc, command) == option_strings(command_parser(command))
+    documented = [row.rsplit(" | ", 1)[0] for row in documented_reference(ROOT / "docs" / doc, command)]
+    assert documented == [row.rsplit(" | ", 1)[0] for row in reference_table(command_parser(command))]
 
 
 FSS_NAME = re.compile(r"(?<![\w./-])fss(?:\.[A-Za-z_]\w*)+(?![\w*-])")
@@ -264,3 +306,10 @@ def test_every_repository_path_the_docs_give_exists():
         if function:
             pattern = rf"def {function}{'' if prefix else '[(]'}"
             assert re.search(pattern, (ROOT / path).read_text()), (doc, path, function)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:]:
+        print(f"### `{name}` reference\n", *reference_table(command_parser(name)), sep="\n")
