@@ -14,29 +14,18 @@ from pathlib import Path
 
 import torch
 
-from fss.errors import CheckpointError, FssError, summary
+from fss.errors import CheckpointError, FssError
 from fss.io import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
 from fss.models.methods import DEFAULT_METHOD, get_method
 from fss.models.methods import build_model as build_method_model
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
-from fss.validation import check_archive, check_checkpoint
+from fss.validation import check_checkpoint, read_torch_file
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
 CHECKPOINT_VERSION = 1
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-panet.pt"
 PRETRAINED_ONLY_SUFFIXES = (".h5", ".whl")  # never torch files: straight to the encoder's own reader
-
-
-def read_torch_file(path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("checkpoint not found", path)
-    check_archive(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt / foreign / pickled files
-        raise CheckpointError(f"unreadable checkpoint: {summary(exc)}", path) from None
 
 
 def load_state_strict(model: PANet, state: dict, path) -> None:
@@ -103,7 +92,7 @@ def load_model(path=None, device=None, impl: str = "auto") -> PANet:
     """
     path = DEMO_MODEL if path is None else Path(path)
     if path.is_dir():
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         return load_bundle(path, backend="auto", device=device, impl=impl)
     model = model_from_state(read_torch_file(path), path)

@@ -75,7 +75,7 @@ def load_served_model(config: ServeConfig):
     from fss.runtime.segmenter import resolve_device
 
     if config.bundle is not None:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         device = None if config.device == "auto" else resolve_device(config.device)
         model = load_bundle(config.bundle, backend=config.backend, device=device, input_size=config.size)

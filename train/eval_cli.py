@@ -89,7 +89,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         raise FssError(f"--annotation must be one of {', '.join(ANNOTATIONS)}, got {config.annotation!r}")
     device = resolve_device(config.device)
     if config.int8:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         model = load_bundle(config.ckpt, config.backend, config.device, config.size, config.impl, int8=True)
     else:
