@@ -106,5 +106,3 @@ def export_head(model, staging: Path, references: dict, opset: int, log) -> dict
             "onnxruntime": {"tolerance": tolerance, "max_relative_error": worst, "inputs": per_input}
         },
     }
-
-

@@ -4,10 +4,11 @@ The float32 graph is prepared by ONNX Runtime's pre-processing (shape inference,
 quantised in the QDQ format: weights int8, symmetric, per output channel; activations uint8 with
 ranges calibrated (MinMax) on the encoder's activations over the given photos, resized and
 normalised as the runtime does. ONNX Runtime runs the graph with exact integer products on every
-x86-64 CPU, VNNI or not (:func:`fss.backends.sessions.needs_exact_int8_entry`). int8 features are not held to the float32
-tolerance: the bundle records how far they are from eager PyTorch (``verify``'s measure) and refuses
-only a graph beyond :data:`fss.export.verify.TOLERANCE` ``["int8"]``, which a working quantisation
-stays well inside; mask agreement and held-out mean-IoU are measured in docs/performance.md.
+x86-64 CPU, VNNI or not (:func:`fss.backends.sessions.needs_exact_int8_entry`). int8 features are not
+held to the float32 tolerance: the bundle records how far they are from eager PyTorch (``verify``'s
+measure) and refuses only a graph beyond :data:`fss.export.verify.TOLERANCE` ``["int8"]``, which a
+working quantisation stays well inside; mask agreement and held-out mean-IoU are measured in
+docs/performance.md.
 """
 
 import tempfile

@@ -26,7 +26,6 @@ ENGINE_FILE = "encoder.engine"
 CONDITIONING_FILE = "conditioning.onnx"  # OSLSM: the support branch (manifest["conditioning"])
 
 
-
 def sha256_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

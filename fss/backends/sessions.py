@@ -26,6 +26,7 @@ from fss.errors import FssError
 EXACT_INT8_SESSION_ENTRY = ("session.x64quantprecision", "1")
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
 
+
 @functools.cache
 def cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags (Linux's /proc/cpuinfo); None where they cannot be read."""
@@ -201,5 +202,3 @@ class TensorRTEncoder:
             if not self.context.execute_async_v3(stream):
                 raise RuntimeError("TensorRT failed to run the encoder engine")
         return features
-
-
