@@ -24,8 +24,8 @@ from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
 from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
 from fss.models.methods import adapts, bound_method, resolve_refine
+from fss.runtime.encoder_call import make_encoder
 from fss.runtime.encoder_path import choose_encoder_path
-from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
 
