@@ -17,8 +17,7 @@ import torch
 from fss.errors import CheckpointError, FssError
 from fss.io import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
-from fss.models.methods import DEFAULT_METHOD, get_method
-from fss.models.methods import build_model as build_method_model
+from fss.models.methods import DEFAULT_METHOD, build_model, get_method
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
 from fss.validation import check_checkpoint, read_torch_file
 
@@ -76,14 +75,10 @@ def model_from_state(obj, path) -> PANet:
         width = get_encoder(encoder, path).width_of(encoder_tensors, path)
         meta = {"source": "official PANet snapshot"}
         method = get_method(DEFAULT_METHOD)
-    model = build_model(method.name, encoder, width, meta, path)
+    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
+    model = build_model(method.name, encoder, width, meta, path=path)
     load_state_strict(model, state, path)
     return model
-
-
-def build_model(method: str, encoder: str, width, meta: dict, path) -> PANet:
-    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
-    return build_method_model(method, encoder, width, meta, path=path)
 
 
 def load_model(path=None, device=None, impl: str = "auto") -> PANet:
