@@ -115,9 +115,11 @@ class TrainConfig:
         return self.lr * self.lr_gamma ** sum(step > m for m in self.milestones())
 
     def as_meta(self) -> dict:
-        """Plain values for the checkpoint metadata (paths as strings)."""
+        """Plain values for the checkpoint metadata; files and folders by their name only: where they lay on
+        the training machine means nothing where the checkpoint goes, and is not the checkpoint's to tell."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
+        paths = {"data", "out", "init", "resume", "log"}
+        return {k: Path(v).name if k in paths and v not in (None, "auto") else v for k, v in values.items()}
 
 
 @dataclass
