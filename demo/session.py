@@ -350,12 +350,6 @@ class Session:
             self.feature_bytes -= query.features.numel() * query.features.element_size()
             query.features = None
 
-    def remove_query(self, name: str) -> None:
-        with self.lock:
-            query = self.queries.pop(Path(name).stem, None)
-            if query is not None:
-                self.forget_features(query)
-
     def clear_queries(self) -> None:
         with self.lock:
             self.queries.clear()

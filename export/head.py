@@ -20,9 +20,6 @@ from fss.export.verify import VerificationError
 
 HEAD_ONNX = "head.onnx"
 HEAD_WEIGHTS = "head.pt"
-HEAD_OPS = frozenset(
-    {"Conv", "Relu", "Add", "Concat", "ReduceMean", "Expand", "Shape", "Unsqueeze", "Reshape"}
-)
 
 
 class QueryPath(nn.Module):
