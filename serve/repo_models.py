@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.serve.handlers import Limits, SupportStore
+from fss.serve.handlers import Limits
+from fss.serve.support_store import SupportStore
 
 
 class BlsEncoder:
