@@ -33,7 +33,7 @@ LAYERS = [
     ("export", ["fss.export"]),
     ("runtime", ["fss.runtime"]),
     ("apps", ["fss.runtime.cli", "fss.export.cli", "fss.export.triton_repo", "fss.serve", "fss.demo"]),
-    ("apps", ["fss.train", "fss.command", "fss.cli_args", "fss.entry"]),
+    ("apps", ["fss.train", "fss.command", "fss.cli", "fss.cli_args", "fss.entry"]),
 ]
 # Apps, as the groups whose imports of each other must not form a cycle.
 APPS = {
@@ -44,6 +44,7 @@ APPS = {
     "fss.demo": "fss-demo",
     "fss.train": "training",
     "fss.command": "cli helpers",
+    "fss.cli": "cli helpers",
     "fss.cli_args": "cli helpers",
     "fss.entry": "entry points",
 }
