@@ -14,9 +14,9 @@ import torch
 from timing import QUICK
 
 import fss
-from fss.export.backends import TorchEncoder, load_bundle, onnxruntime_has_cuda
+from fss.backends.bundle_model import load_bundle
+from fss.backends.sessions import TorchEncoder, onnxruntime_has_cuda, tensorrt_missing
 from fss.export.build import export_bundle
-from fss.export.tensorrt import tensorrt_missing
 
 SIZE, WIDTH = (65, 0.125) if QUICK else (417, 1.0)
 ROUNDS = 5

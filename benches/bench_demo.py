@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import fss
+from fss.demo import outputs
 from fss.demo.session import Engine, Session
 from fss.io import read_mask
 
@@ -58,7 +59,7 @@ def test_query_on_page(benchmark, engine, queries):
     def one_query():
         session.clear_queries()
         session.add_queries(queries[:1])
-        return session.overlays()
+        return outputs.overlays(session)
 
     assert benchmark(one_query)
 

@@ -15,7 +15,8 @@ import torch
 from timing import QUICK
 
 import fss
-from fss.export.backends import TorchEncoder, load_bundle
+from fss.backends.bundle_model import load_bundle
+from fss.backends.sessions import TorchEncoder
 from fss.export.build import export_bundle
 from fss.models.encoders import encoder_names
 

@@ -9,18 +9,18 @@ import logging
 import os
 from functools import wraps
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
+from fss.demo import outputs
+from fss.demo.editor import BRUSH, mask_from_layers, mask_layer
 from fss.demo.session import (
-    BRUSH,
     DemoError,
     Engine,
     Session,
     check_class_name,
-    mask_from_layers,
-    mask_layer,
     read_mask_file,
     read_support_image,
 )
@@ -48,87 +48,211 @@ def example_supports(root: Path | None) -> list[tuple[str, str]]:
 
 
 def build_app(engine: Engine, examples: Path | None = None):
+    """The page for ``engine``'s model; ``examples``: a folder with ``support/<class>/`` and ``query/``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # also when built without fss-demo
     import gradio as gr
-
-    max_pixels = engine.max_pixels
 
     supports = example_supports(examples / "support" if examples else None)
     query_folder = examples / "query" if examples else None
     example_queries = (
         [str(p) for p in scan_folder(query_folder)[0]] if query_folder and query_folder.is_dir() else []
     )
+    with gr.Blocks(title="fss demo", analytics_enabled=False) as app:
+        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
+        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{model_line(engine)}")
+        status = gr.Markdown("Start with a support image.", elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=1):
+                ui = SimpleNamespace(state=state, status=status, **support_column(gr, supports))
+            with gr.Column(scale=2):
+                ui.__dict__.update(query_column(gr, example_queries))
+        handlers = {
+            **support_handlers(gr, engine, ui, supports),
+            **query_handlers(engine, ui, example_queries),
+        }
+        connect(ui, handlers)
+    app.queue(default_concurrency_limit=4)
+    return app
 
-    def guarded(handler):
-        """Run a handler with the tab's session; a user error (or a bug) becomes a status message."""
 
+def model_line(engine: Engine) -> str:
+    meta = engine.meta
+    norm = meta.get("normalisation") or {}
+    return (
+        f"Model: `{engine.model_name}` ({meta.get('method', 'panet')}, {meta.get('encoder', '?')}, "
+        f"input {engine.segmenter.size} px, mean {norm.get('mean', '?')}, std {norm.get('std', '?')}) "
+        f"on {engine.segmenter.device}."
+    )
+
+
+def support_column(gr, supports: list[tuple[str, str]]) -> dict:
+    """The left column's components: support image, examples, mask editor, class, shots."""
+    gr.Markdown("### Supports")
+    return dict(
+        support_file=gr.File(
+            label="Support image",
+            file_types=["image"],
+            type="filepath",
+            height=110,
+            elem_id="support-file",
+        ),
+        example_gallery=gr.Gallery(
+            value=[(p, n) for p, n in supports],
+            label="Examples (click one)",
+            columns=4,
+            height=140,
+            allow_preview=False,
+            fit_columns=False,
+            visible=bool(supports),
+            elem_id="example-supports",
+        ),
+        editor=gr.ImageEditor(
+            label="Paint the object",
+            type="numpy",
+            image_mode="RGBA",
+            sources=[],
+            brush=gr.Brush(colors=[("#{:02x}{:02x}{:02x}".format(*BRUSH), 0.6)], color_mode="fixed"),
+            eraser=gr.Eraser(),
+            layers=False,
+            transforms=[],
+            format="png",
+            height=420,
+            elem_id="editor",
+        ),
+        mask_input=gr.File(
+            label="...or a mask file (fss-run's conventions)",
+            file_types=["image"],
+            height=110,
+            elem_id="mask-file",
+        ),
+        class_name=gr.Textbox(label="Class", placeholder="e.g. bus", elem_id="class-name"),
+        add=gr.Button("Add shot", variant="primary", elem_id="add-shot"),
+        shots=gr.Gallery(
+            label="Shots (click one to select)",
+            columns=4,
+            height=160,
+            allow_preview=False,
+            object_fit="contain",
+            fit_columns=False,
+            elem_id="shots",
+        ),
+        remove=gr.Button("Remove selected shot", elem_id="remove-shot"),
+    )
+
+
+def query_column(gr, example_queries: list[str]) -> dict:
+    """The right column's components: queries, their overlays and table, the zip."""
+    gr.Markdown("### Queries")
+    components = dict(
+        queries=gr.File(
+            label="Query images (drop many)",
+            file_count="multiple",
+            file_types=["image"],
+            type="filepath",
+            height=130,
+            elem_id="queries",
+        )
+    )
+    with gr.Row():
+        components["add_examples"] = gr.Button("Add the example queries", visible=bool(example_queries))
+        components["clear"] = gr.Button("Clear queries", elem_id="clear-queries")
+    components["gallery"] = gr.Gallery(
+        label="Segmented queries",
+        columns=3,
+        height=420,
+        object_fit="contain",
+        fit_columns=False,
+        elem_id="results",
+    )
+    components["table"] = gr.Dataframe(label="Pixel fraction per class", interactive=False, elem_id="table")
+    with gr.Row():
+        components["zip_button"] = gr.Button("Download masks + results.json (zip)", elem_id="zip")
+        components["zip_file"] = gr.File(label="Results zip", interactive=False, elem_id="zip-file")
+    return components
+
+
+def guarded(engine: Engine, ui):
+    """A decorator: run a handler with the tab's session; a user error (or a bug) becomes a status message."""
+
+    def guard(handler):
         @wraps(handler)
         def run(session, *args):
             session = session or Session(engine)
             try:
                 updates = handler(session, *args)
             except FssError as err:  # DemoError and fss's own (unreadable file, ...)
-                updates = {status: f"**Error:** {err}"}
+                updates = {ui.status: f"**Error:** {err}"}
             except Exception as err:  # never a dead page: say what failed, keep the session
                 log.exception("fss-demo handler %s failed", handler.__name__)
-                updates = {status: f"**Error:** internal error in {handler.__name__}: {err}"}
-            return {state: session, **updates}
+                updates = {ui.status: f"**Error:** internal error in {handler.__name__}: {err}"}
+            return {ui.state: session, **updates}
 
         return run
 
-    def shots_view(session: Session) -> list[tuple[Image.Image, str]]:
-        items = []
-        for name in session.classes:
-            for k, shot in enumerate(session.shots[name], start=1):
-                thumb = overlay_image(shot.image, shot.mask.clip(0, 1), [name])
-                thumb.thumbnail((256, 256))
-                items.append((thumb, f"{name} #{k}"))
-        return items
+    return guard
 
-    def results_view(session: Session) -> dict:
-        import pandas as pd
 
-        headers = ["file", *session.names, "ms (encode + match)"]
-        return {
-            gallery: session.overlays(),
-            table: pd.DataFrame(session.table(), columns=headers),
-            shots: shots_view(session),
-            zip_file: None,  # a zip of the previous state would be stale
-        }
+def shots_view(session: Session) -> list[tuple[Image.Image, str]]:
+    items = []
+    for name in session.classes:
+        for k, shot in enumerate(session.shots[name], start=1):
+            thumb = overlay_image(shot.image, shot.mask.clip(0, 1), [name])
+            thumb.thumbnail((256, 256))
+            items.append((thumb, f"{name} #{k}"))
+    return items
 
-    def editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict:
-        """The editor shows a mask file's mask drawn into its background (Gradio's editor misplaces
-        layers set from the server), so the mask file is kept as is and paint adds to it."""
-        if mask is not None:
-            image = Image.alpha_composite(image.convert("RGBA"), Image.fromarray(mask_layer(mask, alpha=153)))
-        return {"background": image, "layers": [], "composite": None}
+
+def results_view(ui, session: Session) -> dict:
+    import pandas as pd
+
+    headers = ["file", *session.names, "ms (encode + match)"]
+    return {
+        ui.gallery: outputs.overlays(session),
+        ui.table: pd.DataFrame(outputs.table(session), columns=headers),
+        ui.shots: shots_view(session),
+        ui.zip_file: None,  # a zip of the previous state would be stale
+    }
+
+
+def editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict:
+    """The editor shows a mask file's mask drawn into its background (Gradio's editor misplaces
+    layers set from the server), so the mask file is kept as is and paint adds to it."""
+    if mask is not None:
+        image = Image.alpha_composite(image.convert("RGBA"), Image.fromarray(mask_layer(mask, alpha=153)))
+    return {"background": image, "layers": [], "composite": None}
+
+
+def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) -> dict:
+    """Handlers of the supports: load an image (file or example), a mask file, add and remove shots."""
+    guard, max_pixels = guarded(engine, ui), engine.max_pixels
 
     def load_support(session: Session, image: Image.Image, source: str) -> dict:
         session.pending, session.pending_mask = image, None
         session.selected = None
+        size = f"{image.width}x{image.height}"
         return {
-            editor: editor_value(image),
-            status: f"Loaded {source} ({image.width}x{image.height}): paint the object, then **Add shot**.",
+            ui.editor: editor_value(image),
+            ui.status: f"Loaded {source} ({size}): paint the object, then **Add shot**.",
         }
 
-    @guarded
+    @guard
     def on_support_file(session, path):
         if not path:
             return {}
         return {
             **load_support(session, read_support_image(path, max_pixels), Path(path).name),
-            support_file: None,
+            ui.support_file: None,
         }
 
-    @guarded
+    @guard
     def on_example(session, evt: gr.SelectData):
         path, name = supports[evt.index]
         return {
             **load_support(session, read_support_image(path, max_pixels), Path(path).name),
-            class_name: name,
+            ui.class_name: name,
         }
 
-    @guarded
+    @guard
     def on_mask_file(session, path):
         if not path:
             return {}
@@ -140,12 +264,12 @@ def build_app(engine: Engine, examples: Path | None = None):
             raise DemoError("mask has no foreground pixel", Path(path).name)
         session.pending_mask = mask
         return {
-            editor: editor_value(image, mask),
-            mask_input: None,
-            status: "Mask loaded: paint to add to it, or **Add shot**.",
+            ui.editor: editor_value(image, mask),
+            ui.mask_input: None,
+            ui.status: "Mask loaded: paint to add to it, or **Add shot**.",
         }
 
-    @guarded
+    @guard
     def on_add_shot(session, value, name):
         image = session.pending
         if image is None:
@@ -154,152 +278,98 @@ def build_app(engine: Engine, examples: Path | None = None):
         mask = mask_from_layers((value or {}).get("layers") or [], image.size, session.pending_mask)
         message = session.add_shot(name, image, mask)
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
-        return {**results_view(session), status: f"{added} {message}"}
+        return {**results_view(ui, session), ui.status: f"{added} {message}"}
 
-    @guarded
+    return {
+        "support_file": on_support_file,
+        "example": on_example,
+        "mask_file": on_mask_file,
+        "add_shot": on_add_shot,
+        **shot_list_handlers(gr, guard, ui),
+    }
+
+
+def shot_list_handlers(gr, guard, ui) -> dict:
+    """Handlers of the shot list: select a shot, remove it."""
+
+    @guard
     def on_select_shot(session, evt: gr.SelectData):
         index = 0
         for name in session.classes:
             for k in range(len(session.shots[name])):
                 if index == evt.index:
                     session.selected = (name, k)
-                    return {status: f"Selected {name} #{k + 1}: **Remove selected shot** deletes it."}
+                    return {ui.status: f"Selected {name} #{k + 1}: **Remove selected shot** deletes it."}
                 index += 1
         return {}
 
-    @guarded
+    @guard
     def on_remove_shot(session):
         selected = session.selected
         if selected is None:
             raise DemoError("click a shot in the list first")
         session.selected = None
         message = session.remove_shot(*selected)
-        return {**results_view(session), status: f"Removed {selected[0]} #{selected[1] + 1}. {message}"}
+        return {
+            **results_view(ui, session),
+            ui.status: f"Removed {selected[0]} #{selected[1] + 1}. {message}",
+        }
 
-    @guarded
+    return {"select_shot": on_select_shot, "remove_shot": on_remove_shot}
+
+
+def query_handlers(engine: Engine, ui, example_queries: list[str]) -> dict:
+    """Handlers of the queries: add (files or the examples), clear, download the zip."""
+    guard = guarded(engine, ui)
+
+    @guard
     def on_queries(session, paths):
         if not paths:
             return {}
         problems = session.add_queries(paths)
         waiting = "" if session.shots else " Add a support shot to segment them."
         lines = [f"{len(paths)} file(s) added.{waiting}", *[f"- {p}" for p in problems]]
-        return {**results_view(session), queries: None, status: "\n".join(lines)}
+        return {**results_view(ui, session), ui.queries: None, ui.status: "\n".join(lines)}
 
-    @guarded
+    @guard
     def on_example_queries(session):
         return on_queries.__wrapped__(session, example_queries)
 
-    @guarded
+    @guard
     def on_clear_queries(session):
         session.clear_queries()
-        return {**results_view(session), status: "Queries cleared."}
+        return {**results_view(ui, session), ui.status: "Queries cleared."}
 
-    @guarded
+    @guard
     def on_zip(session):
         return {
-            zip_file: str(session.write_zip()),
-            status: "Zip ready: masks, overlays, results.json, support/.",
+            ui.zip_file: str(outputs.write_zip(session)),
+            ui.status: "Zip ready: masks, overlays, results.json, support/.",
         }
 
-    meta = engine.meta
-    norm = meta.get("normalisation") or {}
-    model_line = (
-        f"Model: `{engine.model_name}` ({meta.get('method', 'panet')}, {meta.get('encoder', '?')}, "
-        f"input {engine.segmenter.size} px, mean {norm.get('mean', '?')}, std {norm.get('std', '?')}) "
-        f"on {engine.segmenter.device}."
-    )
-    with gr.Blocks(title="fss demo", analytics_enabled=False) as app:
-        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
-        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{model_line}")
-        status = gr.Markdown("Start with a support image.", elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=1):
-                gr.Markdown("### Supports")
-                support_file = gr.File(
-                    label="Support image",
-                    file_types=["image"],
-                    type="filepath",
-                    height=110,
-                    elem_id="support-file",
-                )
-                example_gallery = gr.Gallery(
-                    value=[(p, n) for p, n in supports],
-                    label="Examples (click one)",
-                    columns=4,
-                    height=140,
-                    allow_preview=False,
-                    fit_columns=False,
-                    visible=bool(supports),
-                    elem_id="example-supports",
-                )
-                editor = gr.ImageEditor(
-                    label="Paint the object",
-                    type="numpy",
-                    image_mode="RGBA",
-                    sources=[],
-                    brush=gr.Brush(colors=[("#{:02x}{:02x}{:02x}".format(*BRUSH), 0.6)], color_mode="fixed"),
-                    eraser=gr.Eraser(),
-                    layers=False,
-                    transforms=[],
-                    format="png",
-                    height=420,
-                    elem_id="editor",
-                )
-                mask_input = gr.File(
-                    label="...or a mask file (fss-run's conventions)",
-                    file_types=["image"],
-                    height=110,
-                    elem_id="mask-file",
-                )
-                class_name = gr.Textbox(label="Class", placeholder="e.g. bus", elem_id="class-name")
-                add = gr.Button("Add shot", variant="primary", elem_id="add-shot")
-                shots = gr.Gallery(
-                    label="Shots (click one to select)",
-                    columns=4,
-                    height=160,
-                    allow_preview=False,
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="shots",
-                )
-                remove = gr.Button("Remove selected shot", elem_id="remove-shot")
-            with gr.Column(scale=2):
-                gr.Markdown("### Queries")
-                queries = gr.File(
-                    label="Query images (drop many)",
-                    file_count="multiple",
-                    file_types=["image"],
-                    type="filepath",
-                    height=130,
-                    elem_id="queries",
-                )
-                with gr.Row():
-                    add_examples = gr.Button("Add the example queries", visible=bool(example_queries))
-                    clear = gr.Button("Clear queries", elem_id="clear-queries")
-                gallery = gr.Gallery(
-                    label="Segmented queries",
-                    columns=3,
-                    height=420,
-                    object_fit="contain",
-                    fit_columns=False,
-                    elem_id="results",
-                )
-                table = gr.Dataframe(label="Pixel fraction per class", interactive=False, elem_id="table")
-                with gr.Row():
-                    zip_button = gr.Button("Download masks + results.json (zip)", elem_id="zip")
-                    zip_file = gr.File(label="Results zip", interactive=False, elem_id="zip-file")
+    return {
+        "queries": on_queries,
+        "example_queries": on_example_queries,
+        "clear_queries": on_clear_queries,
+        "zip": on_zip,
+    }
 
-        results = [state, status, shots, gallery, table, zip_file]
-        support_file.upload(on_support_file, [state, support_file], [state, status, editor, support_file])
-        example_gallery.select(on_example, [state], [state, status, editor, class_name])
-        mask_input.upload(on_mask_file, [state, mask_input], [state, status, editor, mask_input])
-        # The editor is no output here: its loading overlay would swallow the next brush stroke.
-        add.click(on_add_shot, [state, editor, class_name], results)
-        shots.select(on_select_shot, [state], [state, status])
-        remove.click(on_remove_shot, [state], results)
-        queries.upload(on_queries, [state, queries], [*results, queries])
-        add_examples.click(on_example_queries, [state], [*results, queries])
-        clear.click(on_clear_queries, [state], results)
-        zip_button.click(on_zip, [state], [state, status, zip_file])
-    app.queue(default_concurrency_limit=4)
-    return app
+
+def connect(ui, on: dict) -> None:
+    """Each component's event to its handler, with the components the handler reads and updates."""
+    results = [ui.state, ui.status, ui.shots, ui.gallery, ui.table, ui.zip_file]
+    ui.support_file.upload(
+        on["support_file"], [ui.state, ui.support_file], [ui.state, ui.status, ui.editor, ui.support_file]
+    )
+    ui.example_gallery.select(on["example"], [ui.state], [ui.state, ui.status, ui.editor, ui.class_name])
+    ui.mask_input.upload(
+        on["mask_file"], [ui.state, ui.mask_input], [ui.state, ui.status, ui.editor, ui.mask_input]
+    )
+    # The editor is no output here: its loading overlay would swallow the next brush stroke.
+    ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], results)
+    ui.shots.select(on["select_shot"], [ui.state], [ui.state, ui.status])
+    ui.remove.click(on["remove_shot"], [ui.state], results)
+    ui.queries.upload(on["queries"], [ui.state, ui.queries], [*results, ui.queries])
+    ui.add_examples.click(on["example_queries"], [ui.state], [*results, ui.queries])
+    ui.clear.click(on["clear_queries"], [ui.state], results)
+    ui.zip_button.click(on["zip"], [ui.state], [ui.state, ui.status, ui.zip_file])

@@ -52,7 +52,7 @@ def load_engine(args):
 
     device = resolve_device(args.device)
     if args.bundle is not None:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         wanted = None if args.device == "auto" else device
         model = load_bundle(args.bundle, backend=args.backend, device=wanted)

@@ -6,18 +6,14 @@ the Segmenter under the session's own name, so concurrent users never see each o
 Query features are encoded once and kept (within a memory budget): when a shot changes only the
 prototypes change, and the cached features are matched again without re-encoding.
 
-Everything the page shows and downloads is written with the same ``fss.io`` writers as ``fss-run``
-(palette PNGs, overlays, ``results.json``), so the zip is what ``fss-run`` writes for the zip's
-``support/`` folder and the same queries.
+What the page shows and downloads is :mod:`fss.demo.outputs`'s; its mask editor, :mod:`fss.demo.editor`'s.
 """
 
 import re
-import shutil
 import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +23,13 @@ from PIL import Image
 
 from fss.errors import FssError
 from fss.io import (
-    IGNORE_INDEX,
     check_class_names,
     is_class_folder_name,
-    overlay_image,
     read_mask,
-    write_json,
-    write_label_png,
-    write_overlay,
 )
-from fss.runtime.cli import fractions
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
 MAX_QUERY_PIXELS = 400_000_000  # the queries one tab may hold (kept decoded for re-matching, ~1.2 GB)
-DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
 MAX_CLASSES = 20
 CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,39}")
 
@@ -101,38 +90,6 @@ def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) ->
             Path(path).name,
         )
     return mask
-
-
-BRUSH = (255, 0, 0)  # the editor's brush colour: foreground
-IGNORED = (128, 128, 128)  # ignored pixels of a mask file are shown grey
-
-
-def mask_from_layers(
-    layers: list[np.ndarray], size: tuple[int, int], base: np.ndarray | None = None
-) -> np.ndarray:
-    """Painted editor layers (``H x W x 4`` RGBA) -> ``H x W`` uint8 mask, 1 wherever anything is painted.
-
-    ``base`` (a mask file's mask: 0 / 1 / 255) is kept and the paint is added to it as foreground.
-    The editor's canvas may differ from the image by rounding: paint is resized (nearest) to ``size``.
-    """
-    mask = np.zeros((size[1], size[0]), np.uint8) if base is None else base.copy()
-    for layer in layers:
-        layer = np.asarray(layer)
-        if layer.ndim != 3 or layer.shape[-1] != 4:
-            raise DemoError("the editor sent a layer that is not RGBA")
-        painted = (layer[..., 3] > 0).astype(np.uint8)
-        if painted.shape != mask.shape:
-            painted = np.asarray(Image.fromarray(painted).resize(size, Image.NEAREST))
-        mask[painted == 1] = 1
-    return mask
-
-
-def mask_layer(mask: np.ndarray, alpha: int = 255) -> np.ndarray:
-    """``H x W`` mask -> ``H x W x 4`` RGBA overlay: foreground in the brush colour, ignored grey."""
-    layer = np.zeros((*mask.shape, 4), np.uint8)
-    layer[mask == 1] = (*BRUSH, alpha)
-    layer[mask == IGNORE_INDEX] = (*IGNORED, alpha)
-    return layer
 
 
 @dataclass(eq=False)
@@ -350,12 +307,6 @@ class Session:
             self.feature_bytes -= query.features.numel() * query.features.element_size()
             query.features = None
 
-    def remove_query(self, name: str) -> None:
-        with self.lock:
-            query = self.queries.pop(Path(name).stem, None)
-            if query is not None:
-                self.forget_features(query)
-
     def clear_queries(self) -> None:
         with self.lock:
             self.queries.clear()
@@ -391,90 +342,3 @@ class Session:
     @property
     def names(self) -> list[str]:
         return ["background", *self.classes]
-
-    def results(self) -> dict:
-        """``results.json`` as ``fss-run`` writes it, for the zip's ``support/`` folder."""
-        entries = []
-        for query in self.queries.values():
-            if query.error is not None:
-                entries.append({"file": query.name, "error": query.error})
-            elif query.labels is not None:
-                entries.append(
-                    {
-                        "file": query.name,
-                        "size": [query.image.width, query.image.height],
-                        "fractions": fractions(query.labels, self.names),
-                        "time_s": round(query.encode_s + query.segment_s, 4),
-                    }
-                )
-        return {
-            "classes": {str(k): name for k, name in enumerate(self.names)},
-            "model": self.engine.model_name,
-            "input_size": self.engine.segmenter.size,
-            "support": {
-                "folder": "support",
-                "classes": self.classes,
-                "shots": [len(self.shots[n]) for n in self.classes],
-            },
-            "queries": entries,
-        }
-
-    def overlays(self) -> list[tuple[Image.Image, str]]:
-        """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them.
-
-        Photos larger than ``DISPLAY_SIDE`` are shown scaled down (image bilinear, labels nearest)
-        before drawing, so that the legend stays readable and the page light; the zip has full size.
-        """
-        out = []
-        for query in self.queries.values():
-            if query.labels is None:
-                continue
-            image, labels = query.image, query.labels
-            scale = DISPLAY_SIDE / max(image.size)
-            if scale < 1:
-                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                image = image.resize(size, Image.BILINEAR)
-                labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
-            caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
-            out.append((overlay_image(image, labels, self.classes), caption))
-        return out
-
-    def table(self) -> list[list]:
-        """One row per query: file, then the pixel fraction of each class, time in ms, or the error."""
-        rows = []
-        for query in self.queries.values():
-            if query.error is not None:
-                rows.append([query.name, *[""] * len(self.names), f"error: {query.error}"])
-            elif query.labels is not None:
-                frac = fractions(query.labels, self.names)
-                timing = f"{1000 * query.encode_s:.0f} + {1000 * query.segment_s:.0f}"
-                rows.append([query.name, *[f"{frac[n]:.3f}" for n in self.names], timing])
-            else:
-                rows.append([query.name, *[""] * len(self.names), "waiting for a support shot"])
-        return rows
-
-    def write_zip(self) -> Path:
-        """Every mask, overlay, ``results.json`` and the support folder (``fss-run`` layout) as one zip."""
-        with self.lock:
-            if not any(q.labels is not None for q in self.queries.values()):
-                raise DemoError("nothing to download yet: add a support shot and a query")
-            root = Path(self.tmp.name) / "zip"
-            shutil.rmtree(root, ignore_errors=True)
-            for name in self.classes:
-                for k, shot in enumerate(self.shots[name], start=1):
-                    folder = root / "support" / name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    shot.image.save(folder / f"shot{k:02d}.png")  # lossless: fss-run reads the same pixels
-                    write_label_png(folder / f"shot{k:02d}_mask.png", shot.mask)
-            for query in self.queries.values():
-                if query.labels is not None:
-                    stem = Path(query.name).stem
-                    write_label_png(root / f"{stem}.png", query.labels)
-                    write_overlay(root / "overlays" / f"{stem}.jpg", query.image, query.labels, self.classes)
-            write_json(root / "results.json", self.results())
-            path = Path(self.tmp.name) / "fss-demo-results.zip"
-            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-                for file in sorted(root.rglob("*")):
-                    if file.is_file():
-                        zf.write(file, file.relative_to(root).as_posix())
-            return path

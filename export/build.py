@@ -8,23 +8,21 @@ from pathlib import Path
 import torch
 
 import fss
-from fss.checkpoint import load_model
-from fss.errors import FssError
-from fss.export import verify
-from fss.export.bundle import (
+from fss.backends.bundle_format import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     CONDITIONING_FILE,
     ENGINE_FILE,
     ONNX_FILE,
-    file_entries,
     sha256_file,
-    staged_bundle,
-    write_manifest,
 )
+from fss.backends.sessions import tensorrt_missing
+from fss.checkpoint import load_model
+from fss.errors import FssError
+from fss.export import verify
+from fss.export.bundle import file_entries, staged_bundle, write_manifest
 from fss.export.onnx import DEFAULT_OPSET, export_onnx, require_onnx_tools
 from fss.export.quantize import INT8_FILE
-from fss.export.tensorrt import tensorrt_missing
 from fss.models.encoders import get_encoder
 
 DEFAULT_MAX_BATCH = 8
@@ -207,7 +205,7 @@ def export_conditioning(model, module, staging: Path, ops, opset: int, log) -> d
 
 
 def verify_onnxruntime(onnx_path: Path, inputs: dict, references: dict) -> dict:
-    from fss.export.backends import OnnxRuntimeEncoder
+    from fss.backends.sessions import OnnxRuntimeEncoder
 
     encoder = OnnxRuntimeEncoder(onnx_path, "cpu")
     report = verify.verify_encoder("ONNX Runtime", encoder.encode, inputs, references)
@@ -217,7 +215,7 @@ def verify_onnxruntime(onnx_path: Path, inputs: dict, references: dict) -> dict:
 def build_verified_int8(staging: Path, photos, size: int, normalisation: dict, inputs, references) -> dict:
     """``encoder-int8.onnx`` beside the float32 graph, run in ONNX Runtime and compared with eager; the
     entry carries its ``verification``."""
-    from fss.export.backends import OnnxRuntimeEncoder
+    from fss.backends.sessions import OnnxRuntimeEncoder
     from fss.export.quantize import QUANTISATION, calibration_batches, quantize_encoder
 
     quantize_encoder(
@@ -235,7 +233,7 @@ def build_verified_engine(
 ) -> dict:
     """Build ``encoder.engine`` from the float32 graph, or from a float16 copy of it (kept out of the
     bundle), run it on the GPU and compare with eager; the entry carries its ``verification``."""
-    from fss.export.backends import TensorRTEncoder
+    from fss.backends.sessions import TensorRTEncoder
     from fss.export.tensorrt import build_engine
 
     with tempfile.TemporaryDirectory() as scratch:

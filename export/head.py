@@ -13,18 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fss.errors import FssError
+from fss.backends.bundle_model import HEAD_INPUT_NAMES, HEAD_OUTPUT_NAME, OnnxRuntimeHead
 from fss.export import verify
 from fss.export.onnx import BATCH_AXIS, quiet_exporter
 from fss.export.verify import VerificationError
 
 HEAD_ONNX = "head.onnx"
 HEAD_WEIGHTS = "head.pt"
-INPUT_NAMES = ("features", "descriptors")
-OUTPUT_NAME = "logits"
-HEAD_OPS = frozenset(
-    {"Conv", "Relu", "Add", "Concat", "ReduceMean", "Expand", "Shape", "Unsqueeze", "Reshape"}
-)
 
 
 class QueryPath(nn.Module):
@@ -71,8 +66,8 @@ def export_head(model, staging: Path, references: dict, opset: int, log) -> dict
             example,
             dynamo=True,
             dynamic_shapes=({0: batch}, {0: batch}),
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
+            input_names=list(HEAD_INPUT_NAMES),
+            output_names=[HEAD_OUTPUT_NAME],
             opset_version=opset,
             verbose=False,
         )
@@ -102,59 +97,9 @@ def export_head(model, staging: Path, references: dict, opset: int, log) -> dict
     return {
         "file": HEAD_ONNX,
         "weights": HEAD_WEIGHTS,
-        "inputs": list(INPUT_NAMES),
-        "output": OUTPUT_NAME,
+        "inputs": list(HEAD_INPUT_NAMES),
+        "output": HEAD_OUTPUT_NAME,
         "verification": {
             "onnxruntime": {"tolerance": tolerance, "max_relative_error": worst, "inputs": per_input}
         },
     }
-
-
-class OnnxRuntimeHead:
-    """The query path of ``head.onnx`` with the head interface the method uses: ``embed`` is the identity
-    (the graph embeds), ``relate(features, descriptors)`` runs the graph."""
-
-    def __init__(self, path, device=None):
-        from fss.export.backends import import_onnxruntime
-
-        ort = import_onnxruntime()
-        self.device = torch.device(device or "cpu")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ONNX Runtime raises its own exception types for unloadable graphs
-            raise FssError(f"ONNX Runtime cannot load the head: {str(exc).splitlines()[0]}", path) from None
-
-    @staticmethod
-    def embed(features: torch.Tensor) -> torch.Tensor:
-        return features
-
-    def relate(self, features: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
-        feeds = {
-            name: t.detach().to("cpu", torch.float32).contiguous().numpy()
-            for name, t in zip(INPUT_NAMES, (features, descriptors), strict=True)
-        }
-        (logits,) = self.session.run([OUTPUT_NAME], feeds)
-        return torch.from_numpy(logits).to(features.device)
-
-
-def attach_head(bundle, bundle_dir: Path) -> None:
-    """Give a loaded bundle of a method with a learned head its ``head`` (PyTorch, for the support side),
-    ``query_head`` (ONNX Runtime) and ``options``."""
-    from fss.checkpoint import read_torch_file
-    from fss.models.methods import build_model
-
-    entry = bundle.manifest["head"]
-    meta = bundle.meta
-    network = build_model(meta["method"], meta["encoder"], meta["width"], meta, path=bundle_dir)
-    state = read_torch_file(bundle_dir / entry["weights"])
-    if not isinstance(state, dict):
-        raise FssError("head weights are not a state dict", bundle_dir / entry["weights"])
-    try:
-        network.head.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FssError(
-            f"head weights do not fit: {str(exc).splitlines()[0]}", bundle_dir / entry["weights"]
-        ) from None
-    bundle.head = network.head.eval().to(bundle.device)
-    bundle.options = network.options
-    bundle.query_head = OnnxRuntimeHead(bundle_dir / entry["file"], bundle.device)

@@ -4,13 +4,13 @@ The float32 graph is prepared by ONNX Runtime's pre-processing (shape inference,
 quantised in the QDQ format: weights int8, symmetric, per output channel; activations uint8 with
 ranges calibrated (MinMax) on the encoder's activations over the given photos, resized and
 normalised as the runtime does. ONNX Runtime runs the graph with exact integer products on every
-x86-64 CPU, VNNI or not (:func:`needs_exact_int8_entry`). int8 features are not held to the float32
-tolerance: the bundle records how far they are from eager PyTorch (``verify``'s measure) and refuses
-only a graph beyond :data:`fss.export.verify.TOLERANCE` ``["int8"]``, which a working quantisation
-stays well inside; mask agreement and held-out mean-IoU are measured in docs/performance.md.
+x86-64 CPU, VNNI or not (:func:`fss.backends.sessions.needs_exact_int8_entry`). int8 features are not
+held to the float32 tolerance: the bundle records how far they are from eager PyTorch (``verify``'s
+measure) and refuses only a graph beyond :data:`fss.export.verify.TOLERANCE` ``["int8"]``, which a
+working quantisation stays well inside; mask agreement and held-out mean-IoU are measured in
+docs/performance.md.
 """
 
-import functools
 import tempfile
 from pathlib import Path
 
@@ -20,14 +20,6 @@ from fss.errors import FssError
 
 INT8_FILE = "encoder-int8.onnx"
 MAX_CALIBRATION_PHOTOS = 64
-# ONNX Runtime's u8s8 kernels on x86-64 CPUs without VNNI (AVX2, AVX-512 before VNNI) add pairs of
-# products in saturating 16 bits (255 x 127 x 2 > 32767): masks drifted far from float32 there. Under
-# this session entry ONNX Runtime runs the same graph with exact u8u8 kernels instead, so full 8-bit
-# weights give the same products on every CPU (more accurate than 7-bit ``reduce_range`` weights:
-# docs/performance.md). VNNI adds the products in 32 bits, exactly, and faster than u8u8: the entry is
-# left out only where the CPU's flags show VNNI.
-EXACT_INT8_SESSION_ENTRY = ("session.x64quantprecision", "1")
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
 QUANTISATION = {
     "format": "QDQ",
     "weights": "int8, symmetric, per channel",
@@ -35,26 +27,6 @@ QUANTISATION = {
     "calibration": "MinMax",
     "x86_kernels": "exact: VNNI where the CPU has it, else u8u8 (session.x64quantprecision=1)",
 }
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags (Linux's /proc/cpuinfo); None where they cannot be read."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return None
-
-
-def needs_exact_int8_entry(flags: frozenset[str] | None) -> bool:
-    """Whether ONNX Runtime needs :data:`EXACT_INT8_SESSION_ENTRY` for exact int8 products on a CPU of
-    these flags: unless they show VNNI (unknown flags: yes; the entry is a no-op off x86)."""
-    return flags is None or not VNNI_FLAGS & flags
 
 
 def calibration_photos(folder) -> list[Path]:

@@ -17,33 +17,10 @@ from pathlib import Path
 
 import torch
 
+from fss.backends.sessions import require_tensorrt
 from fss.errors import FssError
 from fss.export.onnx import INPUT_NAME
 from fss.export.verify import VerificationError
-
-INSTALL_HINT = "pip install 'fss[gpu]' (or pip install tensorrt) on a machine with an NVIDIA GPU"
-
-
-def tensorrt_missing(what: str) -> str | None:
-    """``None`` when TensorRT and a CUDA device are usable, else one line: what is missing, how to get it."""
-    missing = []
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):  # OSError: the package is there but its libnvinfer is not
-        missing.append("TensorRT (the tensorrt Python package cannot be imported)")
-    if not torch.cuda.is_available():
-        missing.append(f"a CUDA device (torch {torch.__version__} sees none)")
-    return f"{what} needs {' and '.join(missing)}: {INSTALL_HINT}" if missing else None
-
-
-def require_tensorrt(what: str):
-    """The ``tensorrt`` module, or ``FssError`` with :func:`tensorrt_missing`'s line."""
-    missing = tensorrt_missing(what)
-    if missing:
-        raise FssError(missing)
-    import tensorrt
-
-    return tensorrt
 
 
 def build_engine(onnx_path: Path, engine_path: Path, size: int, max_batch: int, precision: str) -> dict:

@@ -21,8 +21,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fss.backends.bundle_format import ENGINE_FILE, MANIFEST_FILE, ONNX_FILE, sha256_file, validate_bundle
 from fss.errors import FssError
-from fss.export.bundle import ENGINE_FILE, MANIFEST_FILE, ONNX_FILE, publish, sha256_file, validate_bundle
+from fss.export.bundle import publish
 from fss.serve import protocol
 from fss.serve.handlers import Limits
 

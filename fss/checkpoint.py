@@ -14,29 +14,17 @@ from pathlib import Path
 
 import torch
 
-from fss.errors import CheckpointError, FssError, summary
+from fss.errors import CheckpointError, FssError
 from fss.io import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
-from fss.models.methods import DEFAULT_METHOD, get_method
-from fss.models.methods import build_model as build_method_model
+from fss.models.methods import DEFAULT_METHOD, build_model, get_method
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
-from fss.validation import check_archive, check_checkpoint
+from fss.validation import check_checkpoint, read_torch_file
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
 CHECKPOINT_VERSION = 1
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-panet.pt"
 PRETRAINED_ONLY_SUFFIXES = (".h5", ".whl")  # never torch files: straight to the encoder's own reader
-
-
-def read_torch_file(path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("checkpoint not found", path)
-    check_archive(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt / foreign / pickled files
-        raise CheckpointError(f"unreadable checkpoint: {summary(exc)}", path) from None
 
 
 def load_state_strict(model: PANet, state: dict, path) -> None:
@@ -87,14 +75,10 @@ def model_from_state(obj, path) -> PANet:
         width = get_encoder(encoder, path).width_of(encoder_tensors, path)
         meta = {"source": "official PANet snapshot"}
         method = get_method(DEFAULT_METHOD)
-    model = build_model(method.name, encoder, width, meta, path)
+    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
+    model = build_model(method.name, encoder, width, meta, path=path)
     load_state_strict(model, state, path)
     return model
-
-
-def build_model(method: str, encoder: str, width, meta: dict, path) -> PANet:
-    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
-    return build_method_model(method, encoder, width, meta, path=path)
 
 
 def load_model(path=None, device=None, impl: str = "auto") -> PANet:
@@ -103,7 +87,7 @@ def load_model(path=None, device=None, impl: str = "auto") -> PANet:
     """
     path = DEMO_MODEL if path is None else Path(path)
     if path.is_dir():
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         return load_bundle(path, backend="auto", device=device, impl=impl)
     model = model_from_state(read_torch_file(path), path)

@@ -1,5 +1,7 @@
 """Checkpoints that cannot work are refused up front, with one line naming what is wrong.
 
+- :func:`read_torch_file`: a torch file read with ``weights_only=True`` after :func:`check_archive`.
+
 - :func:`check_archive` (before ``torch.load``): a zip checkpoint may not declare records that
   inflate to more than ``MAX_INFLATION`` times its size (plus ``INFLATION_SLACK``): torch writes
   records uncompressed, so only a crafted file comes near. :func:`check_zip_member` holds every other
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
-from fss.errors import CheckpointError
+from fss.errors import CheckpointError, summary
 
 MAX_INFLATION = 16
 INFLATION_SLACK = 64 * 2**20
@@ -174,3 +176,14 @@ def check_checkpoint(obj, path, fss_format: str = "fss-checkpoint") -> None:
     else:
         state = obj
     check_weights(state, path)
+
+
+def read_torch_file(path) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint not found", path)
+    check_archive(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / foreign / pickled files
+        raise CheckpointError(f"unreadable checkpoint: {summary(exc)}", path) from None

@@ -15,11 +15,12 @@ offset 8.5, the official deconvolution with its crop), and an output of another 
 ``in_h x in_w`` input is that input frame resized (pixel centres, as ``align_corners=False``). Samples
 are clamped to the grid (edge values), as torch's bilinear upsampling does.
 
-Implementations (``impl``): ``torch`` (the reference: gathers of the four taps per pixel), the CPU fast
-path (``native`` / ``auto`` on CPU: separable upsampling as two small GEMMs per map, ``A_H @ L @ A_W^T``,
+Implementations (``impl``): ``torch`` (the reference: gathers of the four taps per pixel), ``separable``
+(the CPU fast path, ``auto`` on CPU: upsampling as two small GEMMs per map, ``A_H @ L @ A_W^T``, in torch's
 BLAS, folded into running maxima so only a few image-size maps exist at once), ``triton`` (GPU; one
 fused kernel: upsampling, max over shots, argmax over ways, threshold, probability, without writing
-image-size float maps). :func:`logits` (training) is differentiable.
+image-size float maps). This op has no C++ kernel: ``native``, which a model passes to all its kernels
+for their C++ paths, runs ``separable`` here. :func:`logits` (training) is differentiable.
 
 Shapes: ``B`` episodes, ``Q`` queries, ``N`` ways, ``K`` shots, ``D`` feature channels, ``h x w``
 features, ``H x W`` output.
@@ -29,6 +30,8 @@ import torch
 
 from fss.kernels.dispatch import resolve_impl, triton_available
 from fss.kernels.interp import as_size
+
+SEPARABLE = "separable"  # the CPU fast path (torch BLAS), also what impl="native" runs here
 
 
 def check_head_inputs(qry_feats, weights):
@@ -146,10 +149,11 @@ def segment_separable(qry_feats, weights, out_size, geometry=None, return_prob=F
 
 
 def fast_impl(impl: str, tensor) -> str:
-    """``auto``: ``triton`` on CUDA where importable, else the separable path (``native``)."""
+    """``auto``: ``triton`` on CUDA where importable, else ``separable``; ``native`` (the C++ choice of the
+    other kernels; this op has no C++ kernel) is ``separable`` too."""
     if impl == "auto":
-        return "triton" if tensor.device.type == "cuda" and triton_available() else "native"
-    return impl if impl == "native" else resolve_impl(impl, tensor, "oslsm segment")
+        return "triton" if tensor.device.type == "cuda" and triton_available() else SEPARABLE
+    return SEPARABLE if impl in (SEPARABLE, "native") else resolve_impl(impl, tensor, "oslsm segment")
 
 
 def segment(qry_feats, weights, out_size, geometry=None, return_prob=False, impl="auto"):
@@ -158,7 +162,7 @@ def segment(qry_feats, weights, out_size, geometry=None, return_prob=False, impl
     Args:
         qry_feats: ``B x Q x D x h x w``; weights: ``B x N x K x (D+1)`` (last entry the bias).
         out_size: ``(H, W)`` or ``int``; geometry: ``None`` or ``(stride, offset, in_h, in_w)``.
-        impl: ``"auto" | "torch" | "triton" | "native"`` (``native``: the CPU fast path).
+        impl: ``"auto" | "torch" | "triton" | "separable"`` (``"native"``: ``separable``, see the module).
     """
     check_head_inputs(qry_feats, weights)
     impl = fast_impl(impl, qry_feats)

@@ -442,7 +442,7 @@ def load_runtime_model(args):
 
     device = resolve_device(args.device)
     if args.bundle is not None:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         wanted = None if args.device == "auto" else device
         model = load_bundle(args.bundle, args.backend, wanted, args.size, int8=args.int8)

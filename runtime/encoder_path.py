@@ -81,7 +81,7 @@ EXPORT_GAINS = {
 
 @dataclass(frozen=True)
 class EncoderPath:
-    """The model to run (a torch model, or a :class:`fss.export.backends.BundleModel`), the backend's
+    """The model to run (a torch model, or a :class:`fss.backends.bundle_model.BundleModel`), the backend's
     name and one line saying why."""
 
     model: object
@@ -192,7 +192,7 @@ def load_verified(folder: Path, model, size: int, warn: bool = True):
 
 
 def check_verified_entry(folder: Path) -> None:
-    from fss.export.bundle import read_manifest
+    from fss.backends.bundle_format import read_manifest
 
     manifest = read_manifest(folder)
     report = (manifest.get("verification") or {}).get("onnxruntime") or {}
@@ -238,7 +238,7 @@ def export_locked(model, folder: Path, size: int, wait: bool):
 
 
 def load_cached(folder: Path, model, size: int):
-    from fss.export.backends import load_bundle
+    from fss.backends.bundle_model import load_bundle
 
     return load_bundle(folder, backend="onnxruntime", device="cpu", input_size=size, impl=model.impl)
 

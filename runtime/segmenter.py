@@ -24,8 +24,8 @@ from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
 from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
 from fss.models.methods import adapts, bound_method, resolve_refine
+from fss.runtime.encoder_call import make_encoder
 from fss.runtime.encoder_path import choose_encoder_path
-from fss.runtime.encoders import make_encoder
 
 DEFAULT_SUPPORT = "default"
 
@@ -37,16 +37,6 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FssError("--device cuda asked for, but torch sees no CUDA device")
     return device
-
-
-def as_image(image) -> Image.Image:
-    """A path, PIL image or array as 8-bit RGB, as ``fss.io`` reads images (EXIF orientation, 16 bit)."""
-    return as_rgb(image)
-
-
-def as_mask(mask) -> np.ndarray:
-    """A parsed ``H x W`` uint8 mask (0 background, 1 foreground, 255 ignored): ``fss.io.parse_mask``."""
-    return parse_mask(mask)
 
 
 @dataclass
@@ -306,7 +296,7 @@ class Segmenter:
         """Shots at the input size: ``K x 3 x S x S`` normalised images, ``K x S x S`` fg and bg masks."""
         imgs, fgs, bgs = [], [], []
         for image, mask in zip(images, masks, strict=True):
-            img, parsed = as_image(image), as_mask(mask)
+            img, parsed = as_rgb(image), parse_mask(mask)
             if parsed.shape != (img.height, img.width):
                 raise ValueError(f"mask size {parsed.shape[::-1]} differs from image size {img.size}")
             if not (parsed == 1).any():
@@ -409,7 +399,7 @@ class Segmenter:
 
     def segment(self, queries, support: str | None = None, return_prob: bool = False):
         """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked."""
-        imgs = [as_image(q) for q in queries]
+        imgs = [as_rgb(q) for q in queries]
         if not imgs:
             return ([], []) if return_prob else []
         results = self.segment_encoded(
@@ -421,7 +411,7 @@ class Segmenter:
         return tuple(map(list, zip(*results, strict=True))) if return_prob else results
 
     def load_query(self, query) -> tuple[Image.Image, torch.Tensor]:
-        img = as_image(query)
+        img = as_rgb(query)
         return img, image_tensor(img, self.size, self.normalisation)
 
     def segment_stream(

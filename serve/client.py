@@ -213,10 +213,6 @@ class Client:
         self.remember(support_id, (list(classes), list(images), list(masks)))
         return support_id
 
-    def register_folder_on_server(self, folder: str) -> str:
-        """A folder below the server's ``--support-root`` (the server must allow it)."""
-        return first_text(self.support_op(protocol.OP_REGISTER, folder=[folder])["support_id"])
-
     def classes(self, support_id: str) -> list[str]:
         """Class names in label order (label k = ``classes[k - 1]``) of a set this client registered."""
         return list(dict.fromkeys(self._sets[support_id][0]))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.serve.handlers import Limits, SupportStore
+from fss.serve.handlers import Limits
+from fss.serve.support_store import SupportStore
 
 
 class BlsEncoder:
@@ -169,8 +170,8 @@ def parameters(model_config: dict) -> dict:
 
 def build_services(args: dict):
     """The handlers of one model instance, from its ``config.pbtxt`` parameters."""
-    from fss.export.backends import bundle_model, load_bundle
-    from fss.export.bundle import validate_bundle
+    from fss.backends.bundle_format import validate_bundle
+    from fss.backends.bundle_model import bundle_model, load_bundle
     from fss.models.methods import bound_method, resolve_refine
     from fss.serve.server import ServeConfig, Services
 

@@ -30,9 +30,10 @@ from fss.serve.handlers import (
     RowResult,
     SegmentService,
     SupportService,
-    SupportStore,
     internal_error,
 )
+from fss.serve.support_store import SupportStore
+from fss.serve.tensors import blobs, bytes_array, one, tensors, text
 
 
 @dataclass
@@ -75,7 +76,7 @@ def load_served_model(config: ServeConfig):
     from fss.runtime.segmenter import resolve_device
 
     if config.bundle is not None:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         device = None if config.device == "auto" else resolve_device(config.device)
         model = load_bundle(config.bundle, backend=config.backend, device=device, input_size=config.size)
@@ -127,33 +128,6 @@ class Services:
             "server_side_folders": c.support_root is not None,
             "limits": asdict(c.limits),
         }
-
-
-# -- tensors in and out ------------------------------------------------------------------------------
-def text(values) -> list[str]:
-    """A BYTES tensor as a flat list of str (UTF-8)."""
-    try:
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).ravel()]
-    except UnicodeDecodeError:
-        raise RequestError("text inputs (op, classes, support_id, folder) must be UTF-8") from None
-
-
-def blobs(values) -> list[bytes]:
-    return [v if isinstance(v, bytes) else bytes(v) for v in np.asarray(values, dtype=object).ravel()]
-
-
-def one(request, name: str, convert=text):
-    if name not in request.data:
-        raise RequestError(f"input {name!r} is required for this operation")
-    values = convert(request.data[name])
-    if len(values) != 1:
-        raise RequestError(f"input {name!r} takes one value, got {len(values)}")
-    return values[0]
-
-
-def bytes_array(values: list[str]) -> np.ndarray:
-    """Text outputs as a fixed-width bytes array (PyTriton cannot send an empty object array)."""
-    return np.array([v.encode() for v in values], dtype=np.bytes_).reshape(len(values))
 
 
 def support_reply(described: dict | None = None, info: dict | None = None, error: str = "") -> dict:
@@ -325,18 +299,6 @@ def make_segment_infer(service: SegmentService):
         return replies
 
     return infer
-
-
-NUMPY_TYPES = {"BYTES": bytes, "INT32": np.int32, "UINT8": np.uint8, "FP32": np.float32}
-
-
-def tensors(spec) -> list:
-    from pytriton.model_config import Tensor
-
-    return [
-        Tensor(name=name, dtype=NUMPY_TYPES[dtype], shape=shape, optional=optional)
-        for name, dtype, shape, optional in spec
-    ]
 
 
 def bind_models(triton, services: Services) -> None:

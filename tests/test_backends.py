@@ -9,16 +9,11 @@ from helpers import random_model
 
 import fss
 from fss import kernels
+from fss.backends.bundle_format import MANIFEST_FILE, ONNX_FILE
+from fss.backends.bundle_model import load_bundle
+from fss.backends.sessions import OnnxRuntimeEncoder, TorchEncoder, onnxruntime_has_cuda, tensorrt_missing
 from fss.errors import FssError
-from fss.export.backends import (
-    OnnxRuntimeEncoder,
-    TorchEncoder,
-    load_bundle,
-    onnxruntime_has_cuda,
-)
 from fss.export.build import export_bundle
-from fss.export.bundle import MANIFEST_FILE, ONNX_FILE
-from fss.export.tensorrt import tensorrt_missing
 from fss.export.verify import smooth_images
 
 SIZE = 65

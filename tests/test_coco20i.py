@@ -10,10 +10,10 @@ from PIL import Image
 from test_coco_folder import COCO_MINI, rle_counts, square
 
 import fss
+from fss.train.benchmark import fold_classes
 from fss.train.coco import CocoDataset, coco20i_fold_indices
 from fss.train.data import Way, episode_tensors
 from fss.train.eval_cli import main as eval_main
-from fss.train.protocol import fold_classes
 from fss.train.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")

@@ -13,8 +13,10 @@ from PIL import Image
 
 import fss
 from fss.constants import IGNORE_INDEX
+from fss.demo import outputs
 from fss.demo.cli import main as demo_main
-from fss.demo.session import DemoError, Engine, Session, mask_from_layers, mask_layer
+from fss.demo.editor import mask_from_layers, mask_layer
+from fss.demo.session import DemoError, Engine, Session
 from fss.runtime.cli import main as fss_run
 
 
@@ -77,7 +79,7 @@ def test_masks_equal_segmenter_and_fss_run_zip(engine, model, tmp_path):
     assert any((m > 0).any() for m in got.values()) and any((m == 0).any() for m in got.values())
 
     # The zip is fss-run's output for the zip's own support folder and the same queries.
-    archive = zipfile.ZipFile(session.write_zip())
+    archive = zipfile.ZipFile(outputs.write_zip(session))
     unpacked = tmp_path / "zip"
     archive.extractall(unpacked)
     ckpt = tmp_path / "model.pt"
@@ -257,7 +259,7 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
     assert any("too large: 10000x5000" in m and "huge.png" in m for m in messages)
     assert any("notes.png" in m for m in messages)
     assert set(labels(session)) == {"q0.jpg"}
-    results = session.results()
+    results = outputs.results(session)
     assert {q["file"]: "error" in q for q in results["queries"]} == {
         "corrupt.jpg": True,
         "huge.png": True,
@@ -266,7 +268,7 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
     }
     session.clear_queries()
     with pytest.raises(DemoError, match="nothing to download"):
-        session.write_zip()
+        outputs.write_zip(session)
 
 
 def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_path):
@@ -282,7 +284,7 @@ def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_pa
     save_image(big, rng, size=(2000, 100))
     engine.max_query_pixels = 10**9
     session.add_queries([big])
-    shown = dict((caption.split(":")[0], image) for image, caption in session.overlays())
+    shown = dict((caption.split(":")[0], image) for image, caption in outputs.overlays(session))
     assert shown["big.jpg"].size == (1024, 51) and shown["q0.jpg"].size == (40, 36)
     assert session.queries["big"].labels.shape == (100, 2000)  # full size for the zip
 

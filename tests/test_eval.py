@@ -8,7 +8,7 @@ import torch
 from test_train import SIZE, make_shapes
 
 import fss
-from fss.runtime.encoders import make_encoder
+from fss.runtime.encoder_call import make_encoder
 from fss.train.data import EpisodeSampler, FolderDataset, Item, episode_tensors
 from fss.train.eval_cli import main
 from fss.train.evaluate import FeatureCache, evaluate, evaluate_runs

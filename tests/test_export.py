@@ -14,13 +14,14 @@ import torch
 from helpers import official_snapshot, random_model
 
 import fss
+from fss.backends.bundle_format import MANIFEST_FILE, ONNX_FILE, sha256_file
+from fss.backends.bundle_model import load_bundle
+from fss.backends.sessions import OnnxRuntimeEncoder, tensorrt_missing
 from fss.export import verify
-from fss.export.backends import OnnxRuntimeEncoder, load_bundle
 from fss.export.build import export_bundle
-from fss.export.bundle import MANIFEST_FILE, ONNX_FILE, sha256_file
 from fss.export.cli import main
 from fss.export.onnx import check_graph, export_onnx
-from fss.export.tensorrt import build_engine, tensorrt_missing
+from fss.export.tensorrt import build_engine
 from fss.models.encoders import get_encoder
 
 SIZE = 65

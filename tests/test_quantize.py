@@ -9,12 +9,12 @@ from helpers import make_queries, make_support, random_model
 from PIL import Image
 
 import fss
+from fss.backends.sessions import OnnxRuntimeEncoder, needs_exact_int8_entry
 from fss.errors import FssError
-from fss.export.backends import OnnxRuntimeEncoder
 from fss.export.build import export_bundle
 from fss.export.cli import main as fss_export
 from fss.export.onnx import INPUT_NAME, OUTPUT_NAME
-from fss.export.quantize import QUANTISATION, calibration_photos, needs_exact_int8_entry, quantize_encoder
+from fss.export.quantize import QUANTISATION, calibration_photos, quantize_encoder
 from fss.runtime.cli import main as fss_run
 
 SIZE = 65

@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 import fss
 from fss.models.encoders import encoder_names
@@ -51,6 +52,26 @@ def test_demo_model_is_bundled_small_and_described():
     assert meta["encoder"] in encoder_names() and meta["input_size"] < 417
     assert meta["encoder"] in (ROOT / "docs" / "demo-model.md").read_text()
     assert not {"coco-bus", "coco-pizza"} & set(meta["classes"])  # the examples' classes are held out
+
+
+def machine_paths(value) -> list[str]:
+    """Absolute paths (POSIX, Windows, home-relative) among the strings of ``value``, at any depth."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in machine_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in machine_paths(v)]
+    looks_absolute = isinstance(value, str) and re.match(r"(/|~|[A-Za-z]:[\\/]|\\\\)", value)
+    return [value] if looks_absolute else []
+
+
+def test_shipped_models_tell_no_paths_of_the_machine_that_trained_them():
+    for asset in sorted((ROOT / "fss" / "assets").glob("*.pt")):
+        meta = torch.load(asset, map_location="cpu", weights_only=True)["meta"]
+        assert not machine_paths(meta), f"{asset.name}: {machine_paths(meta)}"
+    assert machine_paths({"a": ["x", {"b": "/home/me/data"}], "c": "C:\\data", "d": "runs/t1"}) == [
+        "/home/me/data",
+        "C:\\data",
+    ]
 
 
 @pytest.mark.parametrize("cls", ["bus", "pizza"])

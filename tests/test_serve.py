@@ -23,9 +23,9 @@ from fss.serve.handlers import (
     Row,
     SegmentService,
     SupportService,
-    SupportStore,
     decode_image,
 )
+from fss.serve.support_store import SupportStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -317,7 +317,7 @@ def test_sst_options_are_refused_for_other_methods(shapes, tmp_path, capsys):
 
 
 def test_bundle_exports_encoder_and_head_and_runs_like_the_checkpoint(tmp_path, capsys):
-    from fss.export.backends import load_bundle
+    from fss.backends.bundle_model import load_bundle
     from fss.export.build import export_bundle
     from fss.export.head import HEAD_ONNX, HEAD_WEIGHTS
     from fss.runtime.cli import main as run_main

@@ -213,6 +213,8 @@ def test_training_writes_loadable_checkpoints_with_meta(shapes, tmp_path):
     meta = fss.load_model(tmp_path / "run" / "final.pt").meta
     assert meta["iterations"] == 3 and meta["val"]["classes"] == ["bar"]
     assert 0 <= meta["val"]["mean_iou"] <= 1 and meta["train_config"]["iters"] == 3
+    where = meta["train_config"]["data"], meta["train_config"]["out"]
+    assert where == (shapes.name, "run")  # names only: no paths of the training machine
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["train_state"]["step"] == 3
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()

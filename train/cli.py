@@ -23,10 +23,10 @@ from fss.models.encoders import encoder_names
 from fss.models.methods import DEFAULT_METHOD, get_method, method_names
 from fss.models.methods import build_model as build_method_model
 from fss.models.panet import DEFAULT_ENCODER
+from fss.train.benchmark import DATASETS, FOLDS
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
-from fss.train.protocol import DATASETS, FOLDS
 from fss.train.trainer import OPTIMIZERS, TrainConfig, evaluate_only, train
 from fss.validation import check_meta
 

@@ -21,14 +21,14 @@ from fss.io import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
 from fss.models.methods import adapts, resolve_refine
+from fss.runtime.encoder_call import PRECISIONS, check_encoder_settings, make_encoder
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
-from fss.runtime.encoders import PRECISIONS, check_encoder_settings, make_encoder
+from fss.train.benchmark import DATASETS, fold_classes, open_dataset
 from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.data import ANNOTATIONS
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, evaluate_runs
-from fss.train.protocol import DATASETS, fold_classes, open_dataset
 
 PROG = "fss-eval"
 
@@ -89,7 +89,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         raise FssError(f"--annotation must be one of {', '.join(ANNOTATIONS)}, got {config.annotation!r}")
     device = resolve_device(config.device)
     if config.int8:
-        from fss.export.backends import load_bundle
+        from fss.backends.bundle_model import load_bundle
 
         model = load_bundle(config.ckpt, config.backend, config.device, config.size, config.impl, int8=True)
     else:

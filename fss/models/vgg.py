@@ -213,7 +213,7 @@ def init(module: VGG16Dilated, path: Path) -> dict:
     if is_hed_file(path):
         copy_tensors(module, hed_tensors(path, module), path, "HED VGG16")
         return {"normalisation": {"mean": [c / 255 for c in reversed(HED_MEAN_BGR)], "std": [1 / 255] * 3}}
-    from fss.checkpoint import read_torch_file
+    from fss.validation import read_torch_file
 
     state = read_torch_file(path)
     if not isinstance(state, dict):

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 from fss.kernels import logistic  # noqa: E402
 from fss.models.oslsm import FCN_STRIDE, QUERY_PAD, WeightHashing, hashing_map  # noqa: E402
 
-IMPLS = ("torch", "native", "triton")
+IMPLS = ("torch", "separable", "triton")
 OFFICIAL = (32.0, 8.5)  # what the official net's geometry gives: asserted against the deconvolution below
 
 
@@ -160,7 +160,7 @@ def test_k_shot_is_the_or_of_the_one_shot_masks(impl):
 def test_property_fast_paths_equal_the_reference(N, K, h, w, H, W, seed):
     feats, weights = random_head(1, 2, N, K, 5, h, w, seed)
     expected = logistic.segment(feats, weights, (H, W), impl="torch", return_prob=True)
-    for impl in ("native", "triton"):
+    for impl in ("separable", "native", "triton"):  # native: the C++ choice elsewhere, separable here
         dev = device_of(impl)
         got = logistic.segment(feats.to(dev), weights.to(dev), (H, W), impl=impl, return_prob=True)
         assert ((got[0].cpu() != expected[0]) & ~near_tie(feats, weights, (H, W))).sum() == 0

@@ -1,4 +1,7 @@
-"""The encoder call of the runtime: precision, memory layout, pinned staging, optional CUDA graph."""
+"""How the runtime calls a model's encoder: precision, memory layout, pinned staging, optional CUDA graph.
+
+(Which encoders exist is the registry's business: :mod:`fss.models.encoders`.)
+"""
 
 import torch
 

@@ -1,0 +1,215 @@
+"""Bundles loaded as models for the runtime: a validated bundle's encoder session with its method's head
+on top (:class:`BundleModel`, what ``fss.load_model(DIR)`` returns).
+"""
+
+from pathlib import Path
+
+import torch
+
+from fss.backends.bundle_format import validate_bundle
+from fss.backends.sessions import (
+    OnnxRuntimeEncoder,
+    TensorRTEncoder,
+    import_onnxruntime,
+    onnxruntime_has_cuda,
+    tensorrt_missing,
+)
+from fss.errors import FssError
+from fss.models.methods import bound_method, build_model, episode_logits, method_of
+from fss.validation import read_torch_file
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+HEAD_INPUT_NAMES = ("features", "descriptors")  # a learned head's ONNX graph (fss.export.head)
+HEAD_OUTPUT_NAME = "logits"
+
+
+class BundleModel:
+    """An exported encoder with its method's head on top (``meta["method"]``): what ``fss.load_model(DIR)``
+    returns.
+
+    Quacks like an eval-mode ``PANet`` for inference: ``encode``, ``__call__`` (logits, as
+    ``PANet.forward``), ``meta``, ``impl``, ``scale``, ``to``/``eval``. ``device`` is where features and
+    logits are returned; the encoder runs where it was loaded (``encoder.device``).
+    """
+
+    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None):
+        self.encoder = encoder
+        self.conditioning = conditioning  # OSLSM: the support branch's graph (ONNX Runtime)
+        self.manifest = manifest
+        self.backend = backend
+        self.meta = dict(manifest["meta"])
+        self.impl = impl
+        self.method = method_of(self)  # an unknown method is a one-line error
+        self.scale = self.method.scale
+        self.feature_channels = encoder.feature_channels
+        self.device = encoder.device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``M x 3 x S x S`` normalised images (S the bundle's input size) -> ``M x C x h x w``."""
+        size = self.meta["input_size"]
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be M x 3 x {size} x {size}, got {tuple(images.shape)}")
+        return self.encoder.encode(images).to(self.device)
+
+    def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
+        """OSLSM: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` regression weights."""
+        if self.conditioning is None:
+            raise FssError(f"this {self.meta['method']} bundle has no conditioning branch")
+        return self.conditioning.encode(masked).to(self.device)
+
+    def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
+        """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
+        with torch.inference_mode():
+            return episode_logits(
+                self.encode,
+                bound_method(self, refine),
+                supp_imgs,
+                supp_fg,
+                supp_bg,
+                qry_imgs,
+                shot_mask,
+                scale=self.scale,
+                impl=self.impl,
+                refine=refine,
+                model=self,
+            )
+
+    def to(self, device=None, memory_format=None):
+        """Deliver features and logits on ``device``; the memory format is the backend's (fixed at export)."""
+        if device is not None:
+            self.device = torch.device(device)
+        return self
+
+    def eval(self):
+        return self
+
+
+def engine_fits_here(engine: dict) -> bool:
+    """An engine loads only under the TensorRT version and GPU architecture that built it."""
+    import tensorrt
+
+    major, minor = torch.cuda.get_device_capability()
+    same_gpu = engine["compute_capability"] == f"{major}.{minor}"
+    return same_gpu and engine["tensorrt_version"] == tensorrt.__version__
+
+
+def choose_backend(manifest: dict, backend: str, device, bundle_dir: Path) -> tuple[str, torch.device]:
+    """The concrete backend and device. ``auto`` prefers TensorRT (an engine that fits this GPU and
+    TensorRT, device not CPU), then ONNX Runtime on CUDA (onnxruntime-gpu and a GPU), then on the CPU."""
+    if backend not in BACKENDS:
+        raise FssError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        raise FssError("backend torch runs checkpoints (--ckpt); a bundle runs on onnxruntime or tensorrt")
+    device = None if device in (None, "auto") else torch.device(device)
+    wants_gpu = device is None or device.type == "cuda"
+    engine = manifest.get("tensorrt")
+    if backend == "auto":
+        usable = engine is not None and wants_gpu and tensorrt_missing("tensorrt") is None
+        backend = "tensorrt" if usable and engine_fits_here(engine) else "onnxruntime"
+    if backend == "tensorrt":
+        if engine is None:
+            raise FssError("bundle has no TensorRT engine: re-export it with fss-export --trt", bundle_dir)
+        if not wants_gpu:
+            raise FssError("the tensorrt backend runs on a CUDA device, not the CPU")
+        return "tensorrt", device or torch.device("cuda")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and onnxruntime_has_cuda() else "cpu")
+    return "onnxruntime", device
+
+
+def load_bundle(
+    bundle_dir, backend: str = "auto", device=None, input_size: int | None = None, impl="auto", int8=False
+):
+    """A bundle written by ``fss-export`` as a :class:`BundleModel`, ready for inference.
+
+    The bundle is validated first (format version, every file's sha256, ``input_size`` when given):
+    any mismatch raises ``FssError`` with one line naming the file, before a backend is started.
+
+    Args:
+        backend: ``auto | onnxruntime | tensorrt`` (``torch`` is refused: it runs checkpoints).
+        device: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where the encoder runs.
+        input_size: the size the caller will feed; refused if the bundle was built for another.
+        impl: kernels of the head (``fss.kernels``).
+        int8: run the bundle's int8 encoder (``fss-export --int8``) in ONNX Runtime on the CPU.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = validate_bundle(bundle_dir, input_size)
+    if int8:
+        backend, encoder = "onnxruntime-int8", int8_encoder(bundle_dir, manifest, backend, device)
+    else:
+        backend, device = choose_backend(manifest, backend, device, bundle_dir)
+        if backend == "tensorrt":
+            encoder = TensorRTEncoder(bundle_dir / manifest["tensorrt"]["engine"], device)
+        else:
+            encoder = OnnxRuntimeEncoder(bundle_dir / manifest["onnx"]["file"], device)
+    return bundle_model(bundle_dir, manifest, encoder, backend, impl)
+
+
+def bundle_model(bundle_dir: Path, manifest: dict, encoder, backend: str, impl="auto") -> "BundleModel":
+    """A validated bundle's method around ``encoder`` (any object with ``encode`` and ``device``): its
+    conditioning branch (OSLSM) and learned head (SST) come from the bundle's own files."""
+    conditioning = manifest.get("conditioning")
+    if conditioning is not None:  # OSLSM's conditioning branch, beside the encoder
+        conditioning = OnnxRuntimeEncoder(Path(bundle_dir) / conditioning["file"], encoder.device)
+    model = BundleModel(encoder, manifest, backend, impl, conditioning)
+    if "head" in manifest:  # a learned head (SST)
+        attach_head(model, Path(bundle_dir))
+    return model
+
+
+def int8_encoder(bundle_dir: Path, manifest: dict, backend: str, device) -> "OnnxRuntimeEncoder":
+    """The bundle's int8 encoder (the backend ``onnxruntime-int8``): opt-in, CPU only."""
+    if manifest.get("int8") is None:
+        raise FssError("bundle has no int8 encoder: re-export it with fss-export --int8 PHOTOS", bundle_dir)
+    if backend not in ("auto", "onnxruntime") or (
+        device not in (None, "auto") and torch.device(device).type != "cpu"
+    ):
+        raise FssError(
+            "the int8 encoder runs in ONNX Runtime on the CPU (--backend onnxruntime, --device cpu)"
+        )
+    return OnnxRuntimeEncoder(bundle_dir / manifest["int8"]["file"], "cpu")
+
+
+class OnnxRuntimeHead:
+    """The query path of ``head.onnx`` with the head interface the method uses: ``embed`` is the identity
+    (the graph embeds), ``relate(features, descriptors)`` runs the graph."""
+
+    def __init__(self, path, device=None):
+        ort = import_onnxruntime()
+        self.device = torch.device(device or "cpu")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own exception types for unloadable graphs
+            raise FssError(f"ONNX Runtime cannot load the head: {str(exc).splitlines()[0]}", path) from None
+
+    @staticmethod
+    def embed(features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def relate(self, features: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+        feeds = {
+            name: t.detach().to("cpu", torch.float32).contiguous().numpy()
+            for name, t in zip(HEAD_INPUT_NAMES, (features, descriptors), strict=True)
+        }
+        (logits,) = self.session.run([HEAD_OUTPUT_NAME], feeds)
+        return torch.from_numpy(logits).to(features.device)
+
+
+def attach_head(bundle, bundle_dir: Path) -> None:
+    """Give a loaded bundle of a method with a learned head its ``head`` (PyTorch, for the support side),
+    ``query_head`` (ONNX Runtime) and ``options``."""
+    entry = bundle.manifest["head"]
+    meta = bundle.meta
+    network = build_model(meta["method"], meta["encoder"], meta["width"], meta, path=bundle_dir)
+    state = read_torch_file(bundle_dir / entry["weights"])
+    if not isinstance(state, dict):
+        raise FssError("head weights are not a state dict", bundle_dir / entry["weights"])
+    try:
+        network.head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FssError(
+            f"head weights do not fit: {str(exc).splitlines()[0]}", bundle_dir / entry["weights"]
+        ) from None
+    bundle.head = network.head.eval().to(bundle.device)
+    bundle.options = network.options
+    bundle.query_head = OnnxRuntimeHead(bundle_dir / entry["file"], bundle.device)
