@@ -25,7 +25,8 @@ from fss.demo.session import (
     read_support_image,
 )
 from fss.errors import FssError
-from fss.io import find_support_pairs, overlay_image, scan_folder
+from fss.io.folders import find_support_pairs, scan_folder
+from fss.io.outputs import overlay_image
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")

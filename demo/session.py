@@ -25,17 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fss.constants import IGNORE_INDEX
 from fss.errors import FssError
-from fss.io import (
-    IGNORE_INDEX,
-    check_class_names,
-    is_class_folder_name,
-    overlay_image,
-    read_mask,
-    write_json,
-    write_label_png,
-    write_overlay,
-)
+from fss.io.folders import check_class_names, is_class_folder_name
+from fss.io.masks import read_mask
+from fss.io.outputs import overlay_image, write_json, write_label_png, write_overlay
 from fss.runtime.cli import fractions
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)

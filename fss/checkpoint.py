@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fss.errors import CheckpointError, FssError, summary
-from fss.io import atomic_write
+from fss.io.outputs import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
 from fss.models.methods import DEFAULT_METHOD, get_method
 from fss.models.methods import build_model as build_method_model

@@ -14,6 +14,44 @@ class CheckpointError(FssError):
     """A file that is not a loadable PANet / fss checkpoint."""
 
 
+class ImageError(FssError):
+    """An image or mask file that is not one: missing, a folder, no readable image header, or a format
+    the caller does not take."""
+
+
+class CorruptImageError(ImageError):
+    """A file whose header reads as an image but whose pixels do not decode (truncated or damaged)."""
+
+
+class ImageTooLargeError(FssError):
+    """An image over the pixel limit, refused from its header before decoding.
+
+    ``size``: its (w, h), None where Pillow's own bound refused it before the size was read; ``limit``:
+    the limit in pixels; ``hint``: what sets the limit (a command names its flag: :meth:`hinted`).
+    """
+
+    def __init__(self, detail: str, path=None, size=None, limit: int = 0, hint: str = ""):
+        self.detail, self.size, self.limit = detail, size, limit
+        super().__init__(f"{detail} ({hint})" if hint else detail, path)
+
+    def hinted(self, hint: str) -> "ImageTooLargeError":
+        """The same error, naming ``hint`` as what sets the limit."""
+        return ImageTooLargeError(self.detail, self.path, self.size, self.limit, hint)
+
+
+class ShotError(FssError, ValueError):
+    """A support shot whose mask does not fit its image (another size, or no foreground pixel); a
+    ``ValueError`` as well, for library callers."""
+
+
+class EmptyMaskError(ShotError):
+    """A support shot whose mask marks no foreground pixel."""
+
+
+class DeviceError(FssError):
+    """A device asked for that torch cannot use (CUDA without a CUDA device)."""
+
+
 SUMMARY_CHARS = 300
 
 

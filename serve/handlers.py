@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from fss.errors import FssError
-from fss.io import check_class_names, find_support_pairs, read_image, read_mask
+from fss.io.folders import check_class_names, find_support_pairs
+from fss.io.images import read_image
+from fss.io.masks import read_mask
 from fss.serve import protocol
 
 LOG = logging.getLogger("fss.serve")

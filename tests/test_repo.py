@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import fss
+import fss.io.masks
 from fss.models.encoders import encoder_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_demo_model_segments_the_examples(cls):
     for support, query in (images, images[::-1]):
         seg.set_support([[support]], [[support.with_suffix(".png")]], [cls])
         predicted = seg.segment([query])[0] == 1
-        truth = fss.io.read_mask(query.with_suffix(".png"))
+        truth = fss.io.masks.read_mask(query.with_suffix(".png"))
         valid = truth != 255
         iou = (predicted & (truth == 1) & valid).sum() / ((predicted | (truth == 1)) & valid).sum()
         assert iou >= 0.5, (support.name, query.name, iou)

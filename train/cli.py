@@ -17,7 +17,7 @@ from fss.checkpoint import read_torch_file
 from fss.command import run_command
 from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PAPER_INPUT_SIZE
 from fss.errors import FssError
-from fss.io import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
+from fss.io.outputs import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
 from fss.models.encoders import encoder_names
 from fss.models.methods import DEFAULT_METHOD, get_method, method_names
@@ -372,7 +372,8 @@ def preflight(config: TrainConfig, writer: bool) -> None:
             check_output_file(Path(config.log), "--log")
     images = config.batch_episodes * config.ways * (config.shots + config.queries)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, "--batch-episodes")
+    flags = {"hint": "--batch-episodes", "size_name": "--size"}
+    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, **flags)
 
 
 def train_main(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from fss.checkpoint import load_model
 from fss.command import run_command
 from fss.constants import PAPER_INPUT_SIZE, REFINEMENTS
 from fss.errors import FssError
-from fss.io import check_output_file, write_json
+from fss.io.outputs import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
 from fss.models.methods import adapts, resolve_refine
@@ -97,7 +97,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     refine = resolve_refine(config.refine, model)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
-    check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes")
+    check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes", size_name="--size")
     if config.precision != "fp32" and config.backend == "onnxruntime":
         raise FssError(f"--backend onnxruntime is float32: drop --precision {config.precision}")
     try:

@@ -1,0 +1,120 @@
+"""What the commands share: argparse validators, the model-source flags and loading the model they name.
+
+A command module, above the runtime (it loads models through :mod:`fss.checkpoint`,
+:mod:`fss.export.backends` and the runtime's device choice). The library below raises typed errors
+that name no flag; these helpers word them with the flags the user gave.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.errors import DeviceError, FssError
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# -- validators (argparse ``type=``): a refused value is ``<prog>: error: argument --x: <why>``, exit 2 --
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def input_size(text: str) -> int:
+    value = int(text)
+    if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:
+    """``--size`` (None: the model's) within the sizes an encoder takes, else exit 2 with one line."""
+    if size is not None and not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        parser.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
+
+
+# -- the model a command runs -----------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser, backends=BACKENDS, backend_help: str | None = None):
+    """``--ckpt`` or ``--bundle`` (neither: the bundled demo model), ``--backend`` and ``--device``.
+
+    Returns the mutually exclusive group of the two sources, for a command with a third source.
+    """
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--ckpt", type=Path, metavar="C", help="official PANet snapshot or fss checkpoint (default: demo)"
+    )
+    source.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory written by fss-export")
+    backend_help = backend_help or "what runs the encoder (default auto)"
+    parser.add_argument("--backend", default="auto", choices=backends, help=backend_help)
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
+    return source
+
+
+def load_from_args(args, demo_note: str | None = None):
+    """(model, device) of the model flags: ``--bundle`` on ``--backend`` (input size ``size``, its int8
+    encoder with ``int8``), else ``--ckpt`` or the bundled demo model (``demo_note`` is printed then).
+
+    ``args`` is any object with ``ckpt``, ``bundle``, ``backend`` and ``device`` (and optionally
+    ``size`` and ``int8``): parsed arguments, or a server's configuration made from them.
+    """
+    from fss.checkpoint import load_model
+    from fss.runtime.segmenter import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except DeviceError:
+        raise FssError(f"--device {args.device} asked for, but torch sees no CUDA device") from None
+    if args.bundle is not None:
+        from fss.export.backends import load_bundle
+
+        wanted = None if args.device == "auto" else device
+        size, int8 = getattr(args, "size", None), getattr(args, "int8", False)
+        model = load_bundle(args.bundle, args.backend, wanted, size, int8=int8)
+        return model, model.device  # the head runs where the bundle's encoder delivers its features
+    if args.ckpt is None and demo_note:
+        print(demo_note, file=sys.stderr)
+    return load_model(args.ckpt, device=device), device
+
+
+def demo_model_note(prog: str) -> str:
+    return f"{prog}: no --ckpt given: using the bundled demo model (see README, 'Demo model')"
