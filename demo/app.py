@@ -137,8 +137,6 @@ def build_app(engine: Engine, examples: Path | None = None):
         if image is None:
             raise DemoError("load a support image before its mask")
         mask = read_mask_file(path, image.size, max_pixels)
-        if not (mask == 1).any():
-            raise DemoError("mask has no foreground pixel", Path(path).name)
         session.pending_mask = mask
         return {
             editor: editor_value(image, mask),

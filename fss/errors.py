@@ -23,6 +23,10 @@ class CorruptImageError(ImageError):
     """A file whose header reads as an image but whose pixels do not decode (truncated or damaged)."""
 
 
+class ImageFormatError(ImageError):
+    """An image in a format the caller does not take."""
+
+
 class ImageTooLargeError(FssError):
     """An image over the pixel limit, refused from its header before decoding.
 

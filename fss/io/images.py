@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from fss.errors import CorruptImageError, FssError, ImageError, ImageTooLargeError
+from fss.errors import CorruptImageError, FssError, ImageError, ImageFormatError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; an RGB decode of that is 192 MB
 MAX_PIXELS_ENV = "FSS_MAX_PIXELS"
@@ -77,7 +77,8 @@ def decode_image(
 
     ``draft``: a JPEG of up to ``DRAFT_FACTOR`` times the limit is decoded at half side instead, and
     ``info[FULL_SIZE_KEY]`` keeps its stored size. ``formats``: the Pillow formats taken (default all).
-    Raises :class:`ImageError` (no image; :class:`CorruptImageError` once the header read) or
+    Raises :class:`ImageError` (no image; :class:`CorruptImageError` once the header read;
+    :class:`ImageFormatError`) or
     :class:`ImageTooLargeError`, worded with ``what``; returns a ``PIL.Image.Image``.
     """
     hint = f"${MAX_PIXELS_ENV}" if limit is None else ""
@@ -98,7 +99,7 @@ def decode_image(
         raise ImageError(f"unreadable or corrupt {what}", named(source)) from None
     if formats is not None and img.format not in formats:
         img.close()
-        raise ImageError(f"format {img.format} not accepted (use {', '.join(formats)})", named(source))
+        raise ImageFormatError(f"format {img.format} not accepted (use {', '.join(formats)})", named(source))
     width, height = img.size
     if width * height > limit:
         if not (draft and img.format in ("JPEG", "MPO") and width * height <= DRAFT_FACTOR * limit):
