@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
-from fss.errors import DeviceError, FssError
+from fss.errors import SettingError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,8 +102,8 @@ def load_from_args(args, demo_note: str | None = None):
 
     try:
         device = resolve_device(args.device)
-    except DeviceError:
-        raise FssError(f"--device {args.device} asked for, but torch sees no CUDA device") from None
+    except SettingError as err:  # fss-serve starts its model outside fss.command's runner
+        raise err.flagged() from None
     if args.bundle is not None:
         from fss.export.backends import load_bundle
 

@@ -1,5 +1,7 @@
 """Errors a user can cause (bad files, bad arguments). Commands print them as one line, exit 2."""
 
+import string
+
 
 class FssError(Exception):
     """A user-facing error: the message names the problem and, where there is one, the file."""
@@ -52,8 +54,27 @@ class EmptyMaskError(ShotError):
     """A support shot whose mask marks no foreground pixel."""
 
 
-class DeviceError(FssError):
-    """A device asked for that torch cannot use (CUDA without a CUDA device)."""
+class SettingError(FssError):
+    """A refused setting of a library call that a command takes from one of its flags.
+
+    The message template names each setting as ``{name}`` (the argument's name) and the values it
+    quotes as further ``{fields}`` given by keyword: ``str()`` reads settings by their names, a command
+    by its flags (:meth:`flagged`: ``{val_classes}`` -> ``--val-classes``).
+    """
+
+    def __init__(self, template: str, path=None, **values):
+        self.template, self.values = template, values
+        super().__init__(self.worded(lambda name: name), path)
+
+    def worded(self, word) -> str:
+        """The message with each setting named ``word(name)``."""
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        settings = {name: word(name) for name in fields - self.values.keys()}
+        return self.template.format(**settings, **self.values)
+
+    def flagged(self) -> FssError:
+        """The error as a command words it: each setting named by its flag."""
+        return FssError(self.worded(lambda name: "--" + name.replace("_", "-")), self.path)
 
 
 SUMMARY_CHARS = 300

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss.errors import DeviceError, FssError
+from fss.errors import FssError, SettingError
 from fss.io.images import as_rgb
 from fss.io.masks import check_shot, parse_mask
 from fss.io.tensors import image_tensor, mask_tensor
@@ -37,7 +37,7 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device cuda asked for, but torch sees no CUDA device")
+        raise SettingError("{device} cuda asked for, but torch sees no CUDA device")
     return device
 
 

@@ -308,7 +308,7 @@ def test_fss_train_trains_a_lite_encoder_with_frozen_stages(tmp_path):
     assert all(torch.equal(own[k], start[k]) for k in frozen)
     assert not torch.equal(own["_blocks.5._project_conv.weight"], start["_blocks.5._project_conv.weight"])
     assert all(torch.equal(own[k], start[k]) for k in own if "running" in k)
-    with pytest.raises(FssError, match="--freeze-stages 9: efficientnet-lite0 has 7 stages"):
+    with pytest.raises(FssError, match="freeze_stages 9: efficientnet-lite0 has 7 stages"):
         train(TrainConfig(**{**config.__dict__, "freeze_stages": 9, "out": tmp_path / "run2"}))
 
 
