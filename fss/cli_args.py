@@ -18,53 +18,34 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 # -- validators (argparse ``type=``): a refused value is ``<prog>: error: argument --x: <why>``, exit 2 --
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def validator(name: str, convert, accept, why: str):
+    """An argparse type named ``name``: ``convert(text)`` where ``accept(value)``, else refused with
+    ``why`` (``{value}`` and ``{text}`` filled in)."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(why.format(value=value, text=text))
+        return value
+
+    parse.__name__ = name  # argparse names the type in "invalid <name> value"
+    return parse
 
 
-def count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
-    return value
-
-
-def input_size(text: str) -> int:
-    value = int(text)
-    if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
-        raise argparse.ArgumentTypeError(f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+positive_int = validator("positive_int", int, lambda v: v >= 1, "must be at least 1, got {value}")
+count = validator("count", int, lambda v: v >= 0, "must be 0 or more, got {value}")
+port = validator("port", int, lambda v: 1 <= v <= 65535, "not a TCP port: {value}")
+input_size = validator(
+    "input_size",
+    int,
+    lambda v: MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE,
+    f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {{value}}",
+)
+finite_float = validator("finite_float", float, math.isfinite, "must be a finite number, got {text}")
+non_negative_float = validator(
+    "non_negative_float", finite_float, lambda v: v >= 0, "must be 0 or more, got {text}"
+)
+positive_float = validator("positive_float", finite_float, lambda v: v > 0, "must be more than 0, got {text}")
 
 
 def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:

@@ -29,6 +29,7 @@ from fss.runtime.cli_resume import (
     RESULTS_VERSION,
     check_no_foreign_outputs,
     file_sha256,
+    library_versions,
     plan,
     read_previous,
     resumed_backend,
@@ -178,23 +179,6 @@ def model_identity(args, model, backend: str) -> dict:
     return {"model_sha256": sha, "backend": backend, "method": str(model.meta.get("method", "panet"))}
 
 
-def library_versions(backend: str) -> dict[str, str]:
-    """Versions of the libraries that decode, resize and run the model: another may give other pixels."""
-    import PIL
-    import torch
-
-    versions = {"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__}
-    if "onnxruntime" in backend:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    if "tensorrt" in backend:
-        import tensorrt
-
-        versions["tensorrt"] = tensorrt.__version__
-    return versions
-
-
 def fractions(labels: np.ndarray, names: list[str]) -> dict:
     counts = np.bincount(labels.ravel(), minlength=len(names))
     return {name: round(float(c) / labels.size, 6) for name, c in zip(names, counts, strict=False)}
@@ -246,7 +230,6 @@ def load_runtime_model(args):
 def encoder_backend(args) -> str:
     """The Segmenter's encoder path for --backend: a bundle's backend was chosen when it was loaded."""
     return "auto" if args.bundle is not None else args.backend
-
 
 
 def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict:

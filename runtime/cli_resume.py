@@ -9,6 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from fss.errors import FssError
 from fss.io.outputs import journal_outputs
 
@@ -202,3 +204,19 @@ def resumed_backend(previous: dict | None, overwrite: bool) -> str | None:
     settings = previous.get("settings") if previous is not None and not overwrite else None
     return settings.get("backend") if isinstance(settings, dict) else None
 
+
+def library_versions(backend: str) -> dict[str, str]:
+    """Versions of the libraries that decode, resize and run the model: another may give other pixels."""
+    import PIL
+    import torch
+
+    versions = {"pillow": PIL.__version__, "numpy": np.__version__, "torch": torch.__version__}
+    if "onnxruntime" in backend:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    if "tensorrt" in backend:
+        import tensorrt
+
+        versions["tensorrt"] = tensorrt.__version__
+    return versions

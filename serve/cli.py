@@ -3,6 +3,7 @@
 import argparse
 import socket
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from fss.cli_args import add_model_args, count, port, positive_int
@@ -17,27 +18,13 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     from fss.serve.handlers import Limits
 
     defaults = Limits()
-    p.add_argument(
-        "--max-image-bytes",
-        type=positive_int,
-        default=defaults.max_image_bytes,
-        metavar="N",
-        help="per encoded image",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=defaults.max_pixels,
-        metavar="N",
-        help="per image, from its header",
-    )
-    p.add_argument(
-        "--max-shots",
-        type=positive_int,
-        default=defaults.max_shots,
-        metavar="N",
-        help="shots per support set",
-    )
+    for field, what in (
+        ("max_image_bytes", "per encoded image"),
+        ("max_pixels", "per image, from its header"),
+        ("max_shots", "shots per support set"),
+    ):
+        flag = "--" + field.replace("_", "-")
+        p.add_argument(flag, type=positive_int, default=getattr(defaults, field), metavar="N", help=what)
 
 
 def parse_args(argv):
@@ -122,24 +109,10 @@ def config_from_args(args):
         raise FssError("checkpoint not found", args.ckpt)
     for number in (args.http_port, args.grpc_port, args.metrics_port):
         check_port_free(args.address, number)
+    same_names = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
     return ServeConfig(
-        ckpt=args.ckpt,
-        bundle=args.bundle,
-        backend=args.backend,
-        device=args.device,
-        size=args.size,
-        address=args.address,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        instances=args.instances,
-        max_batch=args.max_batch,
-        max_queue_delay_us=args.max_queue_delay_us,
-        max_supports=args.max_supports,
-        support_root=args.support_root,
+        **same_names,
         exit_timeout_s=args.exit_timeout,
-        triton_log=args.triton_log,
-        repository=args.repository,
         limits=Limits(args.max_image_bytes, args.max_pixels, args.max_shots),
     )
 
