@@ -188,7 +188,7 @@ def photo_identities(pairs: dict[str, list[tuple[Path, Path]]]) -> dict[Path, st
 
 
 class FolderDataset(EpisodeDataset):
-    """Class folders (the support-folder layout of ``fss.io.find_support_pairs``, FSS-1000 style).
+    """Class folders (the support-folder layout of ``fss.io.folders.find_support_pairs``, FSS-1000 style).
 
     Files with the same stem and the same bytes in two class folders are one photo (``python -m
     fss.train.coco`` writes COCO images that way). Masks are read with ``fss.io`` (palette 255 ignored).

@@ -78,8 +78,7 @@ def decode_image(
     ``draft``: a JPEG of up to ``DRAFT_FACTOR`` times the limit is decoded at half side instead, and
     ``info[FULL_SIZE_KEY]`` keeps its stored size. ``formats``: the Pillow formats taken (default all).
     Raises :class:`ImageError` (no image; :class:`CorruptImageError` once the header read;
-    :class:`ImageFormatError`) or
-    :class:`ImageTooLargeError`, worded with ``what``; returns a ``PIL.Image.Image``.
+    :class:`ImageFormatError`) or :class:`ImageTooLargeError`, worded with ``what``.
     """
     hint = f"${MAX_PIXELS_ENV}" if limit is None else ""
     limit = max_pixels() if limit is None else limit
