@@ -22,7 +22,7 @@ from PIL import Image
 import fss
 from fss.demo import outputs
 from fss.demo.session import Engine, Session
-from fss.io import read_mask
+from fss.io.masks import read_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -15,6 +15,7 @@ import torch
 from timing import QUICK
 
 import fss
+import fss.io.images
 from fss.backends.bundle_model import load_bundle
 from fss.backends.sessions import TorchEncoder
 from fss.export.build import export_bundle
@@ -69,7 +70,7 @@ def example_segmenter(source):
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_demo_model_queries(benchmark, backend, demo_bundle):
     seg = example_segmenter(None if backend == "torch" else demo_bundle)
-    queries = [fss.io.read_image(p) for p in sorted((EXAMPLES / "query").glob("*.jpg"))]
+    queries = [fss.io.images.read_image(p) for p in sorted((EXAMPLES / "query").glob("*.jpg"))]
     queries = (queries * 3)[:8]
     labels = benchmark.pedantic(lambda: seg.segment(queries), rounds=ROUNDS, warmup_rounds=1)
     assert len(labels) == 8

@@ -17,7 +17,9 @@ from official_reference import episode_logits, episode_prototypes  # noqa: E402
 
 import fss  # noqa: E402
 from fss.constants import PAPER_NORMALISATION as NORM  # noqa: E402
-from fss.io import image_tensor, mask_tensor, read_image, read_mask  # noqa: E402
+from fss.io.images import read_image
+from fss.io.masks import read_mask
+from fss.io.tensors import image_tensor, mask_tensor  # noqa: E402
 
 
 def official_style_pipeline(root: Path, model, size: int) -> dict[str, np.ndarray]:

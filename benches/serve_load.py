@@ -139,7 +139,7 @@ def reference_masks(model_args: list[str], support: Path, queries: Path, out: Pa
 
 def set_folder_support(seg, folder: Path) -> None:
     """Register a support folder (``fss-run``'s layout) with an in-process Segmenter."""
-    from fss.io import find_support_pairs
+    from fss.io.folders import find_support_pairs
 
     pairs = find_support_pairs(folder)
     images = [[image for image, _ in shots] for shots in pairs.values()]

@@ -25,7 +25,8 @@ from fss.demo.session import (
     read_support_image,
 )
 from fss.errors import FssError
-from fss.io import find_support_pairs, overlay_image, scan_folder
+from fss.io.folders import find_support_pairs, scan_folder
+from fss.io.outputs import overlay_image
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -260,8 +261,6 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         if image is None:
             raise DemoError("load a support image before its mask")
         mask = read_mask_file(path, image.size, max_pixels)
-        if not (mask == 1).any():
-            raise DemoError("mask has no foreground pixel", Path(path).name)
         session.pending_mask = mask
         return {
             ui.editor: editor_value(image, mask),

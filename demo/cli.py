@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+from fss.cli_args import add_model_args, demo_model_note, load_from_args, port, positive_int
 from fss.errors import FssError
 
 PROG = "fss-demo"
@@ -17,16 +18,10 @@ def parse_args(argv):
         prog=PROG,
         description="A web page to paint support masks and see query images segmented (Gradio).",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--ckpt", type=Path, help="official PANet snapshot or fss checkpoint (default: demo model)"
-    )
-    source.add_argument("--bundle", type=Path, help="bundle directory written by fss-export")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--batch", type=int, default=4, help="queries encoded together")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
+    p.add_argument("--batch", type=positive_int, default=4, help="queries encoded together")
     p.add_argument(
         "--feature-budget-mb",
         type=int,
@@ -35,10 +30,6 @@ def parse_args(argv):
     )
     p.add_argument("--examples", type=Path, default=EXAMPLES, help="folder with support/ and query/ examples")
     args = p.parse_args(argv)
-    if not 0 < args.port < 65536:
-        p.error("--port must be in 1..65535")
-    if args.batch < 1:
-        p.error("--batch must be at least 1")
     if args.bundle is None and args.backend not in ("auto", "torch"):
         p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
     return args
@@ -46,24 +37,9 @@ def parse_args(argv):
 
 def load_engine(args):
     """The model of ``--ckpt`` / ``--bundle`` (or the bundled one) in an Engine; errors are FssError."""
-    from fss.checkpoint import load_model
     from fss.demo.session import Engine
-    from fss.runtime.segmenter import resolve_device
 
-    device = resolve_device(args.device)
-    if args.bundle is not None:
-        from fss.backends.bundle_model import load_bundle
-
-        wanted = None if args.device == "auto" else device
-        model = load_bundle(args.bundle, backend=args.backend, device=wanted)
-        device = model.device
-    else:
-        if args.ckpt is None:
-            print(
-                f"{PROG}: no --ckpt given: using the bundled demo model (see README, 'Demo model')",
-                file=sys.stderr,
-            )
-        model = load_model(args.ckpt, device=device)
+    model, device = load_from_args(args, demo_model_note(PROG))
     name = str(args.bundle or args.ckpt or "bundled demo model")
     return Engine(model, name, device=device, batch=args.batch, feature_budget_mb=args.feature_budget_mb)
 

@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
+from fss.constants import IGNORE_INDEX
 from fss.demo.session import DemoError
-from fss.io import IGNORE_INDEX
 
 BRUSH = (255, 0, 0)  # the editor's brush colour: foreground
 IGNORED = (128, 128, 128)  # ignored pixels of a mask file are shown grey

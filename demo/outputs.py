@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from fss.demo.session import DemoError, Session
-from fss.io import overlay_image, write_json, write_label_png, write_overlay
+from fss.io.outputs import overlay_image, write_json, write_label_png, write_overlay
 from fss.runtime.cli import fractions
 
 DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)

@@ -21,12 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss.errors import FssError
-from fss.io import (
-    check_class_names,
-    is_class_folder_name,
-    read_mask,
-)
+from fss.errors import EmptyMaskError, FssError, ImageTooLargeError, ShotError
+from fss.io.folders import check_class_names, is_class_folder_name
+from fss.io.images import decode_image
+from fss.io.masks import check_shot, read_mask
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
 MAX_QUERY_PIXELS = 400_000_000  # the queries one tab may hold (kept decoded for re-matching, ~1.2 GB)
@@ -59,21 +57,14 @@ def open_checked(path, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an uploaded file, refusing corrupt files and huge images (checked from the header)."""
     name = Path(path).name
     try:
-        img = Image.open(path)
-    except Exception:  # Pillow raises several types for foreign files
-        raise DemoError(f"unreadable or corrupt {what}", name) from None
-    pixels = img.width * img.height
-    if pixels > max_pixels:
+        return decode_image(path, what, limit=max_pixels)
+    except ImageTooLargeError as err:
+        size = f"{err.size[0]}x{err.size[1]} is" if err.size else "it is"
         raise DemoError(
-            f"{what} too large: {img.width}x{img.height} is over {max_pixels / 1e6:.0f} megapixels, "
-            "resize it first",
-            name,
-        )
-    try:
-        img.load()
-    except Exception:
+            f"{what} too large: {size} over {max_pixels / 1e6:.0f} megapixels, resize it first", name
+        ) from None
+    except FssError:
         raise DemoError(f"unreadable or corrupt {what}", name) from None
-    return img
 
 
 def read_support_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -81,14 +72,13 @@ def read_support_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A mask file parsed with fss-run's conventions, its size checked against the image's ``size``."""
+    """A mask file parsed with fss-run's conventions, checked as a shot of an image of ``size``."""
     open_checked(path, "mask", max_pixels)
     mask = read_mask(path)
-    if mask.shape != (size[1], size[0]):
-        raise DemoError(
-            f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {size[0]}x{size[1]}",
-            Path(path).name,
-        )
+    try:
+        check_shot(size, mask, Path(path).name)
+    except ShotError as err:
+        raise DemoError(err.message, err.path) from None
     return mask
 
 
@@ -196,13 +186,14 @@ class Session:
 
     def add_shot(self, class_name: str, image: Image.Image, mask: np.ndarray) -> str:
         class_name = check_class_name(class_name)
-        if mask.shape != (image.height, image.width):
+        try:
+            check_shot(image.size, mask)
+        except EmptyMaskError:
             raise DemoError(
-                f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
-                f"{image.width}x{image.height}"
-            )
-        if not (mask == 1).any():
-            raise DemoError(f"the mask of this {class_name} shot has no foreground: paint the object first")
+                f"the mask of this {class_name} shot has no foreground: paint the object first"
+            ) from None
+        except ShotError as err:
+            raise DemoError(err.message) from None
         if class_name not in self.shots and len(self.shots) >= MAX_CLASSES:
             raise DemoError(f"at most {MAX_CLASSES} classes")
         shot = Shot(image, mask)

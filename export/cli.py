@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.cli_args import check_input_size, positive_int
 
 PROG = "fss-export"
 
@@ -39,7 +39,11 @@ def parse_args(argv):
         "--size", type=int, metavar="S", help="input size (default: the checkpoint's, 417 for PANet)"
     )
     p.add_argument(
-        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N", help="largest TensorRT batch"
+        "--max-batch",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="largest TensorRT batch",
     )
     p.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset (default {DEFAULT_OPSET})"
@@ -66,10 +70,7 @@ def parse_args(argv):
         help="also write a Triton Inference Server model repository for the bundle (see docs/serving.md)",
     )
     args = p.parse_args(argv)
-    if args.size is not None and not MIN_INPUT_SIZE <= args.size <= MAX_INPUT_SIZE:
-        p.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
-    if args.max_batch < 1:
-        p.error("--max-batch must be at least 1")
+    check_input_size(p, args.size)
     return args
 
 

@@ -32,7 +32,7 @@ QUANTISATION = {
 def calibration_photos(folder) -> list[Path]:
     """Up to :data:`MAX_CALIBRATION_PHOTOS` images under ``folder`` (recursively), evenly spread; a PNG
     beside an image of the same stem is a support mask (fss-run's layout) and left out."""
-    from fss.io import IMAGE_EXTS
+    from fss.io.folders import IMAGE_EXTS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -50,7 +50,8 @@ def calibration_photos(folder) -> list[Path]:
 
 def calibration_batches(photos: list[Path], size: int, normalisation: dict) -> list[torch.Tensor]:
     """``1 x 3 x size x size`` normalised tensors of the photos, as the runtime feeds the encoder."""
-    from fss.io import image_tensor, read_image
+    from fss.io.images import read_image
+    from fss.io.tensors import image_tensor
 
     return [image_tensor(read_image(path), size, normalisation)[None] for path in photos]
 

@@ -53,7 +53,8 @@ def verification_inputs(
         "smooth": smooth_images(1, size, generator, normalisation),
     }
     if image_paths:
-        from fss.io import image_tensor, read_image
+        from fss.io.images import read_image
+        from fss.io.tensors import image_tensor
 
         images = [image_tensor(read_image(path), size, normalisation) for path in image_paths]
         inputs["images"] = torch.stack(images)

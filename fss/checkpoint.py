@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fss.errors import CheckpointError, FssError
-from fss.io import atomic_write
+from fss.errors import CheckpointError, SettingError
+from fss.io.outputs import atomic_write
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
 from fss.models.methods import DEFAULT_METHOD, build_model, get_method
 from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
@@ -120,7 +120,7 @@ def init_encoder(model: PANet, path) -> None:
     entry = get_encoder(model.meta["encoder"])
     if str(path) == "auto":
         if entry.default_init is None:
-            raise FssError(f"--init auto: no pretrained weights are known for {entry.name}")
+            raise SettingError("{init} auto: no pretrained weights are known for {name}", name=entry.name)
         path = entry.default_init()
     path = Path(path)
     if path.suffix not in PRETRAINED_ONLY_SUFFIXES:

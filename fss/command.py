@@ -1,6 +1,7 @@
 """The one runner of fss's commands: every error a user can cause becomes one line and an exit status.
 
-- ``FssError`` (bad input, arguments, checkpoints): ``<prog>: error: <what> (<file>)``, exit 2;
+- ``FssError`` (bad input, arguments, checkpoints): ``<prog>: error: <what> (<file>)``, exit 2; a
+  ``SettingError`` names the settings by the command's flags;
 - ``OSError`` (disk full, permission denied, ...): the system's reason and the file, exit 2;
 - ``MemoryError``: exit 2 with what to lower;
 - Ctrl-C: a note of what is kept, exit 130;
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from fss.errors import FssError, summary
+from fss.errors import FssError, SettingError, summary
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -77,6 +78,8 @@ def failure(exc: Exception, exit_codes: dict[type, int]) -> tuple[int, str] | No
     for kind, status in exit_codes.items():
         if isinstance(exc, kind):
             return status, summary(exc, limit=2000)
+    if isinstance(exc, SettingError):
+        return USAGE_ERROR, str(exc.flagged())
     if isinstance(exc, FssError):
         return USAGE_ERROR, str(exc)
     if isinstance(exc, MemoryError):

@@ -67,7 +67,7 @@ def bytes_per_input_pixel(model) -> float:
     return 2 * largest[0] * 4 / PROBE_SIZE**2
 
 
-def check_encoder_memory(model, size: int, images: int, device, factor: float = 1.0, hint="--batch") -> None:
+def check_encoder_memory(model, size, images: int, device, factor=1.0, hint="the batch", size_name="size"):
     """Refuse (one line) a ``size`` whose encoder activations for ``images`` images at once cannot fit.
 
     ``factor``: training keeps every activation for the backward pass (about 3x). A model whose encoder
@@ -78,6 +78,7 @@ def check_encoder_memory(model, size: int, images: int, device, factor: float = 
     available = available_bytes(device)
     if available is not None and need > available:
         raise FssError(
-            f"--size {size} needs about {need / 2**30:.1f} GiB for the encoder ({images} image(s) at once), "
-            f"more than the {available / 2**30:.1f} GiB available: lower --size or {hint}"
+            f"{size_name} {size} needs about {need / 2**30:.1f} GiB for the encoder ({images} image(s) at "
+            "once), "
+            f"more than the {available / 2**30:.1f} GiB available: lower {size_name} or {hint}"
         )

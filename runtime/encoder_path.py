@@ -139,7 +139,7 @@ def export_pays(model, images: int | None) -> bool:
 
 def verification_photos() -> list[Path]:
     """Real photos for the export's verification: the bundled examples, where this install has them."""
-    from fss.io import list_images
+    from fss.io.folders import list_images
 
     if not (EXAMPLE_PHOTOS / "query").is_dir():
         return []
@@ -210,7 +210,7 @@ def export_into_cache(model, folder: Path, size: int) -> None:
     raises ``VerificationError``."""
     from fss.export.build import export_model_bundle
     from fss.export.verify import VerificationError
-    from fss.io import atomic_write
+    from fss.io.outputs import atomic_write
 
     for stale in [folder, *folder.parent.glob(f".{folder.name}.*.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)

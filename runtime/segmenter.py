@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss.errors import FssError
-from fss.io import as_rgb, image_tensor, mask_tensor, parse_mask
+from fss.errors import FssError, SettingError
+from fss.io.images import as_rgb
+from fss.io.masks import check_shot, parse_mask
+from fss.io.tensors import image_tensor, mask_tensor
 from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
 from fss.models.methods import adapts, bound_method, resolve_refine
@@ -35,7 +37,7 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FssError("--device cuda asked for, but torch sees no CUDA device")
+        raise SettingError("{device} cuda asked for, but torch sees no CUDA device")
     return device
 
 
@@ -297,10 +299,7 @@ class Segmenter:
         imgs, fgs, bgs = [], [], []
         for image, mask in zip(images, masks, strict=True):
             img, parsed = as_rgb(image), parse_mask(mask)
-            if parsed.shape != (img.height, img.width):
-                raise ValueError(f"mask size {parsed.shape[::-1]} differs from image size {img.size}")
-            if not (parsed == 1).any():
-                raise ValueError("support mask has no foreground pixel")
+            check_shot(img.size, parsed)
             resized = mask_tensor(parsed, self.support_size)
             imgs.append(image_tensor(img, self.support_size, self.normalisation))
             fgs.append(resized == 1)

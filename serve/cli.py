@@ -3,52 +3,40 @@
 import argparse
 import socket
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from fss.cli_args import add_model_args, count, port, positive_int
 from fss.errors import FssError
 
 PROG = "fss-serve"
 DEMO_NOTICE = f"{PROG}: no --ckpt / --bundle given: serving the bundled demo model (see README, 'Demo model')"
 
 
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def port(value: str) -> int:
-    number = int(value)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {number}")
-    return number
-
-
-def parse_args(argv):
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The request limits (:class:`fss.serve.handlers.Limits`), checked before decoding."""
     from fss.serve.handlers import Limits
 
     defaults = Limits()
+    for field, what in (
+        ("max_image_bytes", "per encoded image"),
+        ("max_pixels", "per image, from its header"),
+        ("max_shots", "shots per support set"),
+    ):
+        flag = "--" + field.replace("_", "-")
+        p.add_argument(flag, type=positive_int, default=getattr(defaults, field), metavar="N", help=what)
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Serve few-shot segmentation on Triton Inference Server: register a support set once "
         "(model fss_support), segment query images against it (model fss_segment, dynamically batched).",
     )
-    source = p.add_mutually_exclusive_group()
+    source = add_model_args(p, backends=("auto", "onnxruntime", "tensorrt"), backend_help="for --bundle")
     source.add_argument(
-        "--ckpt", type=Path, metavar="C", help="official PANet snapshot or fss checkpoint (default: demo)"
+        "--repository", type=Path, metavar="DIR", help="serve a model repository (fss-export --triton-repo)"
     )
-    source.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory written by fss-export")
-    source.add_argument(
-        "--repository",
-        type=Path,
-        metavar="DIR",
-        help="serve a model repository written by fss-export --triton-repo",
-    )
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="for --bundle"
-    )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--size", type=int, metavar="S", help="encoder input size (default: the model's)")
     p.add_argument(
         "--address", default="127.0.0.1", metavar="IP", help="address to bind (default loopback only)"
@@ -56,41 +44,33 @@ def parse_args(argv):
     p.add_argument("--http-port", type=port, default=8000, metavar="P", help="HTTP (KServe v2 REST) port")
     p.add_argument("--grpc-port", type=port, default=8001, metavar="P", help="gRPC (KServe v2) port")
     p.add_argument("--metrics-port", type=port, default=8002, metavar="P", help="Prometheus metrics port")
-    p.add_argument("--instances", type=positive, default=1, metavar="N", help="fss_segment model instances")
     p.add_argument(
-        "--max-batch", type=positive, default=8, metavar="B", help="largest batch the dynamic batcher forms"
+        "--instances", type=positive_int, default=1, metavar="N", help="fss_segment model instances"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=8,
+        metavar="B",
+        help="largest batch the dynamic batcher forms",
     )
     p.add_argument(
         "--max-queue-delay-us",
-        type=int,
+        type=count,
         default=2000,
         metavar="T",
         help="how long a request may wait for batchmates",
     )
-    p.add_argument("--max-supports", type=positive, default=64, metavar="N", help="support sets cached (LRU)")
+    p.add_argument(
+        "--max-supports", type=positive_int, default=64, metavar="N", help="support sets cached (LRU)"
+    )
     p.add_argument(
         "--support-root",
         type=Path,
         metavar="DIR",
         help="allow registering server-side support folders below this folder",
     )
-    p.add_argument(
-        "--max-image-bytes",
-        type=positive,
-        default=defaults.max_image_bytes,
-        metavar="N",
-        help="per encoded image",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=positive,
-        default=defaults.max_pixels,
-        metavar="N",
-        help="per image, from its header",
-    )
-    p.add_argument(
-        "--max-shots", type=positive, default=defaults.max_shots, metavar="N", help="shots per support set"
-    )
+    add_limit_args(p)
     p.add_argument(
         "--exit-timeout",
         type=int,
@@ -104,8 +84,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8")
-    if args.max_queue_delay_us < 0:
-        p.error("--max-queue-delay-us must be at least 0")
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
         p.error("--http-port, --grpc-port and --metrics-port must differ")
     return args
@@ -131,24 +109,10 @@ def config_from_args(args):
         raise FssError("checkpoint not found", args.ckpt)
     for number in (args.http_port, args.grpc_port, args.metrics_port):
         check_port_free(args.address, number)
+    same_names = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
     return ServeConfig(
-        ckpt=args.ckpt,
-        bundle=args.bundle,
-        backend=args.backend,
-        device=args.device,
-        size=args.size,
-        address=args.address,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        instances=args.instances,
-        max_batch=args.max_batch,
-        max_queue_delay_us=args.max_queue_delay_us,
-        max_supports=args.max_supports,
-        support_root=args.support_root,
+        **same_names,
         exit_timeout_s=args.exit_timeout,
-        triton_log=args.triton_log,
-        repository=args.repository,
         limits=Limits(args.max_image_bytes, args.max_pixels, args.max_shots),
     )
 

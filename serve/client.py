@@ -49,7 +49,7 @@ def first_text(array) -> str:
 
 def read_support_folder(folder) -> tuple[list[str], list[bytes], list[bytes]]:
     """Per-shot class names, image bytes and mask bytes of a support folder (``fss-run`` layout/order)."""
-    from fss.io import find_support_pairs
+    from fss.io.folders import find_support_pairs
 
     classes, images, masks = [], [], []
     for name, pairs in find_support_pairs(folder).items():

@@ -17,8 +17,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fss.errors import FssError
-from fss.io import check_class_names, find_support_pairs, read_image, read_mask
+from fss.errors import (
+    CorruptImageError,
+    FssError,
+    ImageError,
+    ImageFormatError,
+    ImageTooLargeError,
+    ShotError,
+)
+from fss.io import images as image_io
+from fss.io.folders import check_class_names, find_support_pairs
+from fss.io.images import as_rgb
+from fss.io.masks import check_shot, parse_mask
 from fss.serve import protocol
 from fss.serve.support_store import SupportStore
 
@@ -48,52 +58,51 @@ class Limits:
     max_class_name: int = 128
 
 
-def check_header(data: bytes, limits: Limits, what: str) -> None:
-    """Size, format and pixel count of an encoded image, from its header alone."""
+def check_bytes(data: bytes, limits: Limits, what: str) -> None:
+    """An encoded image is bytes, and not too many."""
     if not isinstance(data, bytes) or not data:
         raise RequestError(f"{what}: empty")
     if len(data) > limits.max_image_bytes:
         raise RequestError(f"{what}: {len(data)} bytes, more than the limit of {limits.max_image_bytes}")
+
+
+def decoded(data: bytes, limits: Limits, what: str, kind: str) -> Image.Image:
+    """Encoded bytes -> decoded image under the limits (format and pixel count from its header), as
+    ``fss-run`` decodes a file; ``kind`` (image, mask) words a corrupt one."""
+    check_bytes(data, limits, what)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, (width, height) = img.format, img.size
-    except Exception:  # Pillow raises several types for foreign or truncated headers
+        return image_io.decode_image(io.BytesIO(data), kind, limit=limits.max_pixels, formats=IMAGE_FORMATS)
+    except ImageTooLargeError as err:
+        pixels = f"{err.size[0]}x{err.size[1]} pixels, more" if err.size else "more"
+        raise RequestError(f"{what}: {pixels} than the limit of {limits.max_pixels} pixels") from None
+    except CorruptImageError:
+        raise RequestError(f"{what}: unreadable or corrupt {kind}") from None
+    except ImageFormatError as err:
+        raise RequestError(f"{what}: {err.message}") from None
+    except ImageError:
         raise RequestError(f"{what}: not a readable image") from None
-    if fmt not in IMAGE_FORMATS:
-        raise RequestError(f"{what}: format {fmt} not accepted (use {', '.join(IMAGE_FORMATS)})")
-    if width * height > limits.max_pixels:
-        raise RequestError(
-            f"{what}: {width}x{height} pixels, more than the limit of {limits.max_pixels} pixels"
-        )
 
 
 def decode_image(data: bytes, limits: Limits, what: str = "image") -> Image.Image:
     """Encoded bytes -> RGB image, read as ``fss-run`` reads a file."""
-    check_header(data, limits, what)
-    try:
-        return read_image(io.BytesIO(data))
-    except FssError:
-        raise RequestError(f"{what}: unreadable or corrupt image") from None
+    return as_rgb(decoded(data, limits, what, "image"))
 
 
 def decode_mask(data: bytes, limits: Limits, what: str = "mask") -> np.ndarray:
     """Encoded mask bytes -> ``H x W`` uint8 (0 background, 1 foreground, 255 ignored), as ``fss-run``."""
-    check_header(data, limits, what)
+    img = decoded(data, limits, what, "mask")
     try:
-        return read_mask(io.BytesIO(data))
-    except FssError:
-        raise RequestError(f"{what}: unreadable or corrupt mask") from None
+        return parse_mask(img)
+    except FssError as err:
+        raise RequestError(f"{what}: {err.message}") from None
 
 
 def decode_shot(image: bytes, mask: bytes, limits: Limits, what: str) -> tuple[Image.Image, np.ndarray]:
     img, parsed = decode_image(image, limits, f"{what} image"), decode_mask(mask, limits, f"{what} mask")
-    if parsed.shape != (img.height, img.width):
-        raise RequestError(
-            f"{what}: mask size {parsed.shape[1]}x{parsed.shape[0]} differs from image size "
-            f"{img.width}x{img.height}"
-        )
-    if not (parsed == 1).any():
-        raise RequestError(f"{what}: mask has no foreground pixel")
+    try:
+        check_shot(img.size, parsed)
+    except ShotError as err:
+        raise RequestError(f"{what}: {err.message}") from None
     return img, parsed
 
 

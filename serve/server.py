@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fss.cli_args import load_from_args
 from fss.serve import protocol
 from fss.serve.handlers import (
     Limits,
@@ -71,20 +72,6 @@ def python_libdir_env(env: dict) -> dict:
     return {**env, "LD_LIBRARY_PATH": os.pathsep.join(paths)}
 
 
-def load_served_model(config: ServeConfig):
-    from fss.checkpoint import load_model
-    from fss.runtime.segmenter import resolve_device
-
-    if config.bundle is not None:
-        from fss.backends.bundle_model import load_bundle
-
-        device = None if config.device == "auto" else resolve_device(config.device)
-        model = load_bundle(config.bundle, backend=config.backend, device=device, input_size=config.size)
-        return model, model.device
-    device = resolve_device(config.device)
-    return load_model(config.ckpt, device=device), device
-
-
 class Services:
     """The model (loaded once), the shared support cache, one registrar and ``instances`` segmenters.
 
@@ -97,7 +84,7 @@ class Services:
 
         self.config = config
         if model is None:
-            model, device = load_served_model(config)
+            model, device = load_from_args(config)  # its fields are fss-serve's model flags
         self.meta = dict(model.meta)
         self.store = store if store is not None else SupportStore(config.max_supports)
         batch = config.max_batch

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fss.io import find_support_pairs, read_mask
+from fss.io.folders import find_support_pairs
+from fss.io.masks import read_mask
 from fss.train.coco import convert, main
 from fss.train.data import FolderDataset
 

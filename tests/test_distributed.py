@@ -84,5 +84,5 @@ def test_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "init_world", lambda device: World(0, 2))
     monkeypatch.setattr(trainer, "close_world", lambda world: None)
-    with pytest.raises(FssError, match="--batch-episodes 3 is not a multiple of the 2 processes"):
+    with pytest.raises(FssError, match="batch_episodes 3 is not a multiple of the 2 processes"):
         train(TrainConfig(data=tmp_path, batch_episodes=3, progress=False))

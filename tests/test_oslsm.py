@@ -253,5 +253,5 @@ def test_memory_check_counts_the_official_query_padding(monkeypatch):
     assert tiny_oslsm("efficientnet-lite0", width=1.0).encoder_input_side(417) == 417
     unpadded = 417 * 417 * memory.bytes_per_input_pixel(model)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * unpadded)  # fits unpadded only
-    with pytest.raises(FssError, match="--size 417 needs about"):
+    with pytest.raises(FssError, match="size 417 needs about"):
         memory.check_encoder_memory(model, 417, 1, "cpu")

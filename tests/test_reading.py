@@ -13,19 +13,9 @@ from hostile import save_pixel_bomb, save_png16_grey, save_png16_rgb, save_rotat
 from PIL import Image
 
 from fss.errors import FssError
-from fss.io import (
-    MAX_CLASSES,
-    check_class_names,
-    class_pairs,
-    find_support_pairs,
-    full_size,
-    list_images,
-    max_pixels,
-    parse_mask,
-    pixel_limit,
-    read_image,
-    read_mask,
-)
+from fss.io.folders import MAX_CLASSES, check_class_names, class_pairs, find_support_pairs, list_images
+from fss.io.images import full_size, max_pixels, pixel_limit, read_image
+from fss.io.masks import parse_mask, read_mask
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ def test_16_bit_masks_and_arrays(tmp_path):
     save_png16_grey(tmp_path / "m.png", values)
     assert read_mask(tmp_path / "m.png").tolist() == (values > 0).astype(np.uint8).tolist()
     assert parse_mask(values).tolist() == (values > 0).astype(np.uint8).tolist()
-    from fss.io import as_rgb
+    from fss.io.images import as_rgb
 
     assert np.asarray(as_rgb(np.full((2, 2, 3), 65535, np.uint16))).max() == 255
     assert np.asarray(as_rgb(np.full((2, 2, 3), 257 * 7, np.uint16))).max() == 7
@@ -251,7 +241,8 @@ def test_rotated_large_jpeg_keeps_its_displayed_full_size(tmp_path):
 MEMORY_CHECK = """
 import resource, sys
 from pathlib import Path
-from fss.io import read_image, read_mask
+from fss.io.images import read_image
+from fss.io.masks import read_mask
 from fss.errors import FssError
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + 192 * 2**20, resource.RLIM_INFINITY))
@@ -346,7 +337,7 @@ def test_class_names_fit_the_label_format():
 
 
 def test_pil_images_with_an_orientation_tag_are_turned_as_displayed(tmp_path):
-    from fss.io import as_rgb
+    from fss.io.images import as_rgb
 
     stored = (np.random.default_rng(5).random((30, 50, 3)) * 255).astype(np.uint8)
     save_rotated_jpeg(tmp_path / "p.jpg", stored)

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import fss
+import fss.io.images
+import fss.io.masks
 from fss.models.encoders import encoder_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +85,7 @@ def test_demo_model_segments_the_examples(cls):
     for support, query in (images, images[::-1]):
         seg.set_support([[support]], [[support.with_suffix(".png")]], [cls])
         predicted = seg.segment([query])[0] == 1
-        truth = fss.io.read_mask(query.with_suffix(".png"))
+        truth = fss.io.masks.read_mask(query.with_suffix(".png"))
         valid = truth != 255
         iou = (predicted & (truth == 1) & valid).sum() / ((predicted | (truth == 1)) & valid).sum()
         assert iou >= 0.5, (support.name, query.name, iou)
@@ -286,7 +288,7 @@ def test_readme_python_example_runs_verbatim(tmp_path):
     lines = printed.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == [q.name for q in queries]
     for line, query in zip(lines, queries, strict=True):
-        width, height = fss.io.read_image(query).size
+        width, height = fss.io.images.read_image(query).size
         assert f"({height}, {width})" in line, line
 
 

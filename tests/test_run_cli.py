@@ -65,7 +65,9 @@ def test_cli_labels_equal_model_argmax(tmp_path, ckpt, capsys):
     code, err = run(capsys, "--support", support, "--query", query, "--out", tmp_path / "o", "--ckpt", ckpt)
     assert code == 0, err
     from fss.constants import PAPER_NORMALISATION
-    from fss.io import image_tensor, mask_tensor, read_image, read_mask
+    from fss.io.images import read_image
+    from fss.io.masks import read_mask
+    from fss.io.tensors import image_tensor, mask_tensor
 
     model = fss.load_model(ckpt)
     mask = mask_tensor(read_mask(support / "thing" / "a_mask.png"), 65)
@@ -104,7 +106,8 @@ def test_flat_folder_is_one_class_and_palette_ignore(tmp_path, ckpt, capsys):
     save_image(root / "b.png", rng)
     mask = save_mask(root / "b_mask.png", value=3, palette=True)
     assert mask.max() == 3
-    from fss.io import find_support_pairs, read_mask
+    from fss.io.folders import find_support_pairs
+    from fss.io.masks import read_mask
 
     pairs = find_support_pairs(root)
     assert list(pairs) == ["flat"] and [p[0].name for p in pairs["flat"]] == ["a.jpg", "b.png"]

@@ -17,7 +17,7 @@ from hostile import save_pixel_bomb, save_rotated_jpeg
 from PIL import Image
 
 import fss
-from fss.io import LOCK_FILE
+from fss.io.outputs import LOCK_FILE
 from fss.runtime.cli import main
 
 
@@ -321,7 +321,7 @@ def test_overlays_are_written_after_a_no_overlays_run(setup, ckpt, capsys):
 def killed_mid_writes(out, names):
     """A process that dies (no clean-up, as under kill -9) while atomic_write writes every one of
     ``names`` in ``out``."""
-    from fss.io import atomic_write, folder_lock
+    from fss.io.outputs import atomic_write, folder_lock
 
     def write_then_die(names):
         def write(f):
@@ -379,9 +379,9 @@ def test_a_users_file_at_an_output_path_is_refused_before_work(setup, ckpt, caps
 
 def test_outputs_written_but_not_yet_in_results_are_still_ours(setup, ckpt, capsys, monkeypatch):
     support, query, out = setup
-    import fss.io
+    import fss.io.outputs
 
-    real, calls = fss.io.write_label_png, []
+    real, calls = fss.io.outputs.write_label_png, []
 
     def interrupted(path, labels):
         calls.append(path)
@@ -389,16 +389,16 @@ def test_outputs_written_but_not_yet_in_results_are_still_ours(setup, ckpt, caps
             raise KeyboardInterrupt  # q0's outputs are in place, results.json not yet saved
         return real(path, labels)
 
-    monkeypatch.setattr(fss.io, "write_label_png", interrupted)
+    monkeypatch.setattr(fss.io.outputs, "write_label_png", interrupted)
     assert run(capsys, *base(support, query, out, ckpt, "--batch", "4"))[0] == 130
     assert (out / "q0.png").exists() and entries(out) == {}
-    monkeypatch.setattr(fss.io, "write_label_png", real)
+    monkeypatch.setattr(fss.io.outputs, "write_label_png", real)
     code, err = run(capsys, *base(support, query, out, ckpt))  # the journal knows fss wrote them
     assert code == 0 and "3 segmented" in err
 
 
 def test_a_second_writer_into_the_same_out_is_refused(setup, ckpt, capsys):
-    from fss.io import folder_lock
+    from fss.io.outputs import folder_lock
 
     support, query, out = setup
     with folder_lock(out):
@@ -453,19 +453,19 @@ def test_max_pixels_option_and_draft_decoded_jpeg_mask_at_full_size(setup, ckpt,
 # -- 5. the error promise ------------------------------------------------------------------------------------
 def test_disk_full_before_and_during_the_run(setup, ckpt, capsys, monkeypatch):
     support, query, out = setup
-    import fss.io
+    import fss.io.outputs
 
-    real = fss.io.shutil.disk_usage
-    monkeypatch.setattr(fss.io.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = fss.io.outputs.shutil.disk_usage
+    monkeypatch.setattr(fss.io.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 2 and not (out / "results.json").exists()
     one_error_line(err, "not enough free space for --out")
-    monkeypatch.setattr(fss.io.shutil, "disk_usage", real)
+    monkeypatch.setattr(fss.io.outputs.shutil, "disk_usage", real)
 
     def full(path, labels):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(fss.io, "write_label_png", full)
+    monkeypatch.setattr(fss.io.outputs, "write_label_png", full)
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 2
     one_error_line(err, "No space left on device", "q0.png")
@@ -535,9 +535,9 @@ def test_size_beyond_memory_or_bounds_is_refused_before_work(setup, ckpt, capsys
 
 def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch):
     support, query, out = setup
-    import fss.io
+    import fss.io.outputs
 
-    real, calls = fss.io.write_label_png, []
+    real, calls = fss.io.outputs.write_label_png, []
 
     def interrupted(path, labels):
         calls.append(path)
@@ -545,10 +545,10 @@ def test_ctrl_c_is_130_and_keeps_finished_work(setup, ckpt, capsys, monkeypatch)
             raise KeyboardInterrupt
         return real(path, labels)
 
-    monkeypatch.setattr(fss.io, "write_label_png", interrupted)
+    monkeypatch.setattr(fss.io.outputs, "write_label_png", interrupted)
     code, err = run(capsys, *base(support, query, out, ckpt, "--batch", "1"))
     assert code == 130 and "re-run to resume" in err and "Traceback" not in err
-    monkeypatch.setattr(fss.io, "write_label_png", real)
+    monkeypatch.setattr(fss.io.outputs, "write_label_png", real)
     code, err = run(capsys, *base(support, query, out, ckpt))
     assert code == 0 and "2 segmented, 1 already done" in err
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import fss
 from fss.constants import PAPER_NORMALISATION
-from fss.io import image_tensor, mask_tensor
+from fss.io.tensors import image_tensor, mask_tensor
 from fss.runtime.segmenter import Segmenter
 
 SIZE = 49

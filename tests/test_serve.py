@@ -123,7 +123,8 @@ def services(small_model):
 
 def reference_segmenter(model, classes, images, masks) -> fss.Segmenter:
     """The in-process Segmenter with the same shots, read from the same bytes as fss-run reads files."""
-    from fss.io import read_image, read_mask
+    from fss.io.images import read_image
+    from fss.io.masks import read_mask
 
     seg = fss.Segmenter(model)
     names = list(dict.fromkeys(classes))
@@ -167,7 +168,8 @@ def test_shot_edits_make_new_ids_and_match_the_segmenter(small_model, services):
     direct = support.register([*classes, "bus"], [*images, extra_image], [*masks, extra_mask])
     assert direct["support_id"] == added["support_id"]
     reference = reference_segmenter(small_model, classes, images, masks)
-    from fss.io import read_image, read_mask
+    from fss.io.images import read_image
+    from fss.io.masks import read_mask
 
     reference.add_shot("bus", read_image(io.BytesIO(extra_image)), read_mask(io.BytesIO(extra_mask)))
     rows = [Row(added["support_id"], q.read_bytes(), False) for q in queries()]

@@ -258,7 +258,7 @@ def test_adamw_trains_and_resumes_bit_for_bit(shapes, tmp_path):
 
 def test_resume_refuses_another_optimizer(shapes, tmp_path):
     train(config(shapes, tmp_path, val_classes=[], iters=2))
-    with pytest.raises(FssError, match="trained with --optimizer sgd, not adamw"):
+    with pytest.raises(FssError, match="trained with optimizer sgd, not adamw"):
         resume = tmp_path / "last.pt"
         train(config(shapes, tmp_path, val_classes=[], iters=3, optimizer="adamw", resume=resume))
 

@@ -236,7 +236,7 @@ def test_train_size_beyond_memory_is_refused_before_training(shapes, tmp_path, c
 
 
 def test_train_removes_stale_temporaries_and_resume_rejects_a_damaged_state(shapes, tmp_path, capsys):
-    from fss.io import folder_lock, journal
+    from fss.io.outputs import folder_lock, journal
     from fss.train.cli import main
 
     out = tmp_path / "run"

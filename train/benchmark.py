@@ -11,7 +11,7 @@ A fold's training classes are all the others. The reference uses the same split 
 testing (the classes differ).
 """
 
-from fss.errors import FssError
+from fss.errors import FssError, SettingError
 from fss.train.coco import DEFAULT_SPLIT as COCO_DEFAULT_SPLIT
 from fss.train.coco import CocoDataset, coco20i_fold_indices
 from fss.train.data import EpisodeDataset, FolderDataset
@@ -33,7 +33,7 @@ def open_dataset(
     images normalised as the model's ``meta["normalisation"]`` says."""
     if kind == "folder":
         if split is not None:
-            raise FssError("--split applies to --dataset voc and coco, not to class folders", root)
+            raise SettingError("{split} applies to {dataset} voc and coco, not to class folders", root)
         return FolderDataset(root, size, cache_mb, normalisation)
     split = split or default_split(kind)
     if kind == "voc":

@@ -6,7 +6,6 @@ Also ``python -m fss.train`` (what ``torchrun --nproc-per-node G -m fss.train ..
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -14,10 +13,11 @@ from pathlib import Path
 import torch
 
 from fss.checkpoint import read_torch_file
+from fss.cli_args import DEVICES, count, input_size, non_negative_float, positive_float, positive_int
 from fss.command import run_command
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PAPER_INPUT_SIZE
+from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
-from fss.io import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
+from fss.io.outputs import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
 from fss.models.encoders import encoder_names
 from fss.models.methods import DEFAULT_METHOD, get_method, method_names
@@ -34,52 +34,10 @@ PROG = "fss-train"
 TRAIN_MEMORY_FACTOR = 3.0  # activations kept for the backward pass, and their gradients
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def fold_index(text: str) -> int:
     value = int(text)
     if not 0 <= value < FOLDS:
         raise argparse.ArgumentTypeError(f"must be 0..{FOLDS - 1}, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def input_size(text: str) -> int:
-    value = int(text)
-    if not MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE:
-        raise argparse.ArgumentTypeError(f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {value}")
-    return value
-
-
-def count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -270,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2048,
         help="memory for decoded images, and for encoder features while validating (default 2048 each)",
     )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
-    )
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -372,7 +328,8 @@ def preflight(config: TrainConfig, writer: bool) -> None:
             check_output_file(Path(config.log), "--log")
     images = config.batch_episodes * config.ways * (config.shots + config.queries)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, "--batch-episodes")
+    flags = {"hint": "--batch-episodes", "size_name": "--size"}
+    check_encoder_memory(model, config.size, images, device, TRAIN_MEMORY_FACTOR, **flags)
 
 
 def train_main(args: argparse.Namespace) -> int:

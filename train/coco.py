@@ -30,7 +30,9 @@ from pycocotools.coco import COCO
 from fss.command import run_command
 from fss.constants import IGNORE_INDEX
 from fss.errors import FssError, summary
-from fss.io import mask_tensor, orient_array, orientation, write_json, write_label_png
+from fss.io.images import orient_array, orientation
+from fss.io.outputs import write_json, write_label_png
+from fss.io.tensors import mask_tensor
 from fss.train.data import EpisodeDataset, Item
 
 PROG = "python -m fss.train.coco"

@@ -20,7 +20,10 @@ import torch
 
 from fss.constants import IGNORE_INDEX, PAPER_NORMALISATION
 from fss.errors import FssError
-from fss.io import find_support_pairs, image_tensor, mask_tensor, read_image, read_mask
+from fss.io.folders import find_support_pairs
+from fss.io.images import read_image
+from fss.io.masks import read_mask
+from fss.io.tensors import image_tensor, mask_tensor
 from fss.train.weak import annotation_rng, box_masks, connected_components, scribble_masks
 
 SAMPLING_ATTEMPTS = 100
@@ -185,7 +188,7 @@ def photo_identities(pairs: dict[str, list[tuple[Path, Path]]]) -> dict[Path, st
 
 
 class FolderDataset(EpisodeDataset):
-    """Class folders (the support-folder layout of ``fss.io.find_support_pairs``, FSS-1000 style).
+    """Class folders (the support-folder layout of ``fss.io.folders.find_support_pairs``, FSS-1000 style).
 
     Files with the same stem and the same bytes in two class folders are one photo (``python -m
     fss.train.coco`` writes COCO images that way). Masks are read with ``fss.io`` (palette 255 ignored).

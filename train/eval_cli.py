@@ -14,17 +14,18 @@ from pathlib import Path
 import torch
 
 from fss.checkpoint import load_model
+from fss.cli_args import DEVICES, input_size, non_negative_float, positive_int
 from fss.command import run_command
 from fss.constants import PAPER_INPUT_SIZE, REFINEMENTS
 from fss.errors import FssError
-from fss.io import check_output_file, write_json
+from fss.io.outputs import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
 from fss.models.methods import adapts, resolve_refine
 from fss.runtime.encoder_call import PRECISIONS, check_encoder_settings, make_encoder
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
 from fss.train.benchmark import DATASETS, fold_classes, open_dataset
-from fss.train.cli import class_list, fold_index, input_size, non_negative_float, positive_int
+from fss.train.cli import class_list, fold_index
 from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.data import ANNOTATIONS
 from fss.train.distributed import resolve_device
@@ -97,7 +98,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     refine = resolve_refine(config.refine, model)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
-    check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes")
+    check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes", size_name="--size")
     if config.precision != "fp32" and config.backend == "onnxruntime":
         raise FssError(f"--backend onnxruntime is float32: drop --precision {config.precision}")
     try:
@@ -180,14 +181,8 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Few-shot segmentation test protocol (PASCAL-5i, COCO-20i, or a folder's held-out "
-        "classes): per-run and mean ± std mean-IoU, binary-IoU and per-class IoU, as the official PANet "
-        "evaluation counts them.",
-    )
-    p.add_argument("--ckpt", type=Path, required=True, help="official snapshot, fss checkpoint or bundle")
+def add_episode_args(p: argparse.ArgumentParser) -> None:
+    """What is tested: the dataset, its test classes, and the episodes drawn from them."""
     p.add_argument("--dataset", choices=DATASETS, default="folder", help="folder (default), voc or coco")
     p.add_argument("--data", type=Path, required=True, help="dataset folder (layouts: see fss-train --help)")
     p.add_argument(
@@ -216,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r has seed + r (default 5)")
     p.add_argument("--episodes", type=positive_int, default=1000, help="episodes per run (default 1000)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"seed of run 1 (default {EVAL_SEED})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Few-shot segmentation test protocol (PASCAL-5i, COCO-20i, or a folder's held-out "
+        "classes): per-run and mean ± std mean-IoU, binary-IoU and per-class IoU, as the official PANet "
+        "evaluation counts them.",
+    )
+    p.add_argument("--ckpt", type=Path, required=True, help="official snapshot, fss checkpoint or bundle")
+    add_episode_args(p)
     p.add_argument("--size", type=input_size, default=None, help="input size (default: the checkpoint's)")
     p.add_argument(
         "--annotation", choices=ANNOTATIONS, default="dense", help="support masks: dense, box or scribble"
@@ -255,9 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="the bundle's int8 encoder (--ckpt BUNDLE, fss-export --int8)"
     )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
-    )
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--cache-mb", type=non_negative_float, default=2048, help="memory for decoded images (default 2048)"

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fss.constants import IGNORE_INDEX
-from fss.errors import FssError
+from fss.errors import SettingError
 from fss.models.adaptation import adapted
 from fss.models.methods import adapts, bound_method, encode_episode, method_of
 from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
@@ -148,7 +148,7 @@ def predict_conditioned(model, batch: EpisodeBatch, impl: str, encode, features,
 def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) -> torch.Tensor:
     """:func:`predict` with the encoder adapted to each episode's support set (one episode at a time)."""
     if getattr(model, "backend", "torch") != "torch":
-        raise FssError("adaptation fine-tunes a checkpoint's encoder: use --ckpt, not an exported bundle")
+        raise SettingError("adaptation fine-tunes a checkpoint's encoder: {ckpt} must name a checkpoint")
     method, labels = method_of(model), []
     for b in range(len(batch.supp_imgs)):
         with adapted(model, method, batch.supp_imgs[b], batch.supp_fg[b], batch.supp_bg[b]):

@@ -36,7 +36,7 @@ from fss.checkpoint import (
     read_torch_file,
 )
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
-from fss.errors import FssError, summary
+from fss.errors import FssError, SettingError, summary
 from fss.models.methods import build_model as build_method_model
 from fss.models.methods import method_of, resolve_refine
 from fss.models.panet import PANet
@@ -155,10 +155,11 @@ def split_classes(dataset: EpisodeDataset, config: TrainConfig) -> tuple[list[st
     classes = dataset.classes
     if config.fold is not None:
         if config.val_classes is not None:
-            raise FssError("--fold and --val-classes both choose the held-out classes: give one", config.data)
+            message = "{fold} and {val_classes} both choose the held-out classes: give one"
+            raise SettingError(message, config.data)
         val = fold_classes(dataset, config.dataset, config.fold, config.fold_convention)
     elif config.dataset != "folder":
-        raise FssError(f"--dataset {config.dataset} needs --fold (0..3)", config.data)
+        raise SettingError("{dataset} {name} needs {fold} (0..3)", config.data, name=config.dataset)
     elif config.val_classes is None:
         val = default_val_classes(sorted(classes), config.ways)
     else:
@@ -212,7 +213,7 @@ def freeze_stages(model: PANet, count: int) -> None:
     """The encoder's first ``count`` stages keep their weights (no gradient, no weight decay)."""
     stages = model.encoder.stages()
     if not 0 <= count <= len(stages):
-        raise FssError(f"--freeze-stages {count}: {model.meta['encoder']} has {len(stages)} stages")
+        raise SettingError(f"{{freeze_stages}} {count}: {model.meta['encoder']} has {len(stages)} stages")
     for stage in stages[:count]:
         stage.requires_grad_(False)
     for extra in getattr(model, "extra_encoders", list)():  # e.g. OSLSM's conditioning trunk
@@ -267,7 +268,8 @@ def load_training_state(
     check_checkpoint(ckpt, path)
     saved = ckpt["meta"].get("train_config", {}).get("optimizer", "sgd")  # runs before the option: SGD
     if saved != optimizer_name:
-        raise FssError(f"the run was trained with --optimizer {saved}, not {optimizer_name}", path)
+        message = "the run was trained with {optimizer} {saved}, not {name}"
+        raise SettingError(message, path, saved=saved, name=optimizer_name)
     load_state_strict(model, ckpt["state_dict"], path)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -333,16 +335,16 @@ def train(config: TrainConfig) -> TrainResult:
 
 def train_in_world(config: TrainConfig, world: World) -> TrainResult:
     if config.batch_episodes % world.size:
-        raise FssError(
-            f"--batch-episodes {config.batch_episodes} is not a multiple of the {world.size} processes "
+        raise SettingError(
+            f"{{batch_episodes}} {config.batch_episodes} is not a multiple of the {world.size} processes "
             f"(each process takes an equal share of every batch)"
         )
     model = build_model(config).to(world.device)
     data = episode_data(config, model.meta["normalisation"])
     out = Path(config.out)
     if config.resume is None and (out / "last.pt").exists():
-        raise FssError(
-            "output folder holds a run already: pass --resume to continue it, or another --out", out
+        raise SettingError(
+            "output folder holds a run already: pass {resume} to continue it, or another {out}", out
         )
     if world.is_main:
         for cls, why in data.skipped.items():
@@ -468,7 +470,8 @@ def check_finite(model: PANet, loss: float, step: int, out: Path, last_saved: in
         bad = "a weight is not finite"
     if bad is not None:
         kept = f"{out / 'last.pt'} keeps step {last_saved}" if last_saved else "no checkpoint was written"
-        raise FssError(f"training diverged at step {step}: {bad} (lower --lr?); {kept}", out)
+        message = "training diverged at step {step}: {bad} (lower {lr}?); {kept}"
+        raise SettingError(message, out, step=step, bad=bad, kept=kept)
 
 
 def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
@@ -477,7 +480,7 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     model.to(resolve_device(config.device))
     data = episode_data(config, model.meta["normalisation"])
     if not data.val_classes:
-        raise FssError("no validation classes to evaluate (--val-classes none)", config.data)
+        raise SettingError("no validation classes to evaluate ({val_classes} none)", config.data)
     return evaluate_held_out(model, data, config, progress=config.progress)
 
 

@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 from fss.constants import IGNORE_INDEX
 from fss.errors import FssError
-from fss.io import atomic_write, mask_tensor, open_image
+from fss.io.images import decode_image
+from fss.io.outputs import atomic_write
+from fss.io.tensors import mask_tensor
 from fss.train.data import EpisodeDataset, Item
 
 VOC_CLASSES = (
@@ -55,7 +57,7 @@ def pascal_fold_classes(fold: int) -> list[str]:
 
 def read_label_map(path) -> np.ndarray:
     """``H x W`` uint8 class indices of a palette or greyscale PNG (the values as stored)."""
-    img = open_image(path, "label map")
+    img = decode_image(path, "label map")
     if img.mode not in ("P", "L"):
         raise FssError(f"label map must be a palette or greyscale PNG of class indices, not {img.mode}", path)
     return np.asarray(img, dtype=np.uint8)

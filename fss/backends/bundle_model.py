@@ -99,7 +99,7 @@ def choose_backend(manifest: dict, backend: str, device, bundle_dir: Path) -> tu
     if backend not in BACKENDS:
         raise FssError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
-        raise FssError("backend torch runs checkpoints (--ckpt); a bundle runs on onnxruntime or tensorrt")
+        raise FssError("backend torch runs checkpoints; a bundle runs on onnxruntime or tensorrt")
     device = None if device in (None, "auto") else torch.device(device)
     wants_gpu = device is None or device.type == "cuda"
     engine = manifest.get("tensorrt")
@@ -164,9 +164,7 @@ def int8_encoder(bundle_dir: Path, manifest: dict, backend: str, device) -> "Onn
     if backend not in ("auto", "onnxruntime") or (
         device not in (None, "auto") and torch.device(device).type != "cpu"
     ):
-        raise FssError(
-            "the int8 encoder runs in ONNX Runtime on the CPU (--backend onnxruntime, --device cpu)"
-        )
+        raise FssError("the int8 encoder runs in ONNX Runtime on the CPU (backend onnxruntime, device cpu)")
     return OnnxRuntimeEncoder(bundle_dir / manifest["int8"]["file"], "cpu")
 
 

