@@ -26,6 +26,7 @@ from fss.demo.session import (
 )
 from fss.errors import FssError
 from fss.io import find_support_pairs, overlay_image, scan_folder
+from fss.models.base import method_of
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -204,7 +205,7 @@ def build_app(engine: Engine, examples: Path | None = None):
     meta = engine.meta
     norm = meta.get("normalisation") or {}
     model_line = (
-        f"Model: `{engine.model_name}` ({meta.get('method', 'panet')}, {meta.get('encoder', '?')}, "
+        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
         f"input {engine.segmenter.size} px, mean {norm.get('mean', '?')}, std {norm.get('std', '?')}) "
         f"on {engine.segmenter.device}."
     )

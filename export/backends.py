@@ -4,7 +4,7 @@ Contract of every encoder: ``encode(images)`` takes a normalised ``M x 3 x S x S
 device) and returns ``M x C x h x w`` float32 features as a torch tensor on the encoder's ``device``;
 ``feature_channels`` is ``C``. The runtime never cares which backend computed them.
 
-- :class:`TorchEncoder`: a PANet (checkpoint) in eager PyTorch.
+- :class:`TorchEncoder`: a checkpoint's encoder in eager PyTorch.
 - :class:`OnnxRuntimeEncoder`: a bundle's ONNX graph; CPU, or CUDA with IO binding (onnxruntime-gpu).
 - :class:`TensorRTEncoder`: a bundle's TensorRT engine (unverified here: no TensorRT, no GPU).
 - :func:`load_bundle`: a validated bundle as a :class:`BundleModel` (encoder + its method's head).
@@ -19,13 +19,13 @@ from fss.errors import FssError
 from fss.export.bundle import validate_bundle
 from fss.export.quantize import EXACT_INT8_SESSION_ENTRY, cpu_flags, needs_exact_int8_entry
 from fss.export.tensorrt import require_tensorrt, tensorrt_missing
-from fss.models.methods import bound_method, episode_logits, method_of
+from fss.models.base import method_of
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 class TorchEncoder:
-    """A PANet's encoder in eager PyTorch, on the device of its weights."""
+    """A model's encoder in eager PyTorch, on the device of its weights."""
 
     def __init__(self, model):
         self.model = model
@@ -160,22 +160,32 @@ class BundleModel:
     """An exported encoder with its method's head on top (``meta["method"]``): what ``fss.load_model(DIR)``
     returns.
 
-    Quacks like an eval-mode ``PANet`` for inference: ``encode``, ``__call__`` (logits, as
-    ``PANet.forward``), ``meta``, ``impl``, ``scale``, ``to``/``eval``. ``device`` is where features and
-    logits are returned; the encoder runs where it was loaded (``encoder.device``).
+    Runs as an eval-mode model for inference: ``encode``, ``__call__`` (logits, as the model's
+    ``forward``), ``meta``, ``impl``, ``to``/``eval``, and the method's interface
+    (:class:`fss.models.base.FewShotModel`: ``shot_states``, ``combine``, ``segment``, ...) on
+    ``network``, the method's model built from the bundle's graphs (``from_graphs``). ``device`` is where
+    features and logits are returned; the encoder runs where it was loaded (``encoder.device``).
     """
 
-    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None):
+    def __init__(
+        self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None, graphs=None
+    ):
         self.encoder = encoder
-        self.conditioning = conditioning  # OSLSM: the support branch's graph (ONNX Runtime)
+        self.conditioning = conditioning  # a method's support graph beside the encoder (ONNX Runtime)
         self.manifest = manifest
         self.backend = backend
         self.meta = dict(manifest["meta"])
         self.impl = impl
-        self.method = method_of(self)  # an unknown method is a one-line error
-        self.scale = self.method.scale
         self.feature_channels = encoder.feature_channels
         self.device = encoder.device
+        graphs = {"encoder": self.encode, "conditioning": self.condition_masked, **(graphs or {})}
+        self.network = method_of(self).from_graphs(self.meta, graphs, impl).eval()  # unknown: one line
+
+    def __getattr__(self, name):
+        """The method's interface (``shot_states``, ``segment``, ``scale``, ...): the network's."""
+        if name == "network":  # not built yet
+            raise AttributeError(name)
+        return getattr(self.network, name)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``M x 3 x S x S`` normalised images (S the bundle's input size) -> ``M x C x h x w``."""
@@ -185,27 +195,15 @@ class BundleModel:
         return self.encoder.encode(images).to(self.device)
 
     def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
-        """OSLSM: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` regression weights."""
+        """The conditioning graph: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` (OSLSM's weights)."""
         if self.conditioning is None:
             raise FssError(f"this {self.meta['method']} bundle has no conditioning branch")
         return self.conditioning.encode(masked).to(self.device)
 
     def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
-        """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
+        """``B x Q x (1+N) x H x W`` logits, as the model's ``forward``."""
         with torch.inference_mode():
-            return episode_logits(
-                self.encode,
-                bound_method(self, refine),
-                supp_imgs,
-                supp_fg,
-                supp_bg,
-                qry_imgs,
-                shot_mask,
-                scale=self.scale,
-                impl=self.impl,
-                refine=refine,
-                model=self,
-            )
+            return self.network(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask, refine)
 
     def to(self, device=None, memory_format=None):
         """Deliver features and logits on ``device``; the memory format is the backend's (fixed at export)."""
@@ -280,16 +278,16 @@ def load_bundle(
 
 def bundle_model(bundle_dir: Path, manifest: dict, encoder, backend: str, impl="auto") -> "BundleModel":
     """A validated bundle's method around ``encoder`` (any object with ``encode`` and ``device``): its
-    conditioning branch (OSLSM) and learned head (SST) come from the bundle's own files."""
+    other graphs (a conditioning branch, a learned head) come from the bundle's own files."""
     conditioning = manifest.get("conditioning")
-    if conditioning is not None:  # OSLSM's conditioning branch, beside the encoder
+    if conditioning is not None:  # a support branch beside the encoder (OSLSM's)
         conditioning = OnnxRuntimeEncoder(Path(bundle_dir) / conditioning["file"], encoder.device)
-    model = BundleModel(encoder, manifest, backend, impl, conditioning)
-    if "head" in manifest:  # a learned head (SST)
-        from fss.export.head import attach_head
+    graphs = {}
+    if "head" in manifest:  # a learned head (SST's)
+        from fss.export.head import head_graphs
 
-        attach_head(model, Path(bundle_dir))
-    return model
+        graphs = head_graphs(Path(bundle_dir), manifest, encoder.device)
+    return BundleModel(encoder, manifest, backend, impl, conditioning, graphs)
 
 
 def int8_encoder(bundle_dir: Path, manifest: dict, backend: str, device) -> "OnnxRuntimeEncoder":

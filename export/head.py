@@ -137,14 +137,14 @@ class OnnxRuntimeHead:
         return torch.from_numpy(logits).to(features.device)
 
 
-def attach_head(bundle, bundle_dir: Path) -> None:
-    """Give a loaded bundle of a method with a learned head its ``head`` (PyTorch, for the support side),
-    ``query_head`` (ONNX Runtime) and ``options``."""
+def head_graphs(bundle_dir: Path, manifest: dict, device) -> dict:
+    """A bundle's learned head as the graphs its method's ``from_graphs`` takes: ``head`` (PyTorch, for
+    the support side) and ``query_head`` (ONNX Runtime)."""
     from fss.checkpoint import read_torch_file
-    from fss.models.methods import build_model
+    from fss.models.base import build_model
 
-    entry = bundle.manifest["head"]
-    meta = bundle.meta
+    entry = manifest["head"]
+    meta = manifest["meta"]
     network = build_model(meta["method"], meta["encoder"], meta["width"], meta, path=bundle_dir)
     state = read_torch_file(bundle_dir / entry["weights"])
     if not isinstance(state, dict):
@@ -155,6 +155,7 @@ def attach_head(bundle, bundle_dir: Path) -> None:
         raise FssError(
             f"head weights do not fit: {str(exc).splitlines()[0]}", bundle_dir / entry["weights"]
         ) from None
-    bundle.head = network.head.eval().to(bundle.device)
-    bundle.options = network.options
-    bundle.query_head = OnnxRuntimeHead(bundle_dir / entry["file"], bundle.device)
+    return {
+        "head": network.head.eval().to(device),
+        "query_head": OnnxRuntimeHead(bundle_dir / entry["file"], device),
+    }

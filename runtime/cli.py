@@ -200,7 +200,9 @@ def model_identity(args, model, backend: str) -> dict:
         sha = file_sha256(args.bundle / "manifest.json")  # it holds the sha256 of every bundle file
     else:
         sha = file_sha256(args.ckpt or DEMO_MODEL)
-    return {"model_sha256": sha, "backend": backend, "method": str(model.meta.get("method", "panet"))}
+    from fss.models.base import method_of
+
+    return {"model_sha256": sha, "backend": backend, "method": method_of(model).name}
 
 
 def library_versions(backend: str) -> dict[str, str]:
@@ -484,7 +486,7 @@ def segment_folder(args, pairs, queries) -> int:
     from fss.command import error_line
     from fss.io import check_output_folder, folder_lock, max_pixels, remove_stale_temporaries, write_json
     from fss.memory import check_encoder_memory
-    from fss.models.methods import resolve_refine
+    from fss.models.base import resolve_refine
     from fss.runtime.segmenter import Segmenter
 
     out, overlays = args.out, not args.no_overlays

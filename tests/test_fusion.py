@@ -8,7 +8,7 @@ from helpers import random_model
 
 from fss import kernels
 from fss.models.fusion import confident_query_prototypes, fuse_prototypes
-from fss.models.methods import prototypes
+from fss.kernels import prototypes
 from fss.runtime.segmenter import Segmenter
 
 

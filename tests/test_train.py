@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 import fss
 from fss.errors import FssError
-from fss.models.methods import get_method
+from fss.models.base import get_method
 from fss.train import evaluate as evaluation
 from fss.train.cli import build_parser, config_from_args, main
 from fss.train.data import EpisodeSampler, FolderDataset, Way, episode_tensors

@@ -1,9 +1,9 @@
-"""Episodic PANet training on a folder, PASCAL-5i or COCO-20i dataset, with held-out validation classes.
+"""Episodic training of any method on a folder, PASCAL-5i or COCO-20i dataset, held-out validation classes.
 
 Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
 20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). A method's recipe may
-change the optimizer and learning rate (``Method.train_defaults``: OSLSM trains with AdamW).
+change the optimizer and learning rate (``FewShotModel.train_defaults``: OSLSM trains with AdamW).
 ``--fold i`` holds out the fold's test classes (:mod:`fss.train.protocol`) and trains on the others.
 
 ``OUT/last.pt`` holds the weights, the metadata and the training state (step, optimizer, sampler
@@ -37,9 +37,7 @@ from fss.checkpoint import (
 )
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
 from fss.errors import FssError, summary
-from fss.models.methods import build_model as build_method_model
-from fss.models.methods import method_of, resolve_refine
-from fss.models.panet import PANet
+from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, resolve_refine
 from fss.train.data import EpisodeDataset, EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
@@ -76,7 +74,7 @@ class TrainConfig:
     queries: int = 1  # per way
     iters: int = 30000
     size: int = PAPER_INPUT_SIZE
-    method: str = "panet"  # a name of fss.models.methods
+    method: str = DEFAULT_METHOD  # a registered method (fss.models.base)
     method_options: dict = field(default_factory=dict)  # the method's own (meta[method], e.g. SST's)
     encoder: str = "vgg16-dilated"  # a name of fss.models.encoders
     width: float = 1.0
@@ -122,7 +120,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: PANet
+    model: FewShotModel
     step: int
     train_classes: list[str]
     val_classes: list[str]
@@ -195,33 +193,31 @@ def episode_data(config: TrainConfig, normalisation: dict) -> EpisodeData:
     return EpisodeData(train_set, val_set, train_classes, val_classes, skipped)
 
 
-def init_from_scratch(model: PANet) -> None:
+def init_from_scratch(model: FewShotModel) -> None:
     """torchvision's initialisation of its conv nets (He normal, fan-out; zero bias): a plain VGG
     trains without BatchNorm from it. PyTorch's default conv initialisation shrinks the signal through
     13 layers, and SGD barely moves."""
-    trunks = [model.encoder, *getattr(model, "extra_encoders", list)()]
-    for conv in (m for trunk in trunks for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)):
+    for conv in (m for trunk in model.trunks() for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)):
         torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         if conv.bias is not None:
             torch.nn.init.zeros_(conv.bias)
 
 
-def freeze_stages(model: PANet, count: int) -> None:
+def freeze_stages(model: FewShotModel, count: int) -> None:
     """The encoder's first ``count`` stages keep their weights (no gradient, no weight decay)."""
-    stages = model.encoder.stages()
+    trunks = model.trunks()  # e.g. OSLSM's conditioning trunk beside the query trunk
+    stages = trunks[0].stages()
     if not 0 <= count <= len(stages):
         raise FssError(f"--freeze-stages {count}: {model.meta['encoder']} has {len(stages)} stages")
-    for stage in stages[:count]:
-        stage.requires_grad_(False)
-    for extra in getattr(model, "extra_encoders", list)():  # e.g. OSLSM's conditioning trunk
-        for stage in extra.stages()[:count]:
+    for trunk in trunks:
+        for stage in trunk.stages()[:count]:
             stage.requires_grad_(False)
 
 
-def build_model(config: TrainConfig) -> PANet:
+def new_model(config: TrainConfig) -> FewShotModel:
     torch.manual_seed(config.seed)
     meta = {config.method: dict(config.method_options)} if config.method_options else None
-    model = build_method_model(config.method, config.encoder, config.width, meta, impl=TRAIN_IMPL)
+    model = build_model(config.method, config.encoder, config.width, meta, impl=TRAIN_IMPL)
     if config.init is None:
         init_from_scratch(model)
     else:
@@ -256,7 +252,7 @@ def training_state(step: int, optimizer, rng: np.random.Generator, seconds: floa
 
 
 def load_training_state(
-    path: Path, model: PANet, optimizer, rng: np.random.Generator, optimizer_name: str = "sgd"
+    path: Path, model: FewShotModel, optimizer, rng: np.random.Generator, optimizer_name: str = "sgd"
 ) -> tuple[int, float]:
     ckpt = read_torch_file(path)
     state = ckpt.get("train_state") if isinstance(ckpt, dict) else None
@@ -295,14 +291,14 @@ class CsvLog:
 
 
 def episode_losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, second: bool):
-    """``(query_loss, second_loss)`` of the model's method (``fss.models.methods``)."""
-    return method_of(model).losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, None, second)
+    """``(query_loss, second_loss)`` of the model's method (:meth:`FewShotModel.losses`)."""
+    return model.losses(supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, None, second)
 
 
 class EpisodeLosses(torch.nn.Module):
     """The method's losses as a module's forward, so that DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: PANet, align: bool):
+    def __init__(self, model: FewShotModel, align: bool):
         super().__init__()
         self.model, self.align = model, align
 
@@ -318,7 +314,7 @@ def wrap_for_world(losses: EpisodeLosses, world: World) -> torch.nn.Module:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train PANet as ``config`` says; checkpoints and the log go to ``config.out``.
+    """Train the model ``config`` says; checkpoints and the log go to ``config.out``.
 
     Under ``torchrun`` this is one process of the world; the first writes the files.
     """
@@ -335,7 +331,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
             f"--batch-episodes {config.batch_episodes} is not a multiple of the {world.size} processes "
             f"(each process takes an equal share of every batch)"
         )
-    model = build_model(config).to(world.device)
+    model = new_model(config).to(world.device)
     data = episode_data(config, model.meta["normalisation"])
     out = Path(config.out)
     if config.resume is None and (out / "last.pt").exists():
@@ -459,7 +455,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
     return result
 
 
-def check_finite(model: PANet, loss: float, step: int, out: Path, last_saved: int | None) -> None:
+def check_finite(model: FewShotModel, loss: float, step: int, out: Path, last_saved: int | None) -> None:
     """Stop at the first non-finite loss or weight, before anything is saved from it."""
     bad = None if np.isfinite(loss) else f"the loss is {loss}"
     if bad is None and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
@@ -471,7 +467,7 @@ def check_finite(model: PANet, loss: float, step: int, out: Path, last_saved: in
 
 def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     """Held-out scores of a checkpoint, or (``ckpt`` None) of a fresh model as training starts."""
-    model = build_model(config) if ckpt is None else load_model(ckpt, impl=TRAIN_IMPL)
+    model = new_model(config) if ckpt is None else load_model(ckpt, impl=TRAIN_IMPL)
     model.to(resolve_device(config.device))
     data = episode_data(config, model.meta["normalisation"])
     if not data.val_classes:
