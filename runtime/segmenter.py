@@ -136,6 +136,8 @@ class Segmenter:
         if model is None or isinstance(model, (str, Path)):
             model = load_model(model, device=self.device)
         self.model = model.to(self.device).eval()
+        # The support state and the head run on the model given (its encoder may run in a backend).
+        self.network = self.model
         self.size = int(size or model.meta["input_size"])
         # A method may encode supports at their own size (OSLSM's conditioning branch: 224).
         self.support_size = int(model.meta.get("support_size", self.size))
@@ -150,7 +152,7 @@ class Segmenter:
                 raise FssError(
                     "adaptation fine-tunes a checkpoint's encoder: load a checkpoint, not a bundle"
                 )
-            self.base_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+            self.base_state = {k: v.detach().clone() for k, v in self.model.trunks()[0].state_dict().items()}
         if precision == "fp32":
             path = choose_encoder_path(
                 self.model,
@@ -195,7 +197,7 @@ class Segmenter:
             support = self.adapted_support(classes, shots)
         else:
             fg, bg = map(list, zip(*(self.pool_prepared(*shot) for shot in shots), strict=True))
-            support = SupportSet(classes, fg, bg, self.model.combine(fg, bg), self.model.combine)
+            support = SupportSet(classes, fg, bg, self.network.combine(fg, bg), self.network.combine)
         with self._lock:
             self.supports[name] = support
 
@@ -211,7 +213,7 @@ class Segmenter:
         to = dict(device=self.device)
         with self._lock:
             state = adapted_state(self.model, imgs.to(**to), fg.to(**to), bg.to(**to), shot_mask.to(**to))
-        support = SupportSet(classes, [], [], None, self.model.combine, shots, state)
+        support = SupportSet(classes, [], [], None, self.network.combine, shots, state)
         with self.encoder_of(support):
             for shot in shots:
                 fg_pools, bg_pools = self.pool_prepared(*shot)
@@ -318,7 +320,7 @@ class Segmenter:
         supports the model encodes go through this Segmenter's encoder path."""
         to = dict(device=self.device)
         with self._lock, torch.inference_mode():
-            return self.model.shot_states(
+            return self.network.shot_states(
                 imgs.to(**to), fg.to(**to), bg.to(**to), self.encode, self.refine, impl=self.impl
             )
 
@@ -360,7 +362,7 @@ class Segmenter:
         refined = self.refine != "none"
         qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
         protos = protos[None].expand(len(qry), *protos.shape)
-        out = self.model.segment(
+        out = self.network.segment(
             qry, protos, out_size, self.refine, return_prob, impl=self.impl, in_size=(self.size, self.size)
         )
         flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
