@@ -16,9 +16,9 @@ import torch
 
 from fss.errors import CheckpointError, FssError, summary
 from fss.io import atomic_write
-from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, get_method, method_of
+from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, default_meta, get_method, method_of
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
-from fss.models.panet import DEFAULT_ENCODER, default_meta
+from fss.models.panet import DEFAULT_ENCODER
 from fss.validation import check_archive, check_checkpoint
 
 CHECKPOINT_FORMAT = "fss-checkpoint"

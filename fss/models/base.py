@@ -20,8 +20,9 @@ from importlib import import_module
 import torch
 from torch import nn
 
-from fss.constants import PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
+from fss.constants import PAPER_INPUT_SIZE, PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
+from fss.models.encoders import get_encoder
 
 # The built-in methods' modules (imported on the first look-up) and the method of checkpoints written
 # before the registry (and of official PANet snapshots).
@@ -155,6 +156,19 @@ class FewShotModel(nn.Module):
         """Raise ``FssError`` for ``fss-train`` arguments that do not apply to training this method."""
 
 
+def default_meta(width: float, encoder: str, method: str) -> dict:
+    """The metadata every model carries (a method adds its own entries, e.g. ``meta[method]``)."""
+    return {
+        "method": method,
+        "encoder": encoder,
+        "width": float(width),
+        "input_size": PAPER_INPUT_SIZE,
+        "normalisation": get_encoder(encoder).normalisation,
+        "classes": [],
+        "train_config": {},
+    }
+
+
 # -- the registry ---------------------------------------------------------------------------------------
 _METHODS: dict[str, type[FewShotModel]] = {}
 
@@ -200,8 +214,6 @@ def method_of(model) -> type[FewShotModel]:
 
 def build_model(method: str, encoder: str, width: float, meta: dict | None = None, impl="auto", path=None):
     """A fresh network of ``method`` on ``encoder`` at ``width``; bad parameters are a one-line error."""
-    from fss.models.encoders import get_encoder
-
     cls = get_method(method, path)
     get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
     try:

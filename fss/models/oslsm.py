@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fss.kernels import logistic
-from fss.models.base import FewShotModel, register_method
+from fss.models.base import FewShotModel, default_meta, register_method
 from fss.models.encoders import build_encoder
 
 HASH_INPUTS = 1000  # fc8's outputs: VGG16's ImageNet classes in the official model
@@ -194,8 +194,6 @@ class OSLSM(FewShotModel):
 
     def __init__(self, encoder: str, width: float = 1.0, meta: dict | None = None, impl: str = "auto"):
         super().__init__()
-        from fss.models.panet import default_meta
-
         meta = dict(meta or {})
         self.geometry_entry = geometry_of(encoder)
         config = oslsm_meta(encoder, width, meta.get("oslsm"))

@@ -8,24 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from fss import kernels
-from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE, POOL_EPS
+from fss.constants import IGNORE_INDEX, POOL_EPS
 from fss.kernels.matching import cosine_logits, upsample
-from fss.models.base import FewShotModel, check_episode, encode_episode, register_method
-from fss.models.encoders import build_encoder, get_encoder
+from fss.models.base import FewShotModel, check_episode, default_meta, encode_episode, register_method
+from fss.models.encoders import build_encoder
 
 DEFAULT_ENCODER = "vgg16-dilated"  # the paper's
-
-
-def default_meta(width: float = 1.0, encoder: str = DEFAULT_ENCODER, method: str = "panet") -> dict:
-    return {
-        "method": method,
-        "encoder": encoder,
-        "width": float(width),
-        "input_size": PAPER_INPUT_SIZE,
-        "normalisation": get_encoder(encoder).normalisation,
-        "classes": [],
-        "train_config": {},
-    }
 
 
 def refine_prototypes(qry_feats, protos, refine: str):
