@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
-from fss.models.base import FewShotModel, check_episode, encode_episode, register_method
-from fss.models.encoders import build_encoder, get_encoder
+from fss.constants import IGNORE_INDEX
+from fss.models.base import FewShotModel, check_episode, default_meta, encode_episode, register_method
+from fss.models.encoders import build_encoder
 
 # CANet's choices where the SST paper is silent; every one is in meta["sst"] (fss-train --sst-*).
 DEFAULT_OPTIONS = {
@@ -237,17 +237,6 @@ def embed_queries(head, qry_feats):
     return head.embed(qry_feats.flatten(0, 1)).unflatten(0, qry_feats.shape[:2])
 
 
-def combine(desc: list[torch.Tensor], iou: list[torch.Tensor]) -> torch.Tensor:
-    """Per-way ``K_n x C`` descriptors and ``K_n x 1`` IoUs -> ``N x K x (C + 1)`` state, K = max K_n."""
-    N, K, C = len(desc), max(len(d) for d in desc), desc[0].shape[1]
-    padded = desc[0].new_zeros(N, K, C)
-    ious = desc[0].new_zeros(N, K)
-    shot_mask = torch.zeros(N, K, dtype=torch.bool, device=desc[0].device)
-    for n, (d, i) in enumerate(zip(desc, iou, strict=True)):
-        padded[n, : len(d)], ious[n, : len(d)], shot_mask[n, : len(d)] = d, i[:, 0], True
-    return support_state(padded, shot_weights(ious, shot_mask))
-
-
 # -- the network --------------------------------------------------------------------------------------
 @register_method("sst")
 class SST(FewShotModel):
@@ -275,7 +264,7 @@ class SST(FewShotModel):
             float(self.options["dropout"]),
         )
         self.meta = {
-            **default_meta(encoder, width),
+            **default_meta(width, encoder, "sst"),
             **meta,
             "method": "sst",
             "encoder": encoder,
@@ -294,9 +283,6 @@ class SST(FewShotModel):
         """The encoder, and the head (its query path as ONNX, its weights for the support side)."""
         return {"encoder": self.encoder, "head": self.head}
 
-    def episode_features(self, supp_imgs, qry_imgs):
-        return encode_episode(self.encode, supp_imgs, qry_imgs)
-
     def step(self, refine: str) -> float:
         """The inner step size of ``refine`` ("tune": the checkpoint's; else no tuning)."""
         return float(self.options["inner_lr"]) if refine == "tune" else 0.0
@@ -307,7 +293,14 @@ class SST(FewShotModel):
         return desc, iou[:, None].to(desc.dtype)
 
     def combine(self, desc: list[torch.Tensor], iou: list[torch.Tensor]) -> torch.Tensor:
-        return combine(desc, iou)
+        """Per-way ``K_n x C`` descriptors and ``K_n x 1`` IoUs -> ``N x K x (C + 1)`` state, K = max K_n."""
+        N, K, C = len(desc), max(len(d) for d in desc), desc[0].shape[1]
+        padded = desc[0].new_zeros(N, K, C)
+        ious = desc[0].new_zeros(N, K)
+        shot_mask = torch.zeros(N, K, dtype=torch.bool, device=desc[0].device)
+        for n, (d, i) in enumerate(zip(desc, iou, strict=True)):
+            padded[n, : len(d)], ious[n, : len(d)], shot_mask[n, : len(d)] = d, i[:, 0], True
+        return support_state(padded, shot_weights(ious, shot_mask))
 
     def episode_state(self, supp_feats, supp_fg, supp_bg, shot_mask=None, refine="none", impl=None):
         """``B x N x K x E x h x w`` features, ``B x N x K x H x W`` masks -> ``B x N x K x (C + 1)``."""
@@ -343,35 +336,49 @@ class SST(FewShotModel):
         return super().forward(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask, refine)
 
     def losses(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
-        return losses(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask, second)
+        """``(query_loss, aux_loss)``: the query's negative log-likelihood under the combined prediction, and
+        the mean self-segmentation cross-entropy of the shots (the auxiliary loss; zero unless ``second``).
+
+        The inner step runs when ``meta["sst"]["tune"]``; ``second_order`` keeps it differentiable.
+        """
+        check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
+        B, N, K = supp_imgs.shape[:3]
+        options = self.options
+        step = float(options["inner_lr"]) if options["tune"] else 0.0
+        supp_feats, qry_feats = encode_episode(self.encode, supp_imgs, qry_imgs)
+        head = self.head
+        desc, shot_loss, iou = tune_shots(
+            head,
+            supp_feats.flatten(0, 2),
+            supp_fg.flatten(0, 2),
+            supp_bg.flatten(0, 2),
+            step,
+            create_graph=bool(options["second_order"]),
+        )
+        state = support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
+        logp = combined_log_probs(
+            way_probabilities(head, embed_queries(head, qry_feats), state, qry_imgs.shape[-2:])
+        )
+        query_loss = F.nll_loss(logp.flatten(0, 1), qry_labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
+        if not second:
+            return query_loss, query_loss.new_zeros(())
+        present = shot_loss.new_ones(B * N * K) if shot_mask is None else shot_mask.flatten().float()
+        return query_loss, (shot_loss * present).sum() / present.sum()
 
     @classmethod
     def add_train_options(cls, parser, types) -> None:
-        sst = parser.add_argument_group("SST (--method sst; see docs/methods.md)")
-        sst.add_argument(
-            "--sst-channels", type=types.positive_int, default=None, help="head width (default 256, CANet's)"
+        group = parser.add_argument_group("SST (--method sst; see docs/methods.md)")
+        for flag, kind, text in (
+            ("channels", types.positive_int, "head width (default 256, CANet's)"),
+            ("blocks", types.count, "residual blocks after the comparator (default 2)"),
+            ("inner-lr", types.non_negative_float, "inner step size: R' = R - lr dL/dR (default 1)"),
+        ):
+            group.add_argument(f"--sst-{flag}", type=kind, default=None, help=text)
+        group.add_argument(
+            "--sst-first-order", action="store_true", help="no gradient through the inner step"
         )
-        sst.add_argument(
-            "--sst-blocks",
-            type=types.count,
-            default=None,
-            help="residual blocks after the comparator (default 2)",
-        )
-        sst.add_argument(
-            "--sst-inner-lr",
-            type=types.non_negative_float,
-            default=None,
-            help="step size of the inner step R' = R - lr dL/dR (default 1, the paper's)",
-        )
-        sst.add_argument(
-            "--sst-first-order",
-            action="store_true",
-            help="do not differentiate through the inner step (default: second order)",
-        )
-        sst.add_argument(
-            "--sst-no-tune",
-            action="store_true",
-            help="train without the inner loop (evaluate with --refine none)",
+        group.add_argument(
+            "--sst-no-tune", action="store_true", help="no inner loop (evaluate: --refine none)"
         )
 
     @classmethod
@@ -384,49 +391,3 @@ class SST(FewShotModel):
         if args.sst_no_tune:
             options["tune"] = False
         return options
-
-
-def default_meta(encoder: str, width: float) -> dict:
-    return {
-        "method": "sst",
-        "encoder": encoder,
-        "width": float(width),
-        "input_size": PAPER_INPUT_SIZE,
-        "normalisation": get_encoder(encoder).normalisation,
-        "classes": [],
-        "train_config": {},
-        "sst": dict(DEFAULT_OPTIONS),
-    }
-
-
-def losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
-    """``(query_loss, aux_loss)``: the query's negative log-likelihood under the combined prediction, and
-    the mean self-segmentation cross-entropy of the shots (the auxiliary loss; zero unless ``second``).
-
-    The inner step runs when ``meta["sst"]["tune"]``; ``second_order`` keeps it differentiable.
-    """
-    check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
-    B, N, K = supp_imgs.shape[:3]
-    options = model.options
-    step = float(options["inner_lr"]) if options["tune"] else 0.0
-    supp_feats, qry_feats = model.episode_features(supp_imgs, qry_imgs)
-    head = model.head
-    desc, shot_loss, iou = tune_shots(
-        head,
-        supp_feats.flatten(0, 2),
-        supp_fg.flatten(0, 2),
-        supp_bg.flatten(0, 2),
-        step,
-        create_graph=bool(options["second_order"]),
-    )
-    state = support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
-    logp = combined_log_probs(
-        way_probabilities(head, embed_queries(head, qry_feats), state, qry_imgs.shape[-2:])
-    )
-    query_loss = F.nll_loss(logp.flatten(0, 1), qry_labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
-    if not second:
-        return query_loss, query_loss.new_zeros(())
-    present = (
-        torch.ones(B * N * K, device=shot_loss.device) if shot_mask is None else shot_mask.flatten().float()
-    )
-    return query_loss, (shot_loss * present).sum() / present.sum()
