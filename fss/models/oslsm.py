@@ -226,6 +226,7 @@ class OSLSM(FewShotModel):
     def from_graphs(cls, meta: dict, graphs: dict, impl: str = "auto") -> "OSLSM":
         model = super().from_graphs(meta, graphs, impl)
         model.condition_masked = graphs["conditioning"]
+        model.geometry_entry = geometry_of(meta["encoder"])  # the exported query branch pads as the model
         return model
 
     def init_head(self) -> None:
