@@ -16,14 +16,21 @@ from PIL import Image
 from test_train import SIZE, make_shapes
 
 import fss
-from fss.models.base import FewShotModel, build_model, default_meta, method_names, method_of, register_method
+from fss.models.base import (
+    FewShotModel,
+    build_model,
+    default_meta,
+    method_names,
+    method_of,
+    register_method,
+    unregister_method,
+)
 from fss.models.encoders import build_encoder
 
 NAME = "nearest-neighbour"
 IGNORED = -1.0  # a support feature location that is neither foreground nor background
 
 
-@register_method(NAME)
 class NearestNeighbour(FewShotModel):
     """An encoder; no head, no training: the nearest labelled support feature decides."""
 
@@ -89,6 +96,14 @@ class NearestNeighbour(FewShotModel):
 
     def losses(self, *episode, shot_mask=None, second=True):
         raise NotImplementedError("training-free")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """``@register_method(NAME)`` for this module's tests only (other tests list the built-in methods)."""
+    register_method(NAME)(NearestNeighbour)
+    yield
+    unregister_method(NAME)
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,11 @@ def register_method(name: str):
     return register
 
 
+def unregister_method(name: str) -> None:
+    """Forget method ``name`` (one registered for a while: a test's, a notebook's)."""
+    del _METHODS[name]
+
+
 def load_builtin_methods() -> None:
     for module in METHOD_MODULES:  # cheap after the first call: modules are cached
         import_module(module)
