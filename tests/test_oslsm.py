@@ -11,8 +11,8 @@ from test_train import SIZE, make_shapes
 import fss
 from fss.errors import FssError
 from fss.kernels import logistic
-from fss.models.encoders import encoder_names
 from fss.models.base import build_model
+from fss.models.encoders import encoder_names
 from fss.models.oslsm import SUPPORT_SIZE, oslsm_meta
 from fss.runtime.cli import main as run_main
 from fss.runtime.segmenter import Segmenter

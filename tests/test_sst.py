@@ -13,8 +13,8 @@ from test_train import SIZE, make_shapes
 import fss
 from fss.errors import FssError
 from fss.models import sst
-from fss.models.encoders import encoder_names
 from fss.models.base import build_model, method_of, resolve_refine
+from fss.models.encoders import encoder_names
 
 TINY = {"channels": 4, "blocks": 1, "dropout": 0.0}
 
