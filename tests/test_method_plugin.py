@@ -6,6 +6,7 @@ features and its feature-resolution labels; an episode's state is the bank of la
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,18 @@ def test_segmenter_caches_its_state_per_shot(ckpt, tmp_path):
     after = seg.segment(paths)
     for a, b, path in zip(before, after, paths, strict=True):
         assert np.array_equal(a, b) and a.shape == Image.open(path).size[::-1]
+
+
+def test_no_caller_names_a_method():
+    """A method's name (as a string) appears only in its own module and the registry's default."""
+    import fss.models.base as base
+
+    root = Path(base.__file__).parents[2]
+    own = {root / "fss" / "models" / f"{name}.py" for name in method_names()} | {Path(base.__file__)}
+    packages = ("fss", "kernels", "runtime", "export", "train", "demo", "serve")
+    sources = [p for package in packages for p in sorted((root / package).rglob("*.py")) if p not in own]
+    assert len(sources) > 50
+    for path in sources:
+        text = path.read_text()
+        named = [name for name in method_names() if f'"{name}"' in text or f"'{name}'" in text]
+        assert not named, f"{path.relative_to(root)} names {named}"
