@@ -89,7 +89,7 @@ def lite0_segmenter(benchmark, method, backend):
     """The bundled PANet, or an OSLSM of the same encoder and size (random weights: the cost is the same);
     the encoder path that ``backend`` chose is recorded with the timing."""
     import fss
-    from fss.models.methods import build_model
+    from fss.models.base import build_model
     from fss.runtime.segmenter import Segmenter
 
     model = fss.load_model(None)

@@ -12,7 +12,7 @@ import torch
 from timing import QUICK
 
 import fss
-from fss.models.methods import build_model, method_of
+from fss.models.base import build_model
 
 SIZE, QUERIES, CHANNELS = (65, 2, 16) if QUICK else (321, 4, 128)
 
@@ -74,7 +74,7 @@ def test_training_step(benchmark, variant):
 
     def step():
         model.zero_grad(set_to_none=True)
-        query_loss, second = method_of(model).losses(model, supp, fg, 1 - fg, qry, labels)
+        query_loss, second = model.losses(supp, fg, 1 - fg, qry, labels)
         (query_loss + second).backward()
 
     benchmark.extra_info["episodes"] = 1

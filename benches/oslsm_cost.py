@@ -9,7 +9,7 @@ import torch
 
 import fss
 from fss.kernels.logistic import segment
-from fss.models.methods import build_model
+from fss.models.base import build_model
 
 torch.set_num_threads(1)
 panet = fss.load_model(None)

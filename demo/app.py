@@ -27,6 +27,7 @@ from fss.demo.session import (
 from fss.errors import FssError
 from fss.io.folders import find_support_pairs, scan_folder
 from fss.io.outputs import overlay_image
+from fss.models.base import method_of
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -80,7 +81,7 @@ def model_line(engine: Engine) -> str:
     meta = engine.meta
     norm = meta.get("normalisation") or {}
     return (
-        f"Model: `{engine.model_name}` ({meta.get('method', 'panet')}, {meta.get('encoder', '?')}, "
+        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
         f"input {engine.segmenter.size} px, mean {norm.get('mean', '?')}, std {norm.get('std', '?')}) "
         f"on {engine.segmenter.device}."
     )

@@ -121,8 +121,8 @@ def export_model_bundle(
     size = int(size or model.meta["input_size"])
     meta = {**model.meta, "input_size": size}
     inputs = verify.verification_inputs(size, model.meta["normalisation"], verify_images)
-    ops = get_encoder(model.meta["encoder"]).onnx_ops | getattr(model, "export_ops", frozenset())
-    modules = export_modules(model)
+    ops = get_encoder(model.meta["encoder"]).onnx_ops | model.export_ops
+    modules = model.export_graphs()
 
     with staged_bundle(out) as staging:
         log(
@@ -143,7 +143,7 @@ def export_model_bundle(
             )
             verification["onnxruntime_int8"] = int8.pop("verification")
         head = None
-        if hasattr(model, "head"):  # a learned head (SST): its query path as ONNX, its weights
+        if "head" in modules:  # a learned head (SST's): its query path as ONNX, its weights
             from fss.export.head import export_head
 
             head = export_head(model, staging, references, opset, log)
@@ -179,13 +179,8 @@ def export_model_bundle(
     return out, manifest
 
 
-def export_modules(model) -> dict:
-    """The networks a bundle holds by name: ``encoder`` (queries), and e.g. OSLSM's ``conditioning``."""
-    return model.export_modules() if hasattr(model, "export_modules") else {"encoder": model.encoder}
-
-
 def query_module(model):
-    return export_modules(model)["encoder"]
+    return model.export_graphs()["encoder"]
 
 
 def export_conditioning(model, module, staging: Path, ops, opset: int, log) -> dict:
@@ -240,7 +235,7 @@ def build_verified_engine(
         source = staging / ONNX_FILE
         if precision == "float16":
             source = Path(scratch) / "encoder-fp16.onnx"
-            ops = get_encoder(model.meta["encoder"]).onnx_ops | getattr(model, "export_ops", frozenset())
+            ops = get_encoder(model.meta["encoder"]).onnx_ops | model.export_ops
             export_onnx(query_module(model), source, size, ops, opset, float16=True)
         engine = build_engine(source, staging / ENGINE_FILE, size, max_batch, precision)
     encoder = TensorRTEncoder(staging / ENGINE_FILE, "cuda")

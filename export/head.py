@@ -1,4 +1,4 @@
-"""A learned head in a bundle (SST's): its query path as a verified ONNX graph, its weights for the supports.
+"""A learned relation head in a bundle (e.g. SST's): its query path as verified ONNX, its weights.
 
 ``head.onnx`` maps ``features`` (``M x E x h x w``, the encoder's output) and ``descriptors`` (``M x C``) to
 ``logits`` (``M x 2 x h x w``): embedding, late fusion with the tiled descriptor, decoder. It is what every
@@ -35,14 +35,10 @@ class QueryPath(nn.Module):
 
 def sample_descriptors(model, features: torch.Tensor) -> torch.Tensor:
     """Realistic descriptors for verification: each feature map's embedding pooled over a central box."""
-    from fss.models.sst import descriptors
-
     with torch.inference_mode():
         embedded = model.head.embed(features)
         h, w = embedded.shape[-2:]
-        mask = torch.zeros(len(embedded), h, w)
-        mask[:, h // 4 : h - h // 4, w // 4 : w - w // 4] = 1
-        return descriptors(embedded, mask)
+        return embedded[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4].mean(dim=(2, 3))
 
 
 def export_head(model, staging: Path, references: dict, opset: int, log) -> dict:

@@ -6,6 +6,7 @@ TensorRT):
 - ``fss.load_model(path=None, device=None)``: a checkpoint (official PANet snapshot or ours), a
   bundle directory, or ``None`` for the bundled demo model; returns the model in eval mode.
 - ``fss.Segmenter``: register a support set once, segment many queries.
+- ``fss.FewShotModel``, ``fss.register_method``: the interface a method implements, and its registry.
 """
 
 import os
@@ -23,6 +24,8 @@ _LAZY = {
     "load_model": ("fss.checkpoint", "load_model"),
     "save_checkpoint": ("fss.checkpoint", "save_checkpoint"),
     "PANet": ("fss.models.panet", "PANet"),
+    "FewShotModel": ("fss.models.base", "FewShotModel"),
+    "register_method": ("fss.models.base", "register_method"),
     "Segmenter": ("fss.runtime.segmenter", "Segmenter"),
     "FssError": ("fss.errors", "FssError"),
 }

@@ -16,9 +16,9 @@ import torch
 
 from fss.errors import CheckpointError, SettingError
 from fss.io.outputs import atomic_write
+from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, default_meta, get_method, method_of
 from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
-from fss.models.methods import DEFAULT_METHOD, build_model, get_method
-from fss.models.panet import DEFAULT_ENCODER, PANet, default_meta
+from fss.models.panet import DEFAULT_ENCODER
 from fss.validation import check_checkpoint, read_torch_file
 
 CHECKPOINT_FORMAT = "fss-checkpoint"
@@ -27,9 +27,10 @@ DEMO_MODEL = Path(__file__).parent / "assets" / "demo-panet.pt"
 PRETRAINED_ONLY_SUFFIXES = (".h5", ".whl")  # never torch files: straight to the encoder's own reader
 
 
-def load_state_strict(model: PANet, state: dict, path) -> None:
+def load_state_strict(model: FewShotModel, state: dict, path) -> None:
     """Load with a one-line error naming missing / unexpected keys or the first shape mismatch."""
     expected = model.state_dict()
+    target = model.name if isinstance(model, FewShotModel) else type(model).__name__  # a model, or a trunk
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -40,18 +41,18 @@ def load_state_strict(model: PANet, state: dict, path) -> None:
             parts.append(
                 f"unexpected keys {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}"
             )
-        raise CheckpointError("checkpoint does not fit PANet: " + "; ".join(parts), path)
+        raise CheckpointError(f"checkpoint does not fit {target}: " + "; ".join(parts), path)
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(
-                f"checkpoint does not fit PANet: {key} has shape {tuple(state[key].shape)}, "
+                f"checkpoint does not fit {target}: {key} has shape {tuple(state[key].shape)}, "
                 f"expected {tuple(value.shape)}",
                 path,
             )
     model.load_state_dict(state)
 
 
-def model_from_state(obj, path) -> PANet:
+def model_from_state(obj, path) -> FewShotModel:
     check_checkpoint(obj, path, CHECKPOINT_FORMAT)
     if not isinstance(obj, dict):
         raise CheckpointError(f"not a PANet/fss checkpoint: holds a {type(obj).__name__}, not a dict", path)
@@ -75,13 +76,12 @@ def model_from_state(obj, path) -> PANet:
         width = get_encoder(encoder, path).width_of(encoder_tensors, path)
         meta = {"source": "official PANet snapshot"}
         method = get_method(DEFAULT_METHOD)
-    get_encoder(encoder, path)  # an unknown name is a one-line error naming the known ones
     model = build_model(method.name, encoder, width, meta, path=path)
     load_state_strict(model, state, path)
     return model
 
 
-def load_model(path=None, device=None, impl: str = "auto") -> PANet:
+def load_model(path=None, device=None, impl: str = "auto") -> FewShotModel:
     """A model in eval mode from an official snapshot, an fss checkpoint, a bundle directory written by
     ``fss-export`` (its encoder runs in ONNX Runtime or TensorRT), or (``None``) the demo model.
     """
@@ -100,19 +100,19 @@ def atomic_save(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def checkpoint_dict(model: PANet, **meta_updates) -> dict:
+def checkpoint_dict(model: FewShotModel, **meta_updates) -> dict:
     defaults = default_meta(model.encoder.width, model.meta["encoder"], model.meta["method"])
     meta = {**defaults, **model.meta, **meta_updates}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
 
 
-def save_checkpoint(model: PANet, path, **meta_updates) -> None:
+def save_checkpoint(model: FewShotModel, path, **meta_updates) -> None:
     """Write ``model`` in fss's format (weights + metadata), atomically."""
     atomic_save(checkpoint_dict(model, **meta_updates), path)
 
 
-def init_encoder(model: PANet, path) -> None:
+def init_encoder(model: FewShotModel, path) -> None:
     """Start ``model``'s encoder from a file: an fss checkpoint or official snapshot of the same encoder
     and width, or a pretrained file its registry entry knows (torchvision's or HED's VGG16, the
     EfficientNet-Lite ImageNet weights, ...). ``"auto"`` means the entry's default pretrained weights.
@@ -133,13 +133,14 @@ def init_encoder(model: PANet, path) -> None:
                 raise CheckpointError(
                     f"checkpoint has encoder {source.meta['encoder']}, the model {entry.name}", path
                 )
-            if source.meta.get("method", DEFAULT_METHOD) == model.meta["method"]:  # the whole model too
+            if method_of(source) is method_of(model):  # the whole model too
                 load_state_strict(model, source.state_dict(), path)
-            else:  # another method's model (a PANet for an SST): its encoder starts every trunk
-                for trunk in (model.encoder, *getattr(model, "extra_encoders", list)()):
-                    load_state_strict(trunk, source.encoder.state_dict(), path)
+            else:  # another method's model (a PANet for an SST): its query trunk starts every trunk
+                for trunk in model.trunks():
+                    load_state_strict(trunk, source.trunks()[0].state_dict(), path)
             model.meta["normalisation"] = source.meta["normalisation"]
             return
-    model.meta.update(entry.init(model.encoder, path))
-    for extra in getattr(model, "extra_encoders", list)():  # e.g. OSLSM's conditioning trunk
-        entry.init(extra, path)
+    first, *others = model.trunks()
+    model.meta.update(entry.init(first, path))
+    for trunk in others:  # e.g. OSLSM's conditioning trunk
+        entry.init(trunk, path)

@@ -73,7 +73,7 @@ def check_encoder_memory(model, size, images: int, device, factor=1.0, hint="the
     ``factor``: training keeps every activation for the backward pass (about 3x). A model whose encoder
     pads its input (OSLSM's official geometry) says by how much with ``encoder_input_side(size)``.
     """
-    side = model.encoder_input_side(size) if hasattr(model, "encoder_input_side") else size
+    side = model.encoder_input_side(size)
     need = factor * images * side * side * bytes_per_input_pixel(model)
     available = available_bytes(device)
     if available is not None and need > available:

@@ -176,7 +176,9 @@ def model_identity(args, model, backend: str) -> dict:
         sha = file_sha256(args.bundle / "manifest.json")  # it holds the sha256 of every bundle file
     else:
         sha = file_sha256(args.ckpt or DEMO_MODEL)
-    return {"model_sha256": sha, "backend": backend, "method": str(model.meta.get("method", "panet"))}
+    from fss.models.base import method_of
+
+    return {"model_sha256": sha, "backend": backend, "method": method_of(model).name}
 
 
 def fractions(labels: np.ndarray, names: list[str]) -> dict:
@@ -261,7 +263,7 @@ def start_segmenter(args, pairs, queries, previous):
     """(Segmenter with the supports set, the run's settings, shots per class) of the model flags."""
     from fss.io.images import max_pixels
     from fss.memory import check_encoder_memory
-    from fss.models.methods import resolve_refine
+    from fss.models.base import resolve_refine
     from fss.runtime.segmenter import Segmenter
 
     model, device = load_runtime_model(args)

@@ -1,8 +1,8 @@
 """``Segmenter``: encode a support set once, cache its state, segment any number of queries.
 
-The model's method (``fss.models.methods``) defines the support state: per-shot foreground /
-background poolings, cached, so a support prototype is a mean over cached vectors and one shot can be
-added or removed without re-encoding the others. A test-time refinement (``refine``, e.g. PRNet's
+The model (a :class:`fss.models.base.FewShotModel`) defines the support state: per-shot states (e.g.
+foreground / background poolings), cached, so the episode state is combined from cached vectors and one
+shot can be added or removed without re-encoding the others. A test-time refinement (``refine``, e.g. PRNet's
 fusion) adapts the cached prototypes to each query; each query is its own episode, so a query's labels
 never depend on the other queries of its batch.
 """
@@ -23,9 +23,8 @@ from fss.errors import FssError, SettingError
 from fss.io.images import as_rgb
 from fss.io.masks import check_shot, parse_mask
 from fss.io.tensors import image_tensor, mask_tensor
-from fss.models import methods
 from fss.models.adaptation import adapted_state, restore
-from fss.models.methods import adapts, bound_method, resolve_refine
+from fss.models.base import adapts, resolve_refine
 from fss.runtime.encoder_call import make_encoder
 from fss.runtime.encoder_path import choose_encoder_path
 
@@ -55,14 +54,15 @@ class StreamResult:
 
 @dataclass
 class SupportSet:
-    """Per-class cached poolings: ``fg[n]``, ``bg[n]`` are ``K_n x C``; ``protos`` is ``(1+N) x C``,
-    combined from them by the method's ``combine``."""
+    """Per-class cached per-shot states (the pair of ``K_n x ...`` tensors of the model's
+    ``shot_states``): ``fg[n]``, ``bg[n]``; ``protos`` is the episode state combined from them by the
+    model's ``combine`` (prototypes, for the prototype methods)."""
 
     classes: list[str]
     fg: list[torch.Tensor]
     bg: list[torch.Tensor]
     protos: torch.Tensor
-    combine: Callable = methods.combine
+    combine: Callable
     shots: list | None = None  # adapting: per class (images, fg, bg) at the input size, to re-adapt
     encoder_state: dict | None = None  # adapting: the encoder adapted to this set
 
@@ -82,8 +82,8 @@ class Segmenter:
     and arrays of only 0 / 1 / 255 mark ignored pixels).
 
     Args:
-        model: a PANet (moved to ``device``; channels-last where chosen), a checkpoint path, or None
-            for the bundled demo model.
+        model: a model or bundle (moved to ``device``; channels-last where chosen), a checkpoint path,
+            or None for the bundled demo model.
         size: encoder input side (default: the checkpoint's).
         batch: queries encoded together.
         precision: ``"fp32" | "fp16" | "bf16"``: the encoder's precision (CUDA only for fp16); the head
@@ -128,6 +128,8 @@ class Segmenter:
         if model is None or isinstance(model, (str, Path)):
             model = load_model(model, device=self.device)
         self.model = model.to(self.device).eval()
+        # The support state and the head run on the model given (its encoder may run in a backend).
+        self.network = self.model
         self.size = int(size or model.meta["input_size"])
         # A method may encode supports at their own size (OSLSM's conditioning branch: 224).
         self.support_size = int(model.meta.get("support_size", self.size))
@@ -136,16 +138,13 @@ class Segmenter:
         self.impl = impl
         self.workers = int(workers)
         self.refine = resolve_refine(refine, self.model)
-        self.method = bound_method(self.model, self.refine)
-        self.scale = self.model.scale  # the model's own cosine scale
-        self.head_options = self.method.options(self.model, self.size)
         self.base_state = None  # adapting: the encoder's own weights, restored after every use
         if adapts(self.refine):
             if getattr(self.model, "backend", "torch") != "torch":
                 raise FssError(
                     "adaptation fine-tunes a checkpoint's encoder: load a checkpoint, not a bundle"
                 )
-            self.base_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+            self.base_state = {k: v.detach().clone() for k, v in self.model.trunks()[0].state_dict().items()}
         if precision == "fp32":
             path = choose_encoder_path(
                 self.model,
@@ -190,7 +189,7 @@ class Segmenter:
             support = self.adapted_support(classes, shots)
         else:
             fg, bg = map(list, zip(*(self.pool_prepared(*shot) for shot in shots), strict=True))
-            support = SupportSet(classes, fg, bg, self.method.combine(fg, bg), self.method.combine)
+            support = SupportSet(classes, fg, bg, self.network.combine(fg, bg), self.network.combine)
         with self._lock:
             self.supports[name] = support
 
@@ -205,10 +204,8 @@ class Segmenter:
             imgs[n, :k], fg[n, :k], bg[n, :k], shot_mask[n, :k] = images, fgs, bgs, True
         to = dict(device=self.device)
         with self._lock:
-            state = adapted_state(
-                self.model, self.method, imgs.to(**to), fg.to(**to), bg.to(**to), shot_mask.to(**to)
-            )
-        support = SupportSet(classes, [], [], None, self.method.combine, shots, state)
+            state = adapted_state(self.model, imgs.to(**to), fg.to(**to), bg.to(**to), shot_mask.to(**to))
+        support = SupportSet(classes, [], [], None, self.network.combine, shots, state)
         with self.encoder_of(support):
             for shot in shots:
                 fg_pools, bg_pools = self.pool_prepared(*shot)
@@ -291,7 +288,8 @@ class Segmenter:
             s.refresh()
 
     def pool_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode shots and pool them: ``K x C`` foreground and ``K x C`` background vectors."""
+        """Encode shots and pool them: their per-shot states (``K x C`` foreground and ``K x C``
+        background vectors, for the prototype methods)."""
         return self.pool_prepared(*self.prepare_shots(images, masks))
 
     def prepare_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,25 +305,13 @@ class Segmenter:
         return torch.stack(imgs), torch.stack(fgs).float(), torch.stack(bgs).float()
 
     def pool_prepared(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`prepare_shots`'s tensors -> ``K x C`` foreground and background poolings (a method with
-        a ``support_state``: ``K x ...`` per-shot states, and ``K x 0`` background)."""
-        if self.method.support_state is not None:
-            return self.shot_states(imgs, fg, bg)
-        with self._lock:
-            feats = self.encode(imgs)  # K x C x h x w
-        fg, bg = fg.to(self.device), bg.to(self.device)
-        with torch.inference_mode():
-            return self.method.shot_poolings(feats, fg, bg, impl=self.impl)
-
-    def shot_states(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-shot states of a method that reads the support images (OSLSM: regression weights)."""
+        """:meth:`prepare_shots`'s tensors -> the model's per-shot states (a pair of ``K x ...`` tensors);
+        supports the model encodes go through this Segmenter's encoder path."""
         to = dict(device=self.device)
         with self._lock, torch.inference_mode():
-            state = self.method.support_state(
-                self.model, imgs.to(**to)[None, None], fg.to(**to)[None, None], bg.to(**to)[None, None],
-                impl=self.impl,
-            )[0, 0]  # fmt: skip
-        return state, state[:, :0]
+            return self.network.shot_states(
+                imgs.to(**to), fg.to(**to), bg.to(**to), self.encode, self.refine, impl=self.impl
+            )
 
     def support(self, name: str | None) -> SupportSet:
         name = DEFAULT_SUPPORT if name is None else name
@@ -365,15 +351,8 @@ class Segmenter:
         refined = self.refine != "none"
         qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
         protos = protos[None].expand(len(qry), *protos.shape)
-        out = self.method.segment(
-            qry,
-            protos,
-            out_size,
-            self.scale,
-            impl=self.impl,
-            refine=self.refine,
-            return_prob=return_prob,
-            **self.head_options,
+        out = self.network.segment(
+            qry, protos, out_size, self.refine, return_prob, impl=self.impl, in_size=(self.size, self.size)
         )
         flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
         return (flat(out[0]), flat(out[1])) if return_prob else flat(out)

@@ -88,12 +88,10 @@ class DiskStore(SupportStore):
     without locks; the directory keeps the ``capacity`` most recently used sets.
     """
 
-    def __init__(self, capacity: int, directory: Path, combine=None):
-        """``combine``: the served method's (``Method.combine``), which rebuilds a loaded set's state."""
-        from fss.models.methods import combine as prototype_combine
-
+    def __init__(self, capacity: int, directory: Path, combine):
+        """``combine``: the served model's (``FewShotModel.combine``), which rebuilds a loaded set's state."""
         super().__init__(capacity)
-        self.combine = combine or prototype_combine
+        self.combine = combine
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -172,7 +170,6 @@ def build_services(args: dict):
     """The handlers of one model instance, from its ``config.pbtxt`` parameters."""
     from fss.backends.bundle_format import validate_bundle
     from fss.backends.bundle_model import bundle_model, load_bundle
-    from fss.models.methods import bound_method, resolve_refine
     from fss.serve.server import ServeConfig, Services
 
     model_config = json.loads(args["model_config"])
@@ -200,8 +197,7 @@ def build_services(args: dict):
     cache = params.get("SUPPORT_CACHE") or os.path.join(
         "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(), f"fss-supports-{os.getuid()}"
     )
-    combine = bound_method(model, resolve_refine(None, model)).combine  # the served Segmenter's
-    store = DiskStore(config.max_supports, Path(cache) / params["REPO_ID"], combine)
+    store = DiskStore(config.max_supports, Path(cache) / params["REPO_ID"], model.combine)
     return Services(config, model=model, device=model.device, store=store)
 
 

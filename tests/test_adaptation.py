@@ -8,7 +8,6 @@ from helpers import random_model
 from fss.errors import FssError
 from fss.models import adaptation
 from fss.models.adaptation import adaptation_loss, adapted, support_labels
-from fss.models.methods import get_method
 from fss.runtime.segmenter import Segmenter
 
 SIZE = 33
@@ -35,20 +34,19 @@ def test_support_labels():
 
 def test_adaptation_learns_the_supports_and_restores_every_weight():
     model = random_model(width=0.0625, input_size=SIZE)
-    method = get_method("panet")
     imgs, fg, bg = support_set()
     before = snapshot(model)
     with torch.no_grad():
-        loss_before = adaptation_loss(model, method, imgs, fg, bg).item()
-    with torch.no_grad(), adapted(model, method, imgs, fg, bg):
+        loss_before = adaptation_loss(model, imgs, fg, bg).item()
+    with torch.no_grad(), adapted(model, imgs, fg, bg):
         inside = snapshot(model)
-        loss_after = adaptation_loss(model, method, imgs, fg, bg).item()
+        loss_after = adaptation_loss(model, imgs, fg, bg).item()
     assert loss_after < loss_before  # five steps fit the support set better
     assert any(not torch.equal(inside[k], before[k]) for k in before)
     after = snapshot(model)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(RuntimeError, match="boom"), adapted(model, method, imgs, fg, bg):
+    with pytest.raises(RuntimeError, match="boom"), adapted(model, imgs, fg, bg):
         raise RuntimeError("boom")
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
 

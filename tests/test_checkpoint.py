@@ -130,7 +130,7 @@ def test_init_encoder_from_an_fss_checkpoint_or_official_snapshot(tmp_path):
 
 @pytest.mark.parametrize("method", ["sst", "oslsm"])
 def test_init_from_another_methods_checkpoint_starts_every_trunk_from_its_encoder(method, tmp_path):
-    from fss.models.methods import build_model
+    from fss.models.base import build_model
 
     source = random_model(width=0.25, seed=3)
     fss.save_checkpoint(source, tmp_path / "panet.pt")
@@ -138,7 +138,7 @@ def test_init_from_another_methods_checkpoint_starts_every_trunk_from_its_encode
     target = build_model(method, "vgg16-dilated", 0.25)
     heads = {k: v.clone() for k, v in target.state_dict().items() if not k.startswith("encoder.")}
     init_encoder(target, tmp_path / "panet.pt")
-    trunks = [target.encoder, *getattr(target, "extra_encoders", list)()]
+    trunks = target.trunks()
     for trunk in trunks:
         for (name, a), b in zip(
             trunk.state_dict().items(), source.encoder.state_dict().values(), strict=True

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from helpers import random_model
 
 from fss import kernels
+from fss.kernels import prototypes
 from fss.models.fusion import confident_query_prototypes, fuse_prototypes
-from fss.models.methods import prototypes
 from fss.runtime.segmenter import Segmenter
 
 
@@ -137,5 +137,5 @@ def test_segmenter_refine_none_is_panet_and_fusion_is_per_query():
     for q, (query, labels) in enumerate(zip(queries, refined, strict=True)):
         assert np.array_equal(labels, alone[q])
         p_f2 = fuse_prototypes(feats[q][None, None], protos[None])  # checked against the reference above
-        want = kernels.segment(feats[q][None, None], p_f2, query.shape[:2], plain.scale, impl="torch")[0, 0]
+        want = kernels.segment(feats[q][None, None], p_f2, query.shape[:2], model.scale, impl="torch")[0, 0]
         assert np.array_equal(labels, want.numpy())

@@ -11,7 +11,7 @@ from test_train import SIZE, make_shapes
 
 import fss
 from fss.errors import CheckpointError, FssError
-from fss.models.methods import get_method, method_names, resolve_refine
+from fss.models.base import get_method, method_names, resolve_refine
 from fss.runtime.cli import main as run_main
 from fss.runtime.segmenter import Segmenter
 from fss.train.cli import main as train_main

@@ -11,8 +11,8 @@ from test_train import SIZE, make_shapes
 import fss
 from fss.errors import FssError
 from fss.kernels import logistic
+from fss.models.base import build_model
 from fss.models.encoders import encoder_names
-from fss.models.methods import build_model, get_method
 from fss.models.oslsm import SUPPORT_SIZE, oslsm_meta
 from fss.runtime.cli import main as run_main
 from fss.runtime.segmenter import Segmenter
@@ -77,7 +77,7 @@ def test_forward_is_the_head_and_shot_mask_repeats_shots():
         logits = model(supp, fg, 1 - fg, qry)
         assert logits.shape == (1, 2, 3, SIZE, SIZE) and (logits[:, :, 0] == 0).all()
         feats = model.encode(qry[0])[None]
-        weights = get_method("oslsm").support_state(model, supp, fg, 1 - fg)
+        weights = model.episode_state(supp, fg, 1 - fg)
         labels = logistic.segment(feats, weights, (SIZE, SIZE), model.geometry(SIZE), impl="torch")
         assert torch.equal(labels, logits.argmax(dim=2).to(torch.uint8))
         # Way 1 has one real shot: absent shots repeat it, which the max over shots ignores.
@@ -171,7 +171,7 @@ def test_every_encoder_carries_oslsm(encoder):
     supp = torch.randn(1, 1, 1, 3, SIZE, SIZE, generator=g)
     fg = (torch.rand(1, 1, 1, SIZE, SIZE, generator=g) > 0.5).float()
     labels = (torch.rand(1, 1, SIZE, SIZE, generator=g) > 0.5).long()
-    query_loss, second = get_method("oslsm").losses(model, supp, fg, 1 - fg, supp[:, 0], labels)
+    query_loss, second = model.losses(supp, fg, 1 - fg, supp[:, 0], labels)
     assert torch.isclose(query_loss, torch.tensor(np.log(2), dtype=query_loss.dtype))  # fc8 starts at zero
     assert second == 0
     query_loss.backward()

@@ -13,8 +13,8 @@ from test_train import SIZE, make_shapes
 import fss
 from fss.errors import FssError
 from fss.models import sst
+from fss.models.base import build_model, method_of, resolve_refine
 from fss.models.encoders import encoder_names
-from fss.models.methods import bound_method, build_model, resolve_refine
 
 TINY = {"channels": 4, "blocks": 1, "dropout": 0.0}
 
@@ -245,7 +245,7 @@ def test_refinements_belong_to_their_method(tmp_path):
     panet = fss.PANet(width=0.0625)
     with pytest.raises(FssError, match="panet has no refinement 'tune'"):
         resolve_refine("tune", panet)
-    assert bound_method(panet) is bound_method(panet, "none") or bound_method(panet).name == "panet"
+    assert method_of(panet).name == "panet"
 
 
 def test_checkpoint_round_trip_keeps_options(tmp_path):

@@ -10,12 +10,13 @@ from PIL import Image, ImageDraw
 
 import fss
 from fss.errors import FssError
-from fss.models.methods import get_method
+from fss.models.base import get_method
 from fss.train import evaluate as evaluation
 from fss.train.cli import build_parser, config_from_args, main
 from fss.train.data import EpisodeSampler, FolderDataset, Way, episode_tensors
 from fss.train.evaluate import IouCounts, evaluate, query_counts
-from fss.train.trainer import TrainConfig, default_val_classes, train
+from fss.train.split import default_val_classes
+from fss.train.trainer import TrainConfig, train
 
 SIZE = 32
 COLOURS = {"circle": (230, 40, 40), "square": (40, 200, 40), "triangle": (40, 40, 230), "bar": (230, 230, 40)}

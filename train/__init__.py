@@ -1,5 +1,5 @@
-"""Training: episodic PANet training, losses, data sets and evaluation."""
+"""Training: episodic training of any registered method, data sets and evaluation."""
 
-from fss.train.losses import panet_losses
+from fss.models.panet import panet_losses
 
 __all__ = ["panet_losses"]

@@ -19,9 +19,8 @@ from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
 from fss.io.outputs import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
+from fss.models.base import DEFAULT_METHOD, build_model, get_method, method_names
 from fss.models.encoders import encoder_names
-from fss.models.methods import DEFAULT_METHOD, get_method, method_names
-from fss.models.methods import build_model as build_method_model
 from fss.models.panet import DEFAULT_ENCODER
 from fss.train.benchmark import DATASETS, FOLDS
 from fss.train.coco import FOLD_CONVENTIONS
@@ -53,11 +52,20 @@ def int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Train PANet episodically on class folders (DIR/<class>/<stem>.jpg + <stem>.png masks), "
+        description="Train a few-shot method episodically on class folders (DIR/<class>/<stem>.jpg + "
+        "<stem>.png masks), "
         "PASCAL-5i (a VOC2012 + SBD folder) or COCO-20i (a COCO folder), holding out validation classes "
         "and reporting few-shot mean-IoU on them. Defaults are the paper's recipe. Data-parallel on "
         "several processes with: torchrun --nproc-per-node G -m fss.train ...",
     )
+    add_data_args(p)
+    add_model_options(p)
+    add_optimizer_args(p)
+    add_run_args(p)
+    return p
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (see --dataset)")
     p.add_argument(
         "--dataset",
@@ -104,12 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
+
+
+def recipes(option: str, fallback) -> str:
+    """``name value, ...`` of every method's paper recipe for ``option`` (a ``train_defaults`` key)."""
+    return ", ".join(
+        f"{name} {get_method(name).train_defaults.get(option, fallback):g}" for name in method_names()
+    )
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         choices=method_names(),
         default=DEFAULT_METHOD,
-        help="method (default panet): its training losses, and its paper's recipe as the defaults of --lr "
-        "(panet 1e-3, prnet 7e-3)",
+        help=f"method (default {DEFAULT_METHOD}): its training losses, and its paper's recipe as the "
+        f"defaults of --optimizer and --lr ({recipes('lr', 0)})",
     )
     p.add_argument(
         "--encoder",
@@ -135,12 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
     )
+    types = argparse.Namespace(positive_int=positive_int, count=count, non_negative_float=non_negative_float)
+    for name in method_names():  # each method's own options (e.g. --sst-*)
+        get_method(name).add_train_options(p, types)
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
         default=None,
-        help="sgd (momentum, L2 decay) or adamw (decoupled decay) (default: the method's recipe: "
-        "adamw for oslsm, sgd otherwise)",
+        help="sgd (momentum, L2 decay) or adamw (decoupled decay) (default: the method's recipe)",
     )
     p.add_argument(
         "--lr", type=positive_float, default=None, help="learning rate (default: the method's recipe)"
@@ -160,34 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--align-weight",
         type=non_negative_float,
         default=1.0,
-        help="weight of the second loss term: PAR (panet), the auxiliary support loss (sst) (default 1)",
+        help="weight of the method's second loss term (e.g. PANet's PAR, SST's auxiliary loss) (default 1)",
     )
-    p.add_argument(
-        "--no-align", action="store_true", help="train without the second loss term (PAR, SST's auxiliary)"
-    )
-    sst = p.add_argument_group("SST (--method sst; see docs/methods.md)")
-    sst.add_argument(
-        "--sst-channels", type=positive_int, default=None, help="head width (default 256, CANet's)"
-    )
-    sst.add_argument(
-        "--sst-blocks", type=count, default=None, help="residual blocks after the comparator (default 2)"
-    )
-    sst.add_argument(
-        "--sst-inner-lr",
-        type=non_negative_float,
-        default=None,
-        help="step size of the inner step R' = R - lr dL/dR (default 1, the paper's)",
-    )
-    sst.add_argument(
-        "--sst-first-order",
-        action="store_true",
-        help="do not differentiate through the inner step (default: second order)",
-    )
-    sst.add_argument(
-        "--sst-no-tune",
-        action="store_true",
-        help="train without the inner loop (evaluate with --refine none)",
-    )
+    p.add_argument("--no-align", action="store_true", help="train without the method's second loss term")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the episodes (default 0)")
     p.add_argument(
@@ -231,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def checkpoint_input_size(path: Path) -> int:
@@ -240,25 +240,13 @@ def checkpoint_input_size(path: Path) -> int:
     return int(check_meta(meta, path).get("input_size", PAPER_INPUT_SIZE))
 
 
-def sst_options(args: argparse.Namespace) -> dict:
-    """The ``--sst-*`` options given, as ``meta["sst"]`` entries (fss.models.sst)."""
-    options = {"channels": args.sst_channels, "blocks": args.sst_blocks, "inner_lr": args.sst_inner_lr}
-    options = {name: value for name, value in options.items() if value is not None}
-    if args.sst_first_order:
-        options["second_order"] = False
-    if args.sst_no_tune:
-        options["tune"] = False
-    return options
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if args.method == "prnet" and (args.no_align or args.align_weight != 1.0):
-        raise FssError(
-            "--method prnet trains with its second term at full weight: drop --no-align / --align-weight"
-        )
-    method_options = sst_options(args)
-    if method_options and args.method != "sst":
-        raise FssError(f"--sst-* options apply to --method sst, not {args.method}")
+    method = get_method(args.method)
+    method.check_train_args(args)
+    for other in map(get_method, method_names()):
+        if other is not method and other.train_options(args):
+            raise FssError(f"--{other.name}-* options apply to --method {other.name}, not {method.name}")
+    method_options = method.train_options(args)
     recipe = get_method(args.method).train_defaults
     optimizer = args.optimizer or recipe.get("optimizer", "sgd")
     if args.momentum is not None and optimizer != "sgd":
@@ -318,7 +306,7 @@ def preflight(config: TrainConfig, writer: bool) -> None:
     out, data = Path(config.out).resolve(), Path(config.data).resolve()
     if out == data or out.parent == data:
         raise FssError("--out lies in the --data folder: a later run would read it as a class", config.out)
-    model = build_method_model(config.method, config.encoder, config.width)
+    model = build_model(config.method, config.encoder, config.width)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     snapshots = config.iters // config.snapshot_every if config.snapshot_every else 0
     # last.pt (weights + momentum) and its temporary while replaced, final.pt, the snapshots

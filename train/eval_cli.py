@@ -21,7 +21,7 @@ from fss.errors import FssError
 from fss.io.outputs import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
-from fss.models.methods import adapts, resolve_refine
+from fss.models.base import adapts, resolve_refine
 from fss.runtime.encoder_call import PRECISIONS, check_encoder_settings, make_encoder
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
 from fss.train.benchmark import DATASETS, fold_classes, open_dataset
@@ -52,7 +52,7 @@ class EvalConfig:
     annotation: str = "dense"
     batch_episodes: int = EVAL_BATCH
     impl: str = "auto"
-    refine: str | None = None  # test-time refinement (fss.models.methods.REFINEMENTS); None: the method's
+    refine: str | None = None  # test-time refinement (fss.constants.REFINEMENTS); None: the method's
     precision: str = "fp32"
     backend: str = "auto"  # the encoder path (fss.runtime.encoder_path): auto, torch, onnxruntime
     int8: bool = False  # a bundle's int8 encoder (fss-export --int8)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fss.constants import IGNORE_INDEX
 from fss.errors import SettingError
 from fss.models.adaptation import adapted
-from fss.models.methods import adapts, bound_method, encode_episode, method_of
+from fss.models.base import adapts
 from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
 
 EVAL_SEED = 1234  # the official test seed
@@ -116,50 +116,31 @@ def predict(
     on each episode's supports in turn (restored after each), so its features are never cached."""
     if adapts(refine):
         return predict_adapted(model, batch, impl, encode, refine)
-    if method_of(model).support_state is not None:
-        return predict_conditioned(model, batch, impl, encode, features, refine)
     if features is not None:
         N, K = batch.supp_imgs.shape[1:3]
-        # encode_episode encodes all supports (episode, way, shot order), then all queries.
-        keys = [key for names in batch.image_keys for key in names[: N * K]]
+        # episode_inputs encodes all supports (episode, way, shot order; where the model encodes them),
+        # then all queries.
+        keys = [key for names in batch.image_keys for key in names[: N * K] if model.encodes_supports]
         keys += [key for names in batch.image_keys for key in names[N * K :]]
         encode = partial(features, keys)
-    supp_feats, qry_feats = encode_episode(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
-    method = bound_method(model, refine)
-    protos = method.prototypes(supp_feats, batch.supp_fg, batch.supp_bg, impl=impl)
-    return method.segment(qry_feats, protos, batch.qry_imgs.shape[-2:], model.scale, impl=impl, refine=refine)
-
-
-def predict_conditioned(model, batch: EpisodeBatch, impl: str, encode, features, refine: str) -> torch.Tensor:
-    """:func:`predict` for a method whose support state comes from the support images (OSLSM): only the
-    queries go through the encoder (and the feature cache)."""
-    B, Q = batch.qry_imgs.shape[:2]
-    N, K = batch.supp_imgs.shape[1:3]
-    if features is not None:
-        encode = partial(features, [key for names in batch.image_keys for key in names[N * K :]])
-    qry_feats = (encode or model.encode)(batch.qry_imgs.flatten(0, 1)).unflatten(0, (B, Q))
-    method = method_of(model)
-    state = method.support_state(model, batch.supp_imgs, batch.supp_fg, batch.supp_bg, impl=impl)
-    size = batch.qry_imgs.shape[-2:]
-    options = method.options(model, tuple(size))
-    return method.segment(qry_feats, state, size, model.scale, impl=impl, refine=refine, **options)
+    supp, qry_feats = model.episode_inputs(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
+    state = model.episode_state(supp, batch.supp_fg, batch.supp_bg, refine=refine, impl=impl)
+    return model.segment(qry_feats, state, batch.qry_imgs.shape[-2:], refine, impl=impl)
 
 
 def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) -> torch.Tensor:
     """:func:`predict` with the encoder adapted to each episode's support set (one episode at a time)."""
     if getattr(model, "backend", "torch") != "torch":
         raise SettingError("adaptation fine-tunes a checkpoint's encoder: {ckpt} must name a checkpoint")
-    method, labels = method_of(model), []
+    labels = []
     for b in range(len(batch.supp_imgs)):
-        with adapted(model, method, batch.supp_imgs[b], batch.supp_fg[b], batch.supp_bg[b]):
-            supp_feats, qry_feats = encode_episode(
+        with adapted(model, batch.supp_imgs[b], batch.supp_fg[b], batch.supp_bg[b]):
+            supp, qry_feats = model.episode_inputs(
                 encode or model.encode, batch.supp_imgs[b : b + 1], batch.qry_imgs[b : b + 1]
             )
-            protos = method.prototypes(
-                supp_feats, batch.supp_fg[b : b + 1], batch.supp_bg[b : b + 1], impl=impl
-            )
-            size = batch.qry_imgs.shape[-2:]
-            labels.append(method.segment(qry_feats, protos, size, model.scale, impl=impl, refine=refine))
+            fg, bg = batch.supp_fg[b : b + 1], batch.supp_bg[b : b + 1]
+            state = model.episode_state(supp, fg, bg, refine=refine, impl=impl)
+            labels.append(model.segment(qry_feats, state, batch.qry_imgs.shape[-2:], refine, impl=impl))
     return torch.cat(labels)
 
 

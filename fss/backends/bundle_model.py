@@ -15,7 +15,7 @@ from fss.backends.sessions import (
     tensorrt_missing,
 )
 from fss.errors import FssError
-from fss.models.methods import bound_method, build_model, episode_logits, method_of
+from fss.models.base import build_model, method_of
 from fss.validation import read_torch_file
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -27,22 +27,32 @@ class BundleModel:
     """An exported encoder with its method's head on top (``meta["method"]``): what ``fss.load_model(DIR)``
     returns.
 
-    Quacks like an eval-mode ``PANet`` for inference: ``encode``, ``__call__`` (logits, as
-    ``PANet.forward``), ``meta``, ``impl``, ``scale``, ``to``/``eval``. ``device`` is where features and
-    logits are returned; the encoder runs where it was loaded (``encoder.device``).
+    Runs as an eval-mode model for inference: ``encode``, ``__call__`` (logits, as the model's
+    ``forward``), ``meta``, ``impl``, ``to``/``eval``, and the method's interface
+    (:class:`fss.models.base.FewShotModel`: ``shot_states``, ``combine``, ``segment``, ...) on
+    ``network``, the method's model built from the bundle's graphs (``from_graphs``). ``device`` is where
+    features and logits are returned; the encoder runs where it was loaded (``encoder.device``).
     """
 
-    def __init__(self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None):
+    def __init__(
+        self, encoder, manifest: dict, backend: str, impl: str = "auto", conditioning=None, graphs=None
+    ):
         self.encoder = encoder
-        self.conditioning = conditioning  # OSLSM: the support branch's graph (ONNX Runtime)
+        self.conditioning = conditioning  # a method's support graph beside the encoder (ONNX Runtime)
         self.manifest = manifest
         self.backend = backend
         self.meta = dict(manifest["meta"])
         self.impl = impl
-        self.method = method_of(self)  # an unknown method is a one-line error
-        self.scale = self.method.scale
         self.feature_channels = encoder.feature_channels
         self.device = encoder.device
+        graphs = {"encoder": self.encode, "conditioning": self.condition_masked, **(graphs or {})}
+        self.network = method_of(self).from_graphs(self.meta, graphs, impl).eval()  # unknown: one line
+
+    def __getattr__(self, name):
+        """The method's interface (``shot_states``, ``segment``, ``scale``, ...): the network's."""
+        if name == "network":  # not built yet
+            raise AttributeError(name)
+        return getattr(self.network, name)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``M x 3 x S x S`` normalised images (S the bundle's input size) -> ``M x C x h x w``."""
@@ -52,27 +62,15 @@ class BundleModel:
         return self.encoder.encode(images).to(self.device)
 
     def condition_masked(self, masked: torch.Tensor) -> torch.Tensor:
-        """OSLSM: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` regression weights."""
+        """The conditioning graph: ``M x 3 x s x s`` masked supports -> ``M x (D+1)`` (OSLSM's weights)."""
         if self.conditioning is None:
             raise FssError(f"this {self.meta['method']} bundle has no conditioning branch")
         return self.conditioning.encode(masked).to(self.device)
 
     def __call__(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
-        """``B x Q x (1+N) x H x W`` logits, as ``PANet.forward`` (``fss.models.methods.episode_logits``)."""
+        """``B x Q x (1+N) x H x W`` logits, as the model's ``forward``."""
         with torch.inference_mode():
-            return episode_logits(
-                self.encode,
-                bound_method(self, refine),
-                supp_imgs,
-                supp_fg,
-                supp_bg,
-                qry_imgs,
-                shot_mask,
-                scale=self.scale,
-                impl=self.impl,
-                refine=refine,
-                model=self,
-            )
+            return self.network(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask, refine)
 
     def to(self, device=None, memory_format=None):
         """Deliver features and logits on ``device``; the memory format is the backend's (fixed at export)."""
@@ -147,14 +145,12 @@ def load_bundle(
 
 def bundle_model(bundle_dir: Path, manifest: dict, encoder, backend: str, impl="auto") -> "BundleModel":
     """A validated bundle's method around ``encoder`` (any object with ``encode`` and ``device``): its
-    conditioning branch (OSLSM) and learned head (SST) come from the bundle's own files."""
+    other graphs (a conditioning branch, a learned head) come from the bundle's own files."""
     conditioning = manifest.get("conditioning")
-    if conditioning is not None:  # OSLSM's conditioning branch, beside the encoder
+    if conditioning is not None:  # a support branch beside the encoder (OSLSM's)
         conditioning = OnnxRuntimeEncoder(Path(bundle_dir) / conditioning["file"], encoder.device)
-    model = BundleModel(encoder, manifest, backend, impl, conditioning)
-    if "head" in manifest:  # a learned head (SST)
-        attach_head(model, Path(bundle_dir))
-    return model
+    graphs = head_graphs(Path(bundle_dir), manifest, encoder.device) if "head" in manifest else {}
+    return BundleModel(encoder, manifest, backend, impl, conditioning, graphs)
 
 
 def int8_encoder(bundle_dir: Path, manifest: dict, backend: str, device) -> "OnnxRuntimeEncoder":
@@ -193,11 +189,11 @@ class OnnxRuntimeHead:
         return torch.from_numpy(logits).to(features.device)
 
 
-def attach_head(bundle, bundle_dir: Path) -> None:
-    """Give a loaded bundle of a method with a learned head its ``head`` (PyTorch, for the support side),
-    ``query_head`` (ONNX Runtime) and ``options``."""
-    entry = bundle.manifest["head"]
-    meta = bundle.meta
+def head_graphs(bundle_dir: Path, manifest: dict, device) -> dict:
+    """A bundle's learned head (e.g. SST's) as the graphs its method's ``from_graphs`` takes: ``head``
+    (PyTorch, for the support side) and ``query_head`` (ONNX Runtime)."""
+    entry = manifest["head"]
+    meta = manifest["meta"]
     network = build_model(meta["method"], meta["encoder"], meta["width"], meta, path=bundle_dir)
     state = read_torch_file(bundle_dir / entry["weights"])
     if not isinstance(state, dict):
@@ -208,6 +204,7 @@ def attach_head(bundle, bundle_dir: Path) -> None:
         raise FssError(
             f"head weights do not fit: {str(exc).splitlines()[0]}", bundle_dir / entry["weights"]
         ) from None
-    bundle.head = network.head.eval().to(bundle.device)
-    bundle.options = network.options
-    bundle.query_head = OnnxRuntimeHead(bundle_dir / entry["file"], bundle.device)
+    return {
+        "head": network.head.eval().to(device),
+        "query_head": OnnxRuntimeHead(bundle_dir / entry["file"], device),
+    }

@@ -37,13 +37,13 @@ def support_labels(supp_fg, supp_bg):
     return torch.where(supp_bg == 1, torch.zeros_like(labels), labels)
 
 
-def adaptation_loss(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None):
+def adaptation_loss(model, supp_imgs, supp_fg, supp_bg, shot_mask=None):
     """The support set segmented by its own prototypes: ``N x K x 3 x H x W`` images, ``N x K x H x W``
     masks, optional ``N x K`` shot mask -> scalar cross-entropy."""
     N, K = supp_imgs.shape[:2]
     feats = model.encode(supp_imgs.flatten(0, 1)).unflatten(0, (N, K))
     mask = None if shot_mask is None else shot_mask[None]
-    protos = method.prototypes(feats[None], supp_fg[None], supp_bg[None], mask, impl="torch")  # 1 x P x C
+    protos = model.episode_state(feats[None], supp_fg[None], supp_bg[None], mask, impl="torch")  # 1 x P x C
     logits = match_torch(feats.flatten(0, 1)[None], protos, supp_imgs.shape[-2:], model.scale)[0]
     labels = support_labels(supp_fg, supp_bg)
     if shot_mask is not None:
@@ -51,9 +51,9 @@ def adaptation_loss(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None):
     return F.cross_entropy(logits, labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
 
 
-def adapt_encoder(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
-    """Fine-tune ``model.encoder`` in place on one support set (``N x K`` shots)."""
-    params = [p for p in model.encoder.parameters()]
+def adapt_encoder(model, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
+    """Fine-tune the model's query trunk in place on one support set (``N x K`` shots)."""
+    params = [p for p in query_trunk(model).parameters()]
     flags = [p.requires_grad for p in params]
     optimiser = torch.optim.Adam(params, lr=lr)
     was_training = model.training
@@ -64,7 +64,7 @@ def adapt_encoder(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None, st
                 p.requires_grad_(True)
             for _ in range(steps):
                 optimiser.zero_grad(set_to_none=True)
-                adaptation_loss(model, method, supp_imgs, supp_fg, supp_bg, shot_mask).backward()
+                adaptation_loss(model, supp_imgs, supp_fg, supp_bg, shot_mask).backward()
                 optimiser.step()
     finally:
         for p, flag in zip(params, flags, strict=True):
@@ -74,26 +74,31 @@ def adapt_encoder(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None, st
 
 
 @contextmanager
-def adapted(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
+def adapted(model, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
     """Within the block, ``model``'s encoder is adapted to the support set; on exit every weight and
     buffer is restored exactly."""
-    saved = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    saved = {k: v.detach().clone() for k, v in query_trunk(model).state_dict().items()}
     try:
-        adapt_encoder(model, method, supp_imgs, supp_fg, supp_bg, shot_mask, steps, lr)
+        adapt_encoder(model, supp_imgs, supp_fg, supp_bg, shot_mask, steps, lr)
         yield model
     finally:
         restore(model, saved)
 
 
-def adapted_state(model, method, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
+def adapted_state(model, supp_imgs, supp_fg, supp_bg, shot_mask=None, steps=ADAPT_STEPS, lr=ADAPT_LR):
     """The adapted encoder's state for one support set, the model itself left unchanged."""
-    with adapted(model, method, supp_imgs, supp_fg, supp_bg, shot_mask, steps, lr):
-        return {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    with adapted(model, supp_imgs, supp_fg, supp_bg, shot_mask, steps, lr):
+        return {k: v.detach().clone() for k, v in query_trunk(model).state_dict().items()}
+
+
+def query_trunk(model):
+    """What adaptation tunes: the model's first trunk (:meth:`fss.models.base.FewShotModel.trunks`)."""
+    return model.trunks()[0]
 
 
 def restore(model, state: dict) -> None:
     """Copy ``state`` into the encoder's own tensors (in place: CUDA graphs keep their addresses)."""
-    own = model.encoder.state_dict()
+    own = query_trunk(model).state_dict()
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fss.kernels import logistic
+from fss.models.base import FewShotModel, default_meta, register_method
 from fss.models.encoders import build_encoder
-from fss.models.methods import Method, register
 
 HASH_INPUTS = 1000  # fc8's outputs: VGG16's ImageNet classes in the official model
 HASH_SEED = 1385  # the official test seed, reused as the default hashing seed
@@ -177,17 +177,23 @@ def oslsm_meta(encoder: str, width: float, given: dict | None) -> dict:
     return meta
 
 
-class OSLSM(nn.Module):
+@register_method("oslsm")
+class OSLSM(FewShotModel):
     """Conditioning branch + weight hashing + query FCN + logistic head (see the module docstring).
 
     ``encoder`` (the query trunk) and ``support_encoder`` (the conditioning trunk) are unshared modules
-    of the same registered encoder; ``meta`` as PANet's plus ``oslsm`` and ``support_size``.
+    of the same registered encoder; ``meta`` as PANet's plus ``oslsm`` and ``support_size``. Support
+    state per shot: its ``D+1`` regression weights (and ``0`` columns for the pair's second part).
     """
+
+    refinements = ("none",)
+    train_defaults = {"optimizer": "adamw", "lr": 5e-5}
+    scale = 1.0  # no cosine: the logits are the regression's own
+    encodes_supports = False  # the conditioning branch reads the support images
+    export_ops = EXPORT_OPS
 
     def __init__(self, encoder: str, width: float = 1.0, meta: dict | None = None, impl: str = "auto"):
         super().__init__()
-        from fss.models.panet import default_meta
-
         meta = dict(meta or {})
         self.geometry_entry = geometry_of(encoder)
         config = oslsm_meta(encoder, width, meta.get("oslsm"))
@@ -214,9 +220,14 @@ class OSLSM(nn.Module):
             "width": float(width),
             "oslsm": config,
         }
-        self.scale = 1.0  # no cosine: the logits are the regression's own
-        self.export_ops = EXPORT_OPS
         self.impl = impl
+
+    @classmethod
+    def from_graphs(cls, meta: dict, graphs: dict, impl: str = "auto") -> "OSLSM":
+        model = super().from_graphs(meta, graphs, impl)
+        model.condition_masked = graphs["conditioning"]
+        model.geometry_entry = geometry_of(meta["encoder"])  # the exported query branch pads as the model
+        return model
 
     def init_head(self) -> None:
         """He initialisation of the fc layers; fc8 zero, so training starts from logits 0 (a random fc8
@@ -227,9 +238,9 @@ class OSLSM(nn.Module):
         nn.init.zeros_(self.cond_fc8.weight)
         nn.init.zeros_(self.cond_fc8.bias)
 
-    def extra_encoders(self) -> list[nn.Module]:
-        """Trunks besides ``encoder`` that pretrained initialisation and ``--freeze-stages`` also treat."""
-        return [self.support_encoder]
+    def trunks(self) -> list[nn.Module]:
+        """The query trunk and the conditioning trunk (initialised and frozen alike)."""
+        return [self.encoder, self.support_encoder]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Query branch: ``M x 3 x S x S`` normalised images -> ``M x D x h x w`` fc7 features."""
@@ -260,22 +271,55 @@ class OSLSM(nn.Module):
         """The head's upsampling geometry for queries of side ``in_size`` (int or ``(H, W)``)."""
         return head_geometry(self.meta, in_size)
 
-    def export_modules(self) -> dict[str, nn.Module]:
+    def export_graphs(self) -> dict[str, nn.Module]:
         """The graphs a bundle holds: the query branch (``images`` -> fc7 ``features``) and the
         conditioning branch (masked supports at the support size -> regression weights)."""
         return {"encoder": Branch(self.encode).eval(), "conditioning": Branch(self.condition_masked).eval()}
 
-    def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
-        """Logits ``B x Q x (1+N) x H x W``: a zero background channel, then each way's (max over its
-        shots), so the argmax is the N-way rule of the head."""
-        from fss.models.methods import check_episode
+    # -- the support state and the head -----------------------------------------------------------------
+    def episode_state(self, supp_imgs, supp_fg, supp_bg=None, shot_mask=None, refine="none", impl=None):
+        """``B x N x K x 3 x S x S`` supports, ``B x N x K x S x S`` foreground -> ``B x N x K x (D+1)``
+        weights. Shots ``shot_mask`` marks absent repeat the way's first shot (the max ignores repeats)."""
+        B, N, K = supp_imgs.shape[:3]
+        size = int(self.meta["support_size"])
+        weights = self.condition_masked(masked_supports(supp_imgs.flatten(0, 2), supp_fg.flatten(0, 2), size))
+        weights = weights.unflatten(0, (B, N, K))
+        if shot_mask is not None:
+            weights = torch.where(shot_mask[..., None].to(weights.device), weights, weights[:, :, :1])
+        return weights
 
-        check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
-        B, Q = qry_imgs.shape[:2]
-        qry_feats = self.encode(qry_imgs.flatten(0, 1)).unflatten(0, (B, Q))
-        weights = support_state(self, supp_imgs, supp_fg, supp_bg, shot_mask)
-        ways = logistic.logits(qry_feats, weights, qry_imgs.shape[-2:], self.geometry(qry_imgs.shape[-2:]))
+    def pool_shots(self, imgs, fg, bg, refine="none", impl=None):
+        """``K x 3 x S x S`` shots, ``K x S x S`` masks -> ``K x (D+1)`` weights, ``K x 0``."""
+        weights = self.episode_state(imgs[None, None], fg[None, None], bg[None, None])[0, 0]
+        return weights, weights[:, :0]
+
+    def combine(self, fg: list[torch.Tensor], bg: list[torch.Tensor]) -> torch.Tensor:
+        """Per-way shot weights (``fg[n]``: ``K_n x (D+1)``) -> ``N x K x (D+1)``, a way with fewer shots
+        padded with repeats of its first (``bg`` is unused: OSLSM's state is the weights alone)."""
+        k = max(len(w) for w in fg)
+        return torch.stack([torch.cat([w, w[:1].expand(k - len(w), -1)]) for w in fg])
+
+    def logits(self, qry_feats, weights, out_size, refine="none", impl=None, in_size=None):
+        """``B x Q x D x h x w`` queries, ``B x N x K x (D+1)`` weights -> ``B x Q x (1+N) x H x W`` (zero
+        background channel first, then each way's max over its shots: the argmax is the head's rule)."""
+        ways = logistic.logits(qry_feats, weights, out_size, self.geometry(tuple(in_size or out_size)))
         return torch.cat([torch.zeros_like(ways[:, :, :1]), ways], dim=2)
+
+    def segment(
+        self, qry_feats, weights, out_size, refine="none", return_prob=False, impl=None, in_size=None
+    ):
+        """The fused head: ``B x Q x H x W`` uint8 labels (+ the label's probability)."""
+        geometry = self.geometry(tuple(in_size or out_size))
+        return logistic.segment(qry_feats, weights, out_size, geometry, return_prob, impl or self.impl)
+
+    def losses(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
+        """Sigmoid cross-entropy of every way's logits against its binary mask, void (255) as background
+        (the paper's loss), averaged over pixels and ways; OSLSM has no second term (zero)."""
+        ways = self(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask)[:, :, 1:]
+        classes = torch.arange(1, ways.shape[2] + 1, device=qry_labels.device)
+        target = (qry_labels[:, :, None] == classes[None, None, :, None, None]).to(ways.dtype)
+        loss = F.binary_cross_entropy_with_logits(ways, target)
+        return loss, loss.new_zeros(())
 
 
 class Branch(nn.Module):
@@ -307,77 +351,3 @@ def head_geometry(meta: dict, in_size) -> tuple | None:
         return None
     in_h, in_w = (in_size, in_size) if isinstance(in_size, int) else tuple(in_size)
     return fcn[0], fcn[1], int(in_h), int(in_w)
-
-
-def build(encoder: str, width: float, meta: dict, impl: str) -> OSLSM:
-    return OSLSM(encoder, width, meta, impl)
-
-
-def support_state(model, supp_imgs, supp_fg, supp_bg=None, shot_mask=None, impl="auto"):
-    """``B x N x K x 3 x S x S`` supports, ``B x N x K x S x S`` foreground -> ``B x N x K x (D+1)``
-    weights. Shots ``shot_mask`` marks absent repeat the way's first shot (the max ignores repeats)."""
-    B, N, K = supp_imgs.shape[:3]
-    masked = masked_supports(supp_imgs.flatten(0, 2), supp_fg.flatten(0, 2), int(model.meta["support_size"]))
-    weights = model.condition_masked(masked).unflatten(0, (B, N, K))  # a checkpoint's or a bundle's
-    if shot_mask is not None:
-        weights = torch.where(shot_mask[..., None].to(weights.device), weights, weights[:, :, :1])
-    return weights
-
-
-def combine(fg: list[torch.Tensor], bg: list[torch.Tensor]) -> torch.Tensor:
-    """Per-way shot weights (``fg[n]``: ``K_n x (D+1)``) -> ``N x K x (D+1)``, a way with fewer shots
-    padded with repeats of its first (``bg`` is unused: OSLSM's state is the weights alone)."""
-    k = max(len(w) for w in fg)
-    return torch.stack([torch.cat([w, w[:1].expand(k - len(w), -1)]) for w in fg])
-
-
-def logits(qry_feats, weights, out_size, scale=1.0, impl="auto", refine="none", geometry=None):
-    """``B x Q x D x h x w`` queries, ``B x N x K x (D+1)`` weights -> ``B x Q x (1+N) x H x W`` (zero
-    background channel first)."""
-    ways = logistic.logits(qry_feats, weights, out_size, geometry)
-    return torch.cat([torch.zeros_like(ways[:, :, :1]), ways], dim=2)
-
-
-def segment(qry_feats, weights, out_size, scale=1.0, impl="auto", refine="none", return_prob=False,
-            geometry=None):  # fmt: skip
-    """The fused head: ``B x Q x H x W`` uint8 labels (+ the label's probability)."""
-    return logistic.segment(qry_feats, weights, out_size, geometry, return_prob, impl)
-
-
-def head_options(model, in_size) -> dict:
-    return {"geometry": head_geometry(model.meta, in_size)}
-
-
-def losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
-    """Sigmoid cross-entropy of every way's logits against its binary mask, void (255) as background
-    (the paper's loss), averaged over pixels and ways; OSLSM has no second term (zero)."""
-    ways = model(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask)[:, :, 1:]
-    classes = torch.arange(1, ways.shape[2] + 1, device=qry_labels.device)
-    target = (qry_labels[:, :, None] == classes[None, None, :, None, None]).to(ways.dtype)
-    loss = F.binary_cross_entropy_with_logits(ways, target)
-    return loss, loss.new_zeros(())
-
-
-def no_prototypes(*args, **kwargs):
-    """OSLSM has no prototypes of support features: its state comes from the support images."""
-    raise TypeError("OSLSM conditions on support images: use its Method.support_state")
-
-
-register(
-    Method(
-        name="oslsm",
-        build=build,
-        losses=losses,
-        default_refine="none",
-        train_defaults={"optimizer": "adamw", "lr": 5e-5},
-        scale=1.0,
-        shot_poolings=no_prototypes,
-        combine=combine,
-        prototypes=no_prototypes,
-        logits=logits,
-        segment=segment,
-        support_state=support_state,
-        head_options=head_options,
-        refinements=("none",),
-    )
-)

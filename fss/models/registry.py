@@ -1,4 +1,4 @@
-"""Name -> entry registries whose entries register themselves on import (encoders, methods)."""
+"""Name -> entry registries whose entries register themselves on import (the encoders)."""
 
 from importlib import import_module
 

@@ -16,16 +16,13 @@ Shapes: ``B`` episodes, ``N`` ways, ``K`` shots, ``Q`` queries, ``C`` the head's
 encoder's, ``h x w`` features, ``H x W`` images.
 """
 
-from dataclasses import replace
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
-from fss.models.encoders import build_encoder, get_encoder
-from fss.models.methods import Method, check_episode, encode_episode, register
+from fss.constants import IGNORE_INDEX
+from fss.models.base import FewShotModel, check_episode, default_meta, encode_episode, register_method
+from fss.models.encoders import build_encoder
 
 # CANet's choices where the SST paper is silent; every one is in meta["sst"] (fss-train --sst-*).
 DEFAULT_OPTIONS = {
@@ -240,83 +237,20 @@ def embed_queries(head, qry_feats):
     return head.embed(qry_feats.flatten(0, 1)).unflatten(0, qry_feats.shape[:2])
 
 
-# -- the method entry's functions (bound to a model's head by bind) -----------------------------------
-def shot_poolings(feats, fg, bg, impl="auto", *, head, step):
-    """``K x E x h x w`` features, ``K x S x S`` masks -> ``K x C`` descriptors, ``K x 1`` IoUs."""
-    desc, _, iou = tune_shots(head, feats, fg, bg, step)
-    return desc, iou[:, None].to(desc.dtype)
-
-
-def combine(desc: list[torch.Tensor], iou: list[torch.Tensor]) -> torch.Tensor:
-    """Per-way ``K_n x C`` descriptors and ``K_n x 1`` IoUs -> ``N x K x (C + 1)`` state, K = max K_n."""
-    N, K, C = len(desc), max(len(d) for d in desc), desc[0].shape[1]
-    padded = desc[0].new_zeros(N, K, C)
-    ious = desc[0].new_zeros(N, K)
-    shot_mask = torch.zeros(N, K, dtype=torch.bool, device=desc[0].device)
-    for n, (d, i) in enumerate(zip(desc, iou, strict=True)):
-        padded[n, : len(d)], ious[n, : len(d)], shot_mask[n, : len(d)] = d, i[:, 0], True
-    return support_state(padded, shot_weights(ious, shot_mask))
-
-
-def prototypes(supp_feats, supp_fg, supp_bg, shot_mask=None, impl="auto", *, head, step):
-    """``B x N x K x E x h x w`` features, ``B x N x K x H x W`` masks -> ``B x N x K x (C + 1)`` states."""
-    B, N, K = supp_feats.shape[:3]
-    desc, _, iou = tune_shots(
-        head, supp_feats.flatten(0, 2), supp_fg.flatten(0, 2), supp_bg.flatten(0, 2), step
-    )
-    return support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
-
-
-def logits(qry_feats, state, out_size, scale=None, impl="auto", refine="none", *, head):
-    """``B x Q x E x h x w`` encoder features, ``B x N x K x (C + 1)`` states -> ``B x Q x (1 + N) x H x W``
-    log-probabilities (:func:`combined_log_probs`)."""
-    with torch.inference_mode(False):
-        feats = qry_feats.clone() if qry_feats.is_inference() else qry_feats
-        state = state.clone() if state.is_inference() else state
-        return combined_log_probs(way_probabilities(head, embed_queries(head, feats), state, out_size))
-
-
-def segment(qry_feats, state, out_size, scale=None, impl="auto", refine="none", return_prob=False, *, head):
-    """:func:`logits` + argmax: ``B x Q x H x W`` uint8 labels (+ the winning class's probability)."""
-    logp = logits(qry_feats, state, out_size, head=head)
-    labels = logp.argmax(dim=2).to(torch.uint8)
-    if not return_prob:
-        return labels
-    return labels, logp.softmax(dim=2).amax(dim=2)
-
-
-def bind(entry: Method, model, refine: str) -> Method:
-    """The entry with its functions on ``model.head`` (a bundle's queries: on ``model.query_head``, its
-    ONNX graph); ``refine`` "tune" runs the inner loop on supports."""
-    head = model.head
-    query_head = getattr(model, "query_head", head)
-    step = float(model.options["inner_lr"]) if refine == "tune" else 0.0
-    return replace(
-        entry,
-        shot_poolings=partial(shot_poolings, head=head, step=step),
-        combine=combine,
-        prototypes=partial(prototypes, head=head, step=step),
-        logits=partial(logits, head=query_head),
-        segment=partial(segment, head=query_head),
-    )
-
-
 # -- the network --------------------------------------------------------------------------------------
-def default_meta(encoder: str, width: float) -> dict:
-    return {
-        "method": "sst",
-        "encoder": encoder,
-        "width": float(width),
-        "input_size": PAPER_INPUT_SIZE,
-        "normalisation": get_encoder(encoder).normalisation,
-        "classes": [],
-        "train_config": {},
-        "sst": dict(DEFAULT_OPTIONS),
-    }
+@register_method("sst")
+class SST(FewShotModel):
+    """An encoder and an :class:`SSTHead`; ``meta["sst"]`` holds the head's and the inner loop's options.
 
+    The support side runs on ``head`` (PyTorch: the inner step needs gradients), the query side on
+    ``query_head`` where set (a bundle's ONNX graph), else on ``head``.
+    """
 
-class SST(nn.Module):
-    """An encoder and an :class:`SSTHead`; ``meta["sst"]`` holds the head's and the inner loop's options."""
+    default_refine = "tune"
+    refinements = ("none", "tune")
+    train_defaults = {"lr": 5e-4}
+    scale = 1.0  # unused: the head is learned
+    query_head = None
 
     def __init__(self, encoder: str, width: float = 1.0, meta: dict | None = None, impl: str = "auto"):
         super().__init__()
@@ -330,78 +264,130 @@ class SST(nn.Module):
             float(self.options["dropout"]),
         )
         self.meta = {
-            **default_meta(encoder, width),
+            **default_meta(width, encoder, "sst"),
             **meta,
             "method": "sst",
             "encoder": encoder,
             "width": float(width),
             "sst": self.options,
         }
-        self.scale = 1.0  # unused: the head is learned (kept for callers that pass model.scale)
         self.impl = impl
 
-    def encode(self, images):
-        """``M x 3 x H x W`` normalised images -> ``M x E x h x w``."""
-        return self.encoder(images)
+    @classmethod
+    def from_graphs(cls, meta: dict, graphs: dict, impl: str = "auto") -> "SST":
+        model = super().from_graphs(meta, graphs, impl)
+        model.options, model.head, model.query_head = options_of(meta), graphs["head"], graphs["query_head"]
+        return model
 
-    def episode_features(self, supp_imgs, qry_imgs):
-        return encode_episode(self.encode, supp_imgs, qry_imgs)
+    def export_graphs(self) -> dict:
+        """The encoder, and the head (its query path as ONNX, its weights for the support side)."""
+        return {"encoder": self.encoder, "head": self.head}
+
+    def step(self, refine: str) -> float:
+        """The inner step size of ``refine`` ("tune": the checkpoint's; else no tuning)."""
+        return float(self.options["inner_lr"]) if refine == "tune" else 0.0
+
+    def pool_shots(self, feats, fg, bg, refine="none", impl=None):
+        """``K x E x h x w`` features, ``K x S x S`` masks -> ``K x C`` descriptors, ``K x 1`` IoUs."""
+        desc, _, iou = tune_shots(self.head, feats, fg, bg, self.step(refine))
+        return desc, iou[:, None].to(desc.dtype)
+
+    def combine(self, desc: list[torch.Tensor], iou: list[torch.Tensor]) -> torch.Tensor:
+        """Per-way ``K_n x C`` descriptors and ``K_n x 1`` IoUs -> ``N x K x (C + 1)`` state, K = max K_n."""
+        N, K, C = len(desc), max(len(d) for d in desc), desc[0].shape[1]
+        padded = desc[0].new_zeros(N, K, C)
+        ious = desc[0].new_zeros(N, K)
+        shot_mask = torch.zeros(N, K, dtype=torch.bool, device=desc[0].device)
+        for n, (d, i) in enumerate(zip(desc, iou, strict=True)):
+            padded[n, : len(d)], ious[n, : len(d)], shot_mask[n, : len(d)] = d, i[:, 0], True
+        return support_state(padded, shot_weights(ious, shot_mask))
+
+    def episode_state(self, supp_feats, supp_fg, supp_bg, shot_mask=None, refine="none", impl=None):
+        """``B x N x K x E x h x w`` features, ``B x N x K x H x W`` masks -> ``B x N x K x (C + 1)``."""
+        B, N, K = supp_feats.shape[:3]
+        desc, _, iou = tune_shots(
+            self.head,
+            supp_feats.flatten(0, 2),
+            supp_fg.flatten(0, 2),
+            supp_bg.flatten(0, 2),
+            self.step(refine),
+        )
+        return support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
+
+    def logits(self, qry_feats, state, out_size, refine="none", impl=None, in_size=None):
+        """``B x Q x E x h x w`` encoder features, ``B x N x K x (C + 1)`` states -> ``B x Q x (1 + N) x H x
+        W`` log-probabilities (:func:`combined_log_probs`)."""
+        head = self.query_head or self.head
+        with torch.inference_mode(False):
+            feats = qry_feats.clone() if qry_feats.is_inference() else qry_feats
+            state = state.clone() if state.is_inference() else state
+            return combined_log_probs(way_probabilities(head, embed_queries(head, feats), state, out_size))
+
+    def segment(self, qry_feats, state, out_size, refine="none", return_prob=False, impl=None, in_size=None):
+        """:meth:`logits` + argmax: ``B x Q x H x W`` uint8 labels (+ the winning class's probability)."""
+        logp = self.logits(qry_feats, state, out_size)
+        labels = logp.argmax(dim=2).to(torch.uint8)
+        if not return_prob:
+            return labels
+        return labels, logp.softmax(dim=2).amax(dim=2)
 
     def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="tune"):
         """``B x Q x (1 + N) x H x W`` log-probabilities of the queries (the uncached reference path)."""
+        return super().forward(supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask, refine)
+
+    def losses(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
+        """``(query_loss, aux_loss)``: the query's negative log-likelihood under the combined prediction, and
+        the mean self-segmentation cross-entropy of the shots (the auxiliary loss; zero unless ``second``).
+
+        The inner step runs when ``meta["sst"]["tune"]``; ``second_order`` keeps it differentiable.
+        """
         check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
-        method = bind(ENTRY, self, refine)
-        supp_feats, qry_feats = self.episode_features(supp_imgs, qry_imgs)
-        state = method.prototypes(supp_feats, supp_fg, supp_bg, shot_mask)
-        return method.logits(qry_feats, state, qry_imgs.shape[-2:])
+        B, N, K = supp_imgs.shape[:3]
+        options = self.options
+        step = float(options["inner_lr"]) if options["tune"] else 0.0
+        supp_feats, qry_feats = encode_episode(self.encode, supp_imgs, qry_imgs)
+        head = self.head
+        desc, shot_loss, iou = tune_shots(
+            head,
+            supp_feats.flatten(0, 2),
+            supp_fg.flatten(0, 2),
+            supp_bg.flatten(0, 2),
+            step,
+            create_graph=bool(options["second_order"]),
+        )
+        state = support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
+        logp = combined_log_probs(
+            way_probabilities(head, embed_queries(head, qry_feats), state, qry_imgs.shape[-2:])
+        )
+        query_loss = F.nll_loss(logp.flatten(0, 1), qry_labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
+        if not second:
+            return query_loss, query_loss.new_zeros(())
+        present = shot_loss.new_ones(B * N * K) if shot_mask is None else shot_mask.flatten().float()
+        return query_loss, (shot_loss * present).sum() / present.sum()
 
+    @classmethod
+    def add_train_options(cls, parser, types) -> None:
+        group = parser.add_argument_group("SST (--method sst; see docs/methods.md)")
+        for flag, kind, text in (
+            ("channels", types.positive_int, "head width (default 256, CANet's)"),
+            ("blocks", types.count, "residual blocks after the comparator (default 2)"),
+            ("inner-lr", types.non_negative_float, "inner step size: R' = R - lr dL/dR (default 1)"),
+        ):
+            group.add_argument(f"--sst-{flag}", type=kind, default=None, help=text)
+        group.add_argument(
+            "--sst-first-order", action="store_true", help="no gradient through the inner step"
+        )
+        group.add_argument(
+            "--sst-no-tune", action="store_true", help="no inner loop (evaluate: --refine none)"
+        )
 
-def build(encoder: str, width: float, meta: dict, impl: str) -> SST:
-    return SST(encoder, width, meta, impl)
-
-
-def losses(model, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
-    """``(query_loss, aux_loss)``: the query's negative log-likelihood under the combined prediction, and
-    the mean self-segmentation cross-entropy of the shots (the auxiliary loss; zero unless ``second``).
-
-    The inner step runs when ``meta["sst"]["tune"]``; ``second_order`` keeps it differentiable.
-    """
-    check_episode(supp_imgs, supp_fg, supp_bg, qry_imgs)
-    B, N, K = supp_imgs.shape[:3]
-    options = model.options
-    step = float(options["inner_lr"]) if options["tune"] else 0.0
-    supp_feats, qry_feats = model.episode_features(supp_imgs, qry_imgs)
-    head = model.head
-    desc, shot_loss, iou = tune_shots(
-        head,
-        supp_feats.flatten(0, 2),
-        supp_fg.flatten(0, 2),
-        supp_bg.flatten(0, 2),
-        step,
-        create_graph=bool(options["second_order"]),
-    )
-    state = support_state(desc.unflatten(0, (B, N, K)), shot_weights(iou.view(B, N, K), shot_mask))
-    logp = combined_log_probs(
-        way_probabilities(head, embed_queries(head, qry_feats), state, qry_imgs.shape[-2:])
-    )
-    query_loss = F.nll_loss(logp.flatten(0, 1), qry_labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
-    if not second:
-        return query_loss, query_loss.new_zeros(())
-    present = (
-        torch.ones(B * N * K, device=shot_loss.device) if shot_mask is None else shot_mask.flatten().float()
-    )
-    return query_loss, (shot_loss * present).sum() / present.sum()
-
-
-ENTRY = register(
-    Method(
-        name="sst",
-        build=build,
-        losses=losses,
-        default_refine="tune",
-        train_defaults={"lr": 5e-4},
-        scale=1.0,
-        refinements=("none", "tune"),
-        bind=bind,
-    )
-)
+    @classmethod
+    def train_options(cls, args) -> dict:
+        """The ``--sst-*`` options given, as ``meta["sst"]`` entries."""
+        options = {"channels": args.sst_channels, "blocks": args.sst_blocks, "inner_lr": args.sst_inner_lr}
+        options = {name: value for name, value in options.items() if value is not None}
+        if args.sst_first_order:
+            options["second_order"] = False
+        if args.sst_no_tune:
+            options["tune"] = False
+        return options
