@@ -18,33 +18,10 @@ import contextlib
 import os
 import signal
 import sys
+from functools import partial
 from importlib import import_module
 
 INTERRUPTED = 130  # as fss.command.INTERRUPTED, which is not imported before the handling is in place
-
-
-def fss_run() -> int:
-    return launch("fss-run", "fss.runtime.cli")
-
-
-def fss_train() -> int:
-    return launch("fss-train", "fss.train.cli")
-
-
-def fss_export() -> int:
-    return launch("fss-export", "fss.export.cli")
-
-
-def fss_eval() -> int:
-    return launch("fss-eval", "fss.train.eval_cli")
-
-
-def fss_demo() -> int:
-    return launch("fss-demo", "fss.demo.cli")
-
-
-def fss_serve() -> int:
-    return launch("fss-serve", "fss.serve.cli")
 
 
 def launch(prog: str, module: str) -> int:
@@ -91,3 +68,12 @@ def importing(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# The console scripts ([project.scripts]): each runs its command's module.
+fss_run = partial(launch, "fss-run", "fss.runtime.cli")
+fss_train = partial(launch, "fss-train", "fss.train.cli")
+fss_export = partial(launch, "fss-export", "fss.export.cli")
+fss_eval = partial(launch, "fss-eval", "fss.train.eval_cli")
+fss_demo = partial(launch, "fss-demo", "fss.demo.cli")
+fss_serve = partial(launch, "fss-serve", "fss.serve.cli")
