@@ -120,7 +120,7 @@ class Engine:
         model_name: str,
         device=None,
         batch: int = 4,
-        feature_budget_mb: int = 512,
+        feature_budget_mb: float = 512,
         max_pixels: int = MAX_PIXELS,
         max_query_pixels: int = MAX_QUERY_PIXELS,
     ):

@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 import sys
-from functools import partial
 from importlib import import_module
 
 INTERRUPTED = 130  # as fss.command.INTERRUPTED, which is not imported before the handling is in place
@@ -70,10 +69,19 @@ def importing(frame) -> bool:
     return False
 
 
-# The console scripts ([project.scripts]): each runs its command's module.
-fss_run = partial(launch, "fss-run", "fss.runtime.cli")
-fss_train = partial(launch, "fss-train", "fss.train.cli")
-fss_export = partial(launch, "fss-export", "fss.export.cli")
-fss_eval = partial(launch, "fss-eval", "fss.train.eval_cli")
-fss_demo = partial(launch, "fss-demo", "fss.demo.cli")
-fss_serve = partial(launch, "fss-serve", "fss.serve.cli")
+def console_script(prog: str, module: str):
+    """The console script ``prog``: ``module.main()`` through :func:`launch`."""
+
+    def script() -> int:
+        return launch(prog, module)
+
+    return script
+
+
+# The console scripts ([project.scripts]).
+fss_run = console_script("fss-run", "fss.runtime.cli")
+fss_train = console_script("fss-train", "fss.train.cli")
+fss_export = console_script("fss-export", "fss.export.cli")
+fss_eval = console_script("fss-eval", "fss.train.eval_cli")
+fss_demo = console_script("fss-demo", "fss.demo.cli")
+fss_serve = console_script("fss-serve", "fss.serve.cli")
