@@ -22,7 +22,7 @@ from fss.demo.session import (
     Session,
     check_class_name,
     read_mask_file,
-    read_support_image,
+    read_uploaded_image,
 )
 from fss.errors import FssError
 from fss.io.folders import find_support_pairs, scan_folder
@@ -242,7 +242,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         if not path:
             return {}
         return {
-            **load_support(session, read_support_image(path, max_pixels), Path(path).name),
+            **load_support(session, read_uploaded_image(path, max_pixels), Path(path).name),
             ui.support_file: None,
         }
 
@@ -250,7 +250,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
     def on_example(session, evt: gr.SelectData):
         path, name = supports[evt.index]
         return {
-            **load_support(session, read_support_image(path, max_pixels), Path(path).name),
+            **load_support(session, read_uploaded_image(path, max_pixels), Path(path).name),
             ui.class_name: name,
         }
 

@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from fss.cli_args import add_model_args, demo_model_note, load_from_args, port, positive_int
+from fss.cli_args import add_batch_arg, add_memory_arg, add_model_args, demo_model_note, load_from_args, port
 from fss.errors import FssError
 
 PROG = "fss-demo"
@@ -21,12 +21,12 @@ def parse_args(argv):
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
-    p.add_argument("--batch", type=positive_int, default=4, help="queries encoded together")
-    p.add_argument(
+    add_batch_arg(p)
+    add_memory_arg(
+        p,
         "--feature-budget-mb",
-        type=int,
-        default=512,
-        help="query features kept per tab, so that a shot change does not re-encode them (default 512)",
+        512,
+        "query features kept per tab, so that a shot change does not re-encode them (default 512)",
     )
     p.add_argument("--examples", type=Path, default=EXAMPLES, help="folder with support/ and query/ examples")
     args = p.parse_args(argv)

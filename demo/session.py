@@ -23,7 +23,7 @@ from PIL import Image
 
 from fss.errors import EmptyMaskError, FssError, ImageTooLargeError, ShotError
 from fss.io.folders import check_class_names, is_class_folder_name
-from fss.io.images import decode_image
+from fss.io.images import as_rgb, decode_image
 from fss.io.masks import check_shot, read_mask
 
 MAX_PIXELS = 40_000_000  # larger photos are refused before decoding (a 40 MP photo is ~120 MB as RGB)
@@ -67,8 +67,10 @@ def open_checked(path, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise DemoError(f"unreadable or corrupt {what}", name) from None
 
 
-def read_support_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    return open_checked(path, "image", max_pixels).convert("RGB")
+def read_uploaded_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An uploaded support or query photo as ``fss-run`` reads it: 8-bit RGB, turned as displayed (EXIF
+    orientation), so that a phone photo and the mask painted on it match what fss-run segments."""
+    return as_rgb(open_checked(path, "image", max_pixels))
 
 
 def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -118,7 +120,7 @@ class Engine:
         model_name: str,
         device=None,
         batch: int = 4,
-        feature_budget_mb: int = 512,
+        feature_budget_mb: float = 512,
         max_pixels: int = MAX_PIXELS,
         max_query_pixels: int = MAX_QUERY_PIXELS,
     ):
@@ -252,7 +254,7 @@ class Session:
         for path in paths:
             path = Path(path)
             try:
-                image = read_support_image(path, self.engine.max_pixels)
+                image = read_uploaded_image(path, self.engine.max_pixels)
                 held += image.width * image.height
                 if held > self.engine.max_query_pixels:
                     held -= image.width * image.height

@@ -8,9 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from fss.cli_args import check_input_size, positive_int
+from fss.cli_args import add_size_arg, check_input_size, positive_int
 
 PROG = "fss-export"
+# The flags that are export_bundle's keyword arguments of the same names.
+BUNDLE_SETTINGS = ("trt", "fp16", "size", "max_batch", "opset", "verify_images")
 
 
 def parse_args(argv):
@@ -35,9 +37,7 @@ def parse_args(argv):
         "--trt", action="store_true", help="also a TensorRT engine (needs TensorRT and a CUDA GPU)"
     )
     p.add_argument("--fp16", action="store_true", help="float16 TensorRT engine (ONNX stays float32)")
-    p.add_argument(
-        "--size", type=int, metavar="S", help="input size (default: the checkpoint's, 417 for PANet)"
-    )
+    add_size_arg(p)
     p.add_argument(
         "--max-batch",
         type=positive_int,
@@ -103,18 +103,12 @@ def export_main(args) -> int:
 
         check_repo_replaceable(args.triton_repo)  # before the export, not after
     int8_photos = calibration_photos(args.int8) if args.int8 is not None else ()
-    out, manifest = export_bundle(
-        args.ckpt,
-        args.out,
-        trt=args.trt,
-        fp16=args.fp16,
-        size=args.size,
-        max_batch=args.max_batch,
-        opset=args.opset,
-        verify_images=args.verify_images,
-        int8_photos=int8_photos,
-        log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
-    )
+    settings = {name: getattr(args, name) for name in BUNDLE_SETTINGS}
+
+    def log(line: str) -> None:
+        print(f"{PROG}: {line}", file=sys.stderr)
+
+    out, manifest = export_bundle(args.ckpt, args.out, **settings, int8_photos=int8_photos, log=log)
     print_report(out, manifest)
     if args.triton_repo is not None:
         from fss.export.triton_repo import write_triton_repo

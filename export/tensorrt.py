@@ -25,7 +25,7 @@ from fss.export.verify import VerificationError
 
 def build_engine(onnx_path: Path, engine_path: Path, size: int, max_batch: int, precision: str) -> dict:
     """Parse ``onnx_path``, build and serialise an engine to ``engine_path``; return its manifest entry."""
-    trt = require_tensorrt("--trt")
+    trt = require_tensorrt("building a TensorRT engine")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -15,15 +15,12 @@ encoder model and runs the bundle's ONNX graph in ONNX Runtime inside the Python
 that lack the ONNX Runtime / TensorRT backends (the one bundled with PyTriton has only Python).
 """
 
-import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from fss.backends.bundle_format import ENGINE_FILE, MANIFEST_FILE, ONNX_FILE, sha256_file, validate_bundle
-from fss.errors import FssError
-from fss.export.bundle import publish
+from fss.export.bundle import check_replaceable, staged_directory
 from fss.serve import protocol
 from fss.serve.handlers import Limits
 
@@ -92,12 +89,7 @@ def feature_shape(onnx_path: Path) -> tuple[int, int, int]:
 
 def check_repo_replaceable(out: Path) -> None:
     """``out`` may be written: absent, empty, or a repository written by fss (replaced as a whole)."""
-    if out.exists() and not out.is_dir():
-        raise FssError("output path exists and is not a directory", out)
-    if out.is_dir() and any(out.iterdir()) and not (out / REPO_FILE).is_file():
-        raise FssError(
-            "output directory exists and is not an fss model repository; refusing to replace it", out
-        )
+    check_replaceable(out, REPO_FILE, "an fss model repository")
 
 
 def write_triton_repo(
@@ -139,7 +131,7 @@ def write_triton_repo(
         # Poolings depend on the encoder's weights: repositories of one encoder share cached sets.
         "REPO_ID": manifest["files"][ONNX_FILE]["sha256"][:16],
     }
-    with staged_repo(out) as staging:
+    with staged_directory(out, "model repository") as staging:
         shutil.copytree(bundle_dir, staging / params["BUNDLE"])
         if encoder == "triton":
             write_encoders(staging, bundle_dir, engine, size, features, max_batch, max_queue_delay_us)
@@ -195,20 +187,3 @@ def write_encoders(staging: Path, bundle_dir: Path, engine, size, features, max_
         (trt_dir / "config.pbtxt").write_text(
             encoder_config(ENCODER_TRT_MODEL, "tensorrt_plan", ENGINE_FILE, size, features, trt_batch, delay)
         )
-
-
-@contextlib.contextmanager
-def staged_repo(out: Path):
-    """An empty directory beside ``out`` that replaces it when the block succeeds, else vanishes."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as exc:
-        raise FssError(f"cannot create the model repository: {exc.strerror}", out) from None
-    try:
-        yield staging
-        staging.chmod(0o755)
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

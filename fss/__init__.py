@@ -10,7 +10,8 @@ TensorRT):
 """
 
 import os
-from importlib import import_module
+
+from fss.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -33,10 +34,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        value = getattr(import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fss' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, REFINEMENTS
 from fss.errors import SettingError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -54,6 +54,35 @@ def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:
         parser.error(f"--size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}")
 
 
+# -- options several commands share, worded once -------------------------------------------------------
+def add_size_arg(parser: argparse.ArgumentParser, default: str = "the checkpoint's, 417 for PANet") -> None:
+    """``--size``: the encoder's input size, else ``default`` (checked by :func:`check_input_size`)."""
+    parser.add_argument("--size", type=int, metavar="S", help=f"encoder input size (default: {default})")
+
+
+def add_batch_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=positive_int, default=4, help="queries encoded together")
+
+
+def add_refine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default=None,
+        help="test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
+        "none for PANet, fusion for PRNet, tune for SST)",
+    )
+
+
+def add_memory_arg(parser: argparse.ArgumentParser, flag: str, default: float, what: str) -> None:
+    """``flag``: a memory budget in MB (0 or more) for ``what``."""
+    parser.add_argument(flag, type=non_negative_float, default=default, metavar="MB", help=what)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
+
+
 # -- the model a command runs -----------------------------------------------------------------------------
 def add_model_args(parser: argparse.ArgumentParser, backends=BACKENDS, backend_help: str | None = None):
     """``--ckpt`` or ``--bundle`` (neither: the bundled demo model), ``--backend`` and ``--device``.
@@ -69,7 +98,7 @@ def add_model_args(parser: argparse.ArgumentParser, backends=BACKENDS, backend_h
     )
     backend_help = backend_help or "what runs the encoder (default auto)"
     parser.add_argument("--backend", default="auto", choices=backends, help=backend_help)
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when available")
+    add_device_arg(parser)
     return source
 
 

@@ -23,30 +23,6 @@ from importlib import import_module
 INTERRUPTED = 130  # as fss.command.INTERRUPTED, which is not imported before the handling is in place
 
 
-def fss_run() -> int:
-    return launch("fss-run", "fss.runtime.cli")
-
-
-def fss_train() -> int:
-    return launch("fss-train", "fss.train.cli")
-
-
-def fss_export() -> int:
-    return launch("fss-export", "fss.export.cli")
-
-
-def fss_eval() -> int:
-    return launch("fss-eval", "fss.train.eval_cli")
-
-
-def fss_demo() -> int:
-    return launch("fss-demo", "fss.demo.cli")
-
-
-def fss_serve() -> int:
-    return launch("fss-serve", "fss.serve.cli")
-
-
 def launch(prog: str, module: str) -> int:
     """``module.main()`` with Ctrl-C as exit 130 and one line, during its imports too."""
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -91,3 +67,21 @@ def importing(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def console_script(prog: str, module: str):
+    """The console script ``prog``: ``module.main()`` through :func:`launch`."""
+
+    def script() -> int:
+        return launch(prog, module)
+
+    return script
+
+
+# The console scripts ([project.scripts]).
+fss_run = console_script("fss-run", "fss.runtime.cli")
+fss_train = console_script("fss-train", "fss.train.cli")
+fss_export = console_script("fss-export", "fss.export.cli")
+fss_eval = console_script("fss-eval", "fss.train.eval_cli")
+fss_demo = console_script("fss-demo", "fss.demo.cli")
+fss_serve = console_script("fss-serve", "fss.serve.cli")

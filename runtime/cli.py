@@ -18,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.cli_args import add_model_args, check_input_size, demo_model_note, load_from_args, positive_int
-from fss.constants import REFINEMENTS
+from fss.cli_args import (
+    add_batch_arg,
+    add_model_args,
+    add_refine_arg,
+    add_size_arg,
+    check_input_size,
+    demo_model_note,
+    load_from_args,
+    positive_int,
+)
 from fss.errors import FssError, ImageTooLargeError
 from fss.io.outputs import LOCK_FILE
 from fss.runtime.cli_resume import (
@@ -72,21 +80,15 @@ def parse_args(argv):
         help="encoder precision of a checkpoint: fp32 (default), or bf16 (opt-in; torch on CPUs with "
         "bfloat16 units, or CUDA; masks close to but not equal to fp32, docs/performance.md)",
     )
-    p.add_argument("--size", type=int, help="encoder input size (default: the checkpoint's, 417 for PANet)")
-    p.add_argument("--batch", type=positive_int, default=4, help="queries encoded together")
+    add_size_arg(p)
+    add_batch_arg(p)
     p.add_argument(
         "--max-pixels",
         type=positive_int,
         default=None,
         help="largest image read, width x height (default $FSS_MAX_PIXELS or 64,000,000)",
     )
-    p.add_argument(
-        "--refine",
-        choices=REFINEMENTS,
-        default=None,
-        help="test-time refinement of the prototypes on each query (default: the checkpoint's method's: "
-        "none for PANet, fusion for PRNet, tune for SST)",
-    )
+    add_refine_arg(p)
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -8,7 +8,7 @@
 Imported lazily: ``import fss.serve`` needs neither PyTriton nor tritonclient.
 """
 
-from importlib import import_module
+from fss.lazy import lazy_attributes
 
 _LAZY = {
     "Client": ("fss.serve.client", "Client"),
@@ -19,10 +19,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        value = getattr(import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fss.serve' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fss.cli_args import add_model_args, count, port, positive_int
+from fss.cli_args import add_model_args, add_size_arg, check_input_size, count, port, positive_int
 from fss.errors import FssError
 
 PROG = "fss-serve"
@@ -37,7 +37,7 @@ def parse_args(argv):
     source.add_argument(
         "--repository", type=Path, metavar="DIR", help="serve a model repository (fss-export --triton-repo)"
     )
-    p.add_argument("--size", type=int, metavar="S", help="encoder input size (default: the model's)")
+    add_size_arg(p, "the model's")
     p.add_argument(
         "--address", default="127.0.0.1", metavar="IP", help="address to bind (default loopback only)"
     )
@@ -82,8 +82,7 @@ def parse_args(argv):
         "--triton-log", type=Path, metavar="FILE", help="write the Triton server's log here (default: stdout)"
     )
     args = p.parse_args(argv)
-    if args.size is not None and args.size < 8:
-        p.error("--size must be at least 8")
+    check_input_size(p, args.size)
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
         p.error("--http-port, --grpc-port and --metrics-port must differ")
     return args

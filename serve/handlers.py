@@ -186,15 +186,13 @@ class SupportService:
         return self.describe(support_id)
 
     def register_folder(self, folder: str) -> dict:
-        """A support folder on the server (``fss-run`` layout), only below ``--support-root``.
+        """A support folder on the server (``fss-run`` layout), only below the server's support root.
 
         Every path read is resolved first, the folder, its class folders and each image and mask, so
         a symbolic link leading out of the root is refused rather than followed.
         """
         if self.support_root is None:
-            raise RequestError(
-                "server-side support folders are disabled (start fss-serve with --support-root)"
-            )
+            raise RequestError("server-side support folders are disabled: this server has no support root")
         path = (self.support_root / folder).resolve()
         if not path.is_relative_to(self.support_root):
             raise RequestError(f"support folder {folder!r} is outside the server's support root")

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from helpers import random_model, save_image
+from hostile import save_rotated_jpeg
 from PIL import Image
 
 import fss
@@ -16,7 +17,8 @@ from fss.constants import IGNORE_INDEX
 from fss.demo import outputs
 from fss.demo.cli import main as demo_main
 from fss.demo.editor import mask_from_layers, mask_layer
-from fss.demo.session import DemoError, Engine, Session
+from fss.demo.session import DemoError, Engine, Session, read_uploaded_image
+from fss.io.images import read_image
 from fss.runtime.cli import main as fss_run
 
 
@@ -115,6 +117,27 @@ def test_masks_equal_segmenter_and_fss_run_zip(engine, model, tmp_path):
     assert [(q["file"], q["fractions"]) for q in page["queries"]] == [
         (q["file"], q["fractions"]) for q in run["queries"]
     ]
+    session.close()
+
+
+def test_phone_photos_are_turned_as_fss_run_turns_them(engine, model, tmp_path):
+    """Photos stored sideways with an EXIF orientation (as phones save them) are read as displayed, as
+    fss-run and the Segmenter read them: the mask painted on the page fits, and the masks are theirs."""
+    rng = np.random.default_rng(3)
+    support, query = tmp_path / "support.jpg", tmp_path / "query.jpg"
+    for path in (support, query):
+        save_rotated_jpeg(path, (rng.random((40, 56, 3)) * 255).astype(np.uint8), orientation=6)
+    image = read_uploaded_image(support)
+    assert image.size == (40, 56)  # displayed turned 90 degrees: 40 wide, 56 high
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(read_image(support, draft=False)))
+    mask = np.zeros((56, 40), np.uint8)
+    mask[10:40, 5:30] = 1
+    session = Session(engine)
+    session.add_queries([query])
+    session.add_shot("cat", image, mask)
+    expected = reference(model, {"cat": [(support, mask)]}, [query])
+    got = labels(session)["query.jpg"]
+    assert got.shape == (56, 40) and np.array_equal(got, expected["query.jpg"])
     session.close()
 
 

@@ -2,8 +2,8 @@
 
 Layers, lowest first (a module belongs to the layer of its longest matching prefix):
 
-- foundation: ``fss`` (the package, whose API is imported lazily), errors, constants, and ``validation``
-  (safe reading of torch files), which models and checkpoints both use;
+- foundation: ``fss`` (the package, whose API ``lazy`` imports on first use), errors, constants, and
+  ``validation`` (safe reading of torch files), which models and checkpoints both use;
 - kernels; models (methods, encoders, the registry);
 - io (``fss.io`` or a package of that name, ``fss.memory``);
 - backends: encoder sessions and bundles read and run (``fss.backends``);
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
-    ("foundation", ["fss", "fss.errors", "fss.constants", "fss.validation"]),
+    ("foundation", ["fss", "fss.errors", "fss.constants", "fss.lazy", "fss.validation"]),
     ("kernels", ["fss.kernels"]),
     ("models", ["fss.models"]),
     ("io", ["fss.io", "fss.memory"]),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fss.errors import FssError
+from fss.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise FssError("--device cuda: no CUDA device is available")
+            raise SettingError("{device} cuda: no CUDA device is available")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")
-    raise FssError(f"--device must be auto, cpu or cuda, got {name!r}")
+    raise SettingError("{device} must be auto, cpu or cuda, got {name!r}", name=name)
 
 
 def init_world(device: str = "auto") -> World:

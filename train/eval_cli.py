@@ -14,9 +14,16 @@ from pathlib import Path
 import torch
 
 from fss.checkpoint import load_model
-from fss.cli_args import DEVICES, input_size, non_negative_float, positive_int
+from fss.cli_args import (
+    add_device_arg,
+    add_memory_arg,
+    add_refine_arg,
+    add_size_arg,
+    check_input_size,
+    positive_int,
+)
 from fss.command import run_command
-from fss.constants import PAPER_INPUT_SIZE, REFINEMENTS
+from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
 from fss.io.outputs import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", type=Path, required=True, help="official snapshot, fss checkpoint or bundle")
     add_episode_args(p)
-    p.add_argument("--size", type=input_size, default=None, help="input size (default: the checkpoint's)")
+    add_size_arg(p, "the checkpoint's")
     p.add_argument(
         "--annotation", choices=ANNOTATIONS, default="dense", help="support masks: dense, box or scribble"
     )
@@ -238,13 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="head kernels (fss.kernels; default auto)",
     )
-    p.add_argument(
-        "--refine",
-        choices=REFINEMENTS,
-        default=None,
-        help="test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
-        "none for PANet, fusion for PRNet, tune for SST)",
-    )
+    add_refine_arg(p)
     p.add_argument(
         "--precision",
         choices=sorted(PRECISIONS),
@@ -261,16 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="the bundle's int8 encoder (--ckpt BUNDLE, fss-export --int8)"
     )
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
+    add_device_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--cache-mb", type=non_negative_float, default=2048, help="memory for decoded images (default 2048)"
-    )
-    p.add_argument(
+    add_memory_arg(p, "--cache-mb", 2048, "memory for decoded images (default 2048)")
+    add_memory_arg(
+        p,
         "--feature-cache-mb",
-        type=non_negative_float,
-        default=2048,
-        help="memory (on the device) for encoder features, each photo encoded once (default 2048; 0: off)",
+        2048,
+        "memory (on the device) for encoder features, each photo encoded once (default 2048; 0: off)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the full results (per run, per class) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -278,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_input_size(parser, args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(
