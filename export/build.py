@@ -53,17 +53,7 @@ def tool_versions(with_tensorrt: bool) -> dict:
 
 
 def export_bundle(
-    ckpt,
-    out=None,
-    *,
-    trt: bool = False,
-    fp16: bool = False,
-    size: int | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    opset: int = DEFAULT_OPSET,
-    verify_images=(),
-    int8_photos=(),
-    log: Callable[[str], None] = lambda line: None,
+    ckpt, out=None, *, log: Callable[[str], None] = lambda line: None, **settings
 ) -> tuple[Path, dict]:
     """Export the encoder of ``ckpt`` as a verified bundle at ``out``; return its path and manifest.
 
@@ -71,7 +61,8 @@ def export_bundle(
     eager PyTorch; with ``trt`` also ``encoder.engine`` (float16 with ``fp16``), verified on the GPU.
     ``size`` defaults to the checkpoint's input size; ``max_batch`` bounds the TensorRT profile.
     ``int8_photos`` (opt-in) adds ``encoder-int8.onnx``, statically quantised and calibrated on them
-    (:mod:`fss.export.quantize`).
+    (:mod:`fss.export.quantize`). ``settings``: the keyword arguments of :func:`export_model_bundle`
+    (``trt``, ``fp16``, ``size``, ``max_batch``, ``opset``, ``verify_images``, ``int8_photos``).
 
     Raises ``FssError`` for what the user can fix (checkpoint, output path, missing TensorRT / CUDA,
     opset), before anything is written, and ``VerificationError`` when the exported encoder is
@@ -81,25 +72,14 @@ def export_bundle(
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else default_out(ckpt)
     require_onnx_tools()
+    trt = settings.get("trt", False)
     if trt and (missing := tensorrt_missing("--trt")):
         raise FssError(missing)
-    if fp16 and not trt:
+    if settings.get("fp16") and not trt:
         log("note: --fp16 applies to TensorRT engines (--trt); the ONNX encoder stays float32")
     model = load_model(ckpt)
     source = {"file": ckpt.name, "sha256": sha256_file(ckpt)}
-    return export_model_bundle(
-        model,
-        out,
-        source,
-        trt=trt,
-        fp16=fp16,
-        size=size,
-        max_batch=max_batch,
-        opset=opset,
-        verify_images=verify_images,
-        int8_photos=int8_photos,
-        log=log,
-    )
+    return export_model_bundle(model, out, source, log=log, **settings)
 
 
 def export_model_bundle(

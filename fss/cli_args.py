@@ -65,13 +65,22 @@ def add_batch_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_refine_arg(parser: argparse.ArgumentParser) -> None:
+    from fss.models.base import get_method, method_names
+
+    defaults = ", ".join(f"{get_method(name).default_refine} for {name}" for name in method_names())
     parser.add_argument(
         "--refine",
         choices=REFINEMENTS,
         default=None,
-        help="test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
-        "none for PANet, fusion for PRNet, tune for SST)",
+        help=f"test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
+        f"{defaults})",
     )
+
+
+def add_way_shot_args(parser: argparse.ArgumentParser) -> None:
+    """``--ways`` and ``--shots`` of the episodes a command draws."""
+    parser.add_argument("--ways", type=positive_int, default=1, help="classes per episode (default 1)")
+    parser.add_argument("--shots", type=positive_int, default=1, help="support images per class (default 1)")
 
 
 def add_memory_arg(parser: argparse.ArgumentParser, flag: str, default: float, what: str) -> None:

@@ -13,13 +13,29 @@ testing (the classes differ).
 
 from fss.errors import FssError, SettingError
 from fss.train.coco import DEFAULT_SPLIT as COCO_DEFAULT_SPLIT
-from fss.train.coco import CocoDataset, coco20i_fold_indices
+from fss.train.coco import FOLD_CONVENTIONS, CocoDataset, coco20i_fold_indices
 from fss.train.data import EpisodeDataset, FolderDataset
 from fss.train.voc import DEFAULT_SPLIT as VOC_DEFAULT_SPLIT
 from fss.train.voc import VocDataset, pascal_fold_classes
 
 DATASETS = ("folder", "voc", "coco")
 FOLDS = 4
+
+
+def add_split_args(parser) -> None:
+    """``--split`` and ``--fold-convention``: which part of a benchmark dataset, and how COCO's folds run."""
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="voc: split of ImageSets/Segmentation (default trainaug); coco: split(s), comma-separated "
+        "(default train2017)",
+    )
+    parser.add_argument(
+        "--fold-convention",
+        choices=FOLD_CONVENTIONS,
+        default="consecutive",
+        help="COCO-20i folds: consecutive classes 20i+1..20i+20 (PANet, default) or interleaved 4k+i+1",
+    )
 
 
 def default_split(kind: str) -> str | None:

@@ -5,6 +5,7 @@ Also ``python -m fss.train`` (what ``torchrun --nproc-per-node G -m fss.train ..
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,15 @@ from pathlib import Path
 import torch
 
 from fss.checkpoint import read_torch_file
-from fss.cli_args import DEVICES, count, input_size, non_negative_float, positive_float, positive_int
+from fss.cli_args import (
+    add_device_arg,
+    add_way_shot_args,
+    count,
+    input_size,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from fss.command import run_command
 from fss.constants import PAPER_INPUT_SIZE
 from fss.errors import FssError
@@ -22,8 +31,7 @@ from fss.memory import check_encoder_memory
 from fss.models.base import DEFAULT_METHOD, build_model, get_method, method_names
 from fss.models.encoders import encoder_names
 from fss.models.panet import DEFAULT_ENCODER
-from fss.train.benchmark import DATASETS, FOLDS
-from fss.train.coco import FOLD_CONVENTIONS
+from fss.train.benchmark import DATASETS, FOLDS, add_split_args
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
 from fss.train.trainer import OPTIMIZERS, TrainConfig, evaluate_only, train
@@ -81,19 +89,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         help="hold out this fold's test classes (PASCAL-5i: 5i+1..5i+5; COCO-20i: see --fold-convention; "
         "folders: every 4th class from the i-th); required for voc and coco",
     )
-    p.add_argument(
-        "--split",
-        default=None,
-        help="voc: split of ImageSets/Segmentation (default trainaug); coco: split(s), comma-separated "
-        "(default train2017)",
-    )
     p.add_argument("--val-split", default=None, help="split(s) of the validation episodes (default: --split)")
-    p.add_argument(
-        "--fold-convention",
-        choices=FOLD_CONVENTIONS,
-        default="consecutive",
-        help="COCO-20i folds: consecutive classes 20i+1..20i+20 (PANet, default) or interleaved 4k+i+1",
-    )
+    add_split_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/panet"), help="run folder (default runs/panet)")
     p.add_argument(
         "--val-classes",
@@ -102,16 +99,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         metavar="A,B,...",
         help="folders: held-out classes (default: every 4th class in name order; 'none' trains on all)",
     )
-    p.add_argument("--ways", type=positive_int, default=1, help="classes per episode (default 1)")
-    p.add_argument("--shots", type=positive_int, default=1, help="support images per class (default 1)")
-    p.add_argument("--queries", type=positive_int, default=1, help="query images per class (default 1)")
-    p.add_argument("--iters", type=count, default=30000, help="training iterations (default 30000)")
     p.add_argument(
         "--size",
         type=input_size,
         default=None,
         help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
     )
+    add_way_shot_args(p)
+    p.add_argument("--queries", type=positive_int, default=1, help="query images per class (default 1)")
+    p.add_argument("--iters", type=count, default=30000, help="training iterations (default 30000)")
 
 
 def recipes(option: str, fallback) -> str:
@@ -229,7 +225,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         default=2048,
         help="memory for decoded images, and for encoder features while validating (default 2048 each)",
     )
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
+    add_device_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -255,48 +251,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if size is None:
         size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
     resume = None if args.resume is None else Path(args.resume or args.out / "last.pt")
+    flags = vars(args)  # options named as TrainConfig's fields; the rest are worked out above
+    same = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if f.name in flags}
     return TrainConfig(
-        data=args.data,
-        out=args.out,
-        dataset=args.dataset,
-        fold=args.fold,
-        split=args.split,
-        val_split=args.val_split,
-        fold_convention=args.fold_convention,
-        val_classes=args.val_classes,
-        ways=args.ways,
-        shots=args.shots,
-        queries=args.queries,
-        iters=args.iters,
-        size=size,
-        method=args.method,
-        method_options=method_options,
-        encoder=args.encoder,
-        width=args.width,
-        init=args.init,
-        freeze_stages=args.freeze_stages,
-        optimizer=optimizer,
-        lr=args.lr if args.lr is not None else recipe["lr"],
-        momentum=0.9 if args.momentum is None else args.momentum,
-        weight_decay=args.weight_decay,
-        lr_milestones=args.lr_milestones,
-        lr_gamma=args.lr_gamma,
-        batch_episodes=args.batch_episodes,
-        align=not args.no_align,
-        align_weight=args.align_weight,
-        flip=not args.no_flip,
-        seed=args.seed,
-        resume=resume,
-        save_every=args.save_every,
-        snapshot_every=args.snapshot_every,
-        eval_every=args.eval_every,
-        eval_episodes=args.eval_episodes,
-        eval_seed=args.eval_seed,
-        eval_batch=args.eval_batch,
-        log=args.log,
-        cache_mb=args.cache_mb,
-        device=args.device,
-        progress=not args.no_progress,
+        **{
+            **same,
+            "size": size,
+            "method_options": method_options,
+            "optimizer": optimizer,
+            "lr": args.lr if args.lr is not None else recipe["lr"],
+            "momentum": 0.9 if args.momentum is None else args.momentum,
+            "align": not args.no_align,
+            "flip": not args.no_flip,
+            "resume": resume,
+            "progress": not args.no_progress,
+        }
     )
 
 

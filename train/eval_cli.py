@@ -19,6 +19,7 @@ from fss.cli_args import (
     add_memory_arg,
     add_refine_arg,
     add_size_arg,
+    add_way_shot_args,
     check_input_size,
     positive_int,
 )
@@ -31,9 +32,8 @@ from fss.memory import check_encoder_memory
 from fss.models.base import adapts, resolve_refine
 from fss.runtime.encoder_call import PRECISIONS, check_encoder_settings, make_encoder
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
-from fss.train.benchmark import DATASETS, fold_classes, open_dataset
+from fss.train.benchmark import DATASETS, add_split_args, fold_classes, open_dataset
 from fss.train.cli import class_list, fold_index
-from fss.train.coco import FOLD_CONVENTIONS
 from fss.train.data import ANNOTATIONS
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, evaluate_runs
@@ -202,19 +202,8 @@ def add_episode_args(p: argparse.ArgumentParser) -> None:
         metavar="A,B,...",
         help="folders: test classes (default: the classes the checkpoint was not trained on)",
     )
-    p.add_argument(
-        "--split",
-        default=None,
-        help="voc split (default trainaug); coco split(s), comma-separated (default train2017)",
-    )
-    p.add_argument(
-        "--fold-convention",
-        choices=FOLD_CONVENTIONS,
-        default="consecutive",
-        help="COCO-20i folds: consecutive 20i+1..20i+20 (default) or interleaved 4k+i+1",
-    )
-    p.add_argument("--ways", type=positive_int, default=1, help="classes per episode (default 1)")
-    p.add_argument("--shots", type=positive_int, default=1, help="support images per class (default 1)")
+    add_split_args(p)
+    add_way_shot_args(p)
     p.add_argument("--runs", type=positive_int, default=5, help="runs; run r has seed + r (default 5)")
     p.add_argument("--episodes", type=positive_int, default=1000, help="episodes per run (default 1000)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"seed of run 1 (default {EVAL_SEED})")
