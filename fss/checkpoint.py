@@ -17,8 +17,7 @@ import torch
 from fss.errors import CheckpointError, SettingError
 from fss.io.outputs import atomic_write
 from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, default_meta, get_method, method_of
-from fss.models.encoders import OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
-from fss.models.panet import DEFAULT_ENCODER
+from fss.models.encoders import DEFAULT_ENCODER, OUR_PREFIX, encoder_state, foreign_encoder_state, get_encoder
 from fss.validation import check_checkpoint, read_torch_file
 
 CHECKPOINT_FORMAT = "fss-checkpoint"

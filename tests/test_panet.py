@@ -5,7 +5,7 @@ import torch
 from official_reference import reference_forward, reference_losses
 
 import fss
-from fss.train import panet_losses
+from fss.models.panet import panet_losses
 
 # Same float32 math in another order (adjoint pooling, batched einsum): logits agree to ~1e-5 of
 # their scale (20); losses to 1e-4 as the project promises.

@@ -29,8 +29,7 @@ from fss.errors import FssError
 from fss.io.outputs import check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from fss.memory import check_encoder_memory
 from fss.models.base import DEFAULT_METHOD, build_model, get_method, method_names
-from fss.models.encoders import encoder_names
-from fss.models.panet import DEFAULT_ENCODER
+from fss.models.encoders import DEFAULT_ENCODER, encoder_names
 from fss.train.benchmark import DATASETS, FOLDS, add_split_args
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH

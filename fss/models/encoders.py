@@ -23,6 +23,8 @@ from fss.errors import CheckpointError, FssError
 from fss.models.registry import Registry
 
 ENCODER_MODULES = ("fss.models.vgg", "fss.models.efficientnet_lite")
+# The paper's encoder: the default of fss-train, and the encoder of checkpoints written before the registry.
+DEFAULT_ENCODER = "vgg16-dilated"
 OUR_PREFIX = "encoder."  # encoder parameters inside a model's state dict
 
 

@@ -11,9 +11,7 @@ from fss import kernels
 from fss.constants import IGNORE_INDEX, POOL_EPS
 from fss.kernels.matching import cosine_logits, upsample
 from fss.models.base import FewShotModel, check_episode, default_meta, encode_episode, register_method
-from fss.models.encoders import build_encoder
-
-DEFAULT_ENCODER = "vgg16-dilated"  # the paper's
+from fss.models.encoders import DEFAULT_ENCODER, build_encoder
 
 
 def refine_prototypes(qry_feats, protos, refine: str):
