@@ -18,7 +18,7 @@ from fss.backends.bundle_format import (
 )
 from fss.backends.sessions import tensorrt_missing
 from fss.checkpoint import load_model
-from fss.errors import FssError
+from fss.errors import SettingError
 from fss.export import verify
 from fss.export.bundle import file_entries, staged_bundle, write_manifest
 from fss.export.onnx import DEFAULT_OPSET, export_onnx, require_onnx_tools
@@ -73,8 +73,8 @@ def export_bundle(
     out = Path(out) if out is not None else default_out(ckpt)
     require_onnx_tools()
     trt = settings.get("trt", False)
-    if trt and (missing := tensorrt_missing("--trt")):
-        raise FssError(missing)
+    if trt and (missing := tensorrt_missing("{trt}")):
+        raise SettingError(missing)
     if settings.get("fp16") and not trt:
         log("note: --fp16 applies to TensorRT engines (--trt); the ONNX encoder stays float32")
     model = load_model(ckpt)
