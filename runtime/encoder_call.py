@@ -5,6 +5,8 @@
 
 import torch
 
+from fss.errors import SettingError
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -31,15 +33,19 @@ def make_encoder(
 
 
 def check_encoder_settings(model, device: torch.device, precision: str, cuda_graph: bool) -> None:
-    """``ValueError`` for settings :func:`make_encoder` cannot honour (callers check before their work)."""
+    """A ``SettingError`` for settings :func:`make_encoder` cannot honour (callers check first)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise SettingError(
+            "{precision} must be one of {known}, got {value!r}", known=sorted(PRECISIONS), value=precision
+        )
     if PRECISIONS[precision] == torch.float16 and device.type != "cuda":
-        raise ValueError("fp16 encoding needs CUDA; use fp32 (or bf16) on the CPU")
+        raise SettingError("{precision} fp16 needs CUDA; use fp32 (or bf16) on the CPU")
     if getattr(model, "backend", "torch") != "torch" and (precision != "fp32" or cuda_graph):
         # An exported bundle: precision and layout were fixed at export, and ONNX Runtime / TensorRT
         # cannot be captured in a torch CUDA graph.
-        raise ValueError("precision and cuda_graph apply to torch models; export with --fp16 for bundles")
+        raise SettingError(
+            "{precision} and {cuda_graph} apply to torch models; a bundle's precision is set at export"
+        )
 
 
 def pinned_staging(encode, batch: int, size: int):
