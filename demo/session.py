@@ -149,20 +149,30 @@ class Engine:
             self.encoded_images += len(images)
         return feats, seconds / len(images)
 
-    def segment_features(self, features: torch.Tensor, protos: torch.Tensor, size) -> np.ndarray:
+    def label(self, features: torch.Tensor, size, support: str) -> np.ndarray:
         """``C x h x w`` query features -> ``H x W`` uint8 labels at the query's ``size`` (W, H)."""
-        with self.lock, torch.inference_mode():
-            return (
-                self.segmenter.segment_features(features[None], protos, (size[1], size[0]))[0].cpu().numpy()
-            )
-
-    def call(self, method: str, *args, **kwargs):
-        """A Segmenter support method under the engine's lock (``add_shot`` etc.)."""
         with self.lock:
-            result = getattr(self.segmenter, method)(*args, **kwargs)
-            if method in ("add_shot", "add_support"):
-                self.encoded_images += 1 if method == "add_shot" else sum(len(c) for c in args[1])
-            return result
+            return self.segmenter.label_features(features, (size[1], size[0]), support)
+
+    # The Segmenter's support edits, under the engine's lock, counting the shots encoded.
+    def add_support(self, name: str, images, masks, classes) -> None:
+        with self.lock:
+            self.segmenter.add_support(name, images, masks, classes)
+            self.encoded_images += sum(len(c) for c in images)
+
+    def add_shot(self, name: str, class_name: str, image, mask) -> None:
+        with self.lock:
+            self.segmenter.add_shot(class_name, image, mask, support=name)
+            self.encoded_images += 1
+
+    def remove_shot(self, name: str, class_name: str, index: int) -> None:
+        with self.lock:
+            self.segmenter.remove_shot(class_name, index, support=name)
+
+    def remove_support(self, name: str) -> None:
+        with self.lock:
+            if self.segmenter.has_support(name):
+                self.segmenter.remove_support(name)
 
 
 class Session:
@@ -202,10 +212,10 @@ class Session:
         with self.lock:
             existing = self.classes
             if not existing:
-                self.engine.call("add_support", self.id, [[image]], [[mask]], [class_name])
+                self.engine.add_support(self.id, [[image]], [[mask]], [class_name])
             elif class_name in self.shots or class_name > existing[-1]:
                 # Only the new shot is encoded; a new class sorting last is appended as Segmenter does.
-                self.engine.call("add_shot", class_name, image, mask, support=self.id)
+                self.engine.add_shot(self.id, class_name, image, mask)
             else:
                 self.shots[class_name] = [shot]
                 self.rebuild()
@@ -218,7 +228,7 @@ class Session:
             if class_name not in self.shots or not 0 <= index < len(self.shots[class_name]):
                 raise DemoError(f"no shot {index + 1} of class {class_name!r}")
             if len(self.shots[class_name]) > 1:
-                self.engine.call("remove_shot", class_name, index, support=self.id)
+                self.engine.remove_shot(self.id, class_name, index)
                 del self.shots[class_name][index]
             else:
                 del self.shots[class_name]
@@ -233,11 +243,10 @@ class Session:
         names = self.classes
         images = [[s.image for s in self.shots[n]] for n in names]
         masks = [[s.mask for s in self.shots[n]] for n in names]
-        self.engine.call("add_support", self.id, images, masks, names)
+        self.engine.add_support(self.id, images, masks, names)
 
     def close_support(self) -> None:
-        if self.id in self.engine.segmenter.supports:
-            self.engine.call("remove_support", self.id)
+        self.engine.remove_support(self.id)
 
     def close(self) -> None:
         """The tab is gone: free its support set, features and files."""
@@ -308,9 +317,8 @@ class Session:
     def label(self, query: Query, features: torch.Tensor) -> np.ndarray | None:
         if not self.shots:
             return None
-        protos = self.engine.segmenter.support(self.id).protos
         start = time.perf_counter()
-        labels = self.engine.segment_features(features, protos, query.image.size)
+        labels = self.engine.label(features, query.image.size, self.id)
         query.segment_s = time.perf_counter() - start
         return labels
 

@@ -119,7 +119,7 @@ def load_from_args(args, demo_note: str | None = None):
     ``size`` and ``int8``): parsed arguments, or a server's configuration made from them.
     """
     from fss.checkpoint import load_model
-    from fss.runtime.segmenter import resolve_device
+    from fss.runtime.encoder_backend import resolve_device
 
     try:
         device = resolve_device(args.device)

@@ -54,6 +54,25 @@ class EmptyMaskError(ShotError):
     """A support shot whose mask marks no foreground pixel."""
 
 
+class SupportError(FssError, ValueError):
+    """A support set that cannot be built or changed (lists of another length, repeated class names, the
+    only shot of a class removed); a ``ValueError`` as well, for library callers."""
+
+
+class MissingSupportError(FssError, KeyError):
+    """No support set, or no class of a support set, of the name asked for; a ``KeyError`` as well."""
+
+    __str__ = FssError.__str__  # the message, not KeyError's quoted repr
+
+
+class NoSupportError(FssError, RuntimeError):
+    """Queries segmented before any support set was registered; a ``RuntimeError`` as well."""
+
+
+class ShotIndexError(FssError, IndexError):
+    """A shot index a class does not have; an ``IndexError`` as well."""
+
+
 class SettingError(FssError):
     """A refused setting of a library call that a command takes from one of its flags.
 

@@ -5,69 +5,36 @@ foreground / background poolings), cached, so the episode state is combined from
 shot can be added or removed without re-encoding the others. A test-time refinement (``refine``, e.g. PRNet's
 fusion) adapts the cached prototypes to each query; each query is its own episode, so a query's labels
 never depend on the other queries of its batch.
+
+The predictor is handed a store of support sets (:mod:`fss.runtime.supports`; its own in-memory one
+by default) and builds its encoder backend through one factory (:mod:`fss.runtime.encoder_backend`);
+adaptation (:mod:`fss.runtime.adapted_encoder`) and streams (:mod:`fss.runtime.streaming`) live beside it.
 """
 
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from fss.errors import FssError, SettingError
+from fss.errors import MissingSupportError
 from fss.io.images import as_rgb
-from fss.io.masks import check_shot, parse_mask
-from fss.io.tensors import image_tensor, mask_tensor
-from fss.models.adaptation import adapted_state, restore
-from fss.models.base import adapts, resolve_refine
-from fss.runtime.encoder_call import make_encoder
-from fss.runtime.encoder_path import choose_encoder_path
-
-DEFAULT_SUPPORT = "default"
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SettingError("{device} cuda asked for, but torch sees no CUDA device")
-    return device
-
-
-@dataclass
-class StreamResult:
-    """One query of :meth:`Segmenter.segment_stream`: its labels (and probabilities), or the error."""
-
-    query: object
-    image: Image.Image | None
-    labels: np.ndarray | None = None
-    prob: np.ndarray | None = None
-    error: Exception | None = None
-    seconds: float = 0.0  # this query's share of its batch's device time
-
-
-@dataclass
-class SupportSet:
-    """Per-class cached per-shot states (the pair of ``K_n x ...`` tensors of the model's
-    ``shot_states``): ``fg[n]``, ``bg[n]``; ``protos`` is the episode state combined from them by the
-    model's ``combine`` (prototypes, for the prototype methods)."""
-
-    classes: list[str]
-    fg: list[torch.Tensor]
-    bg: list[torch.Tensor]
-    protos: torch.Tensor
-    combine: Callable
-    shots: list | None = None  # adapting: per class (images, fg, bg) at the input size, to re-adapt
-    encoder_state: dict | None = None  # adapting: the encoder adapted to this set
-
-    def refresh(self) -> None:
-        self.protos = self.combine(self.fg, self.bg)
+from fss.io.tensors import image_tensor
+from fss.models.base import resolve_refine
+from fss.runtime.adapted_encoder import adaptation_for, edited_shots
+from fss.runtime.encoder_backend import build_backend, resolve_device
+from fss.runtime.streaming import StreamResult, stream
+from fss.runtime.supports import (
+    SupportSet,
+    SupportSets,
+    class_names,
+    find_support,
+    kept_shots,
+    shot_tensors,
+    support_name,
+)
 
 
 class Segmenter:
@@ -101,6 +68,8 @@ class Segmenter:
             for ONNX Runtime first only when that many repay the export, else it runs in torch while the
             export runs in the background (None: a long-lived Segmenter, export first).
         continuing: for ``auto``, the encoder path of earlier results this job completes (kept).
+        store: where support sets are kept by name (any ``MutableMapping``; a server passes its shared
+            store so that every predictor segments every registered set); default: its own.
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -121,15 +90,15 @@ class Segmenter:
         backend: str = "auto",
         expected_images: int | None = None,
         continuing: str | None = None,
+        store: MutableMapping | None = None,
     ):
         from fss.checkpoint import load_model
 
         self.device = resolve_device(device)
         if model is None or isinstance(model, (str, Path)):
             model = load_model(model, device=self.device)
-        self.model = model.to(self.device).eval()
         # The support state and the head run on the model given (its encoder may run in a backend).
-        self.network = self.model
+        self.network = model.to(self.device).eval()
         self.size = int(size or model.meta["input_size"])
         # A method may encode supports at their own size (OSLSM's conditioning branch: 224).
         self.support_size = int(model.meta.get("support_size", self.size))
@@ -137,74 +106,49 @@ class Segmenter:
         self.batch = int(batch)
         self.impl = impl
         self.workers = int(workers)
-        self.refine = resolve_refine(refine, self.model)
-        self.base_state = None  # adapting: the encoder's own weights, restored after every use
-        if adapts(self.refine):
-            if getattr(self.model, "backend", "torch") != "torch":
-                raise FssError(
-                    "adaptation fine-tunes a checkpoint's encoder: load a checkpoint, not a bundle"
-                )
-            self.base_state = {k: v.detach().clone() for k, v in self.model.trunks()[0].state_dict().items()}
-        if precision == "fp32":
-            path = choose_encoder_path(
-                self.model,
-                self.device,
-                self.size,
-                backend,
-                adapts(self.refine),
-                images=expected_images,
-                continuing=continuing,
-            )
-            self.model, self.backend, self.backend_reason = path.model, path.backend, path.reason
-        elif backend == "onnxruntime":
-            raise ValueError(f"the onnxruntime encoder path is float32; precision {precision} runs in torch")
-        else:
-            self.backend, self.backend_reason = "torch", f"torch ({precision})"
-        self.encode_batch = make_encoder(
-            self.model, self.device, self.batch, self.size, precision, channels_last, cuda_graph
+        self.refine = resolve_refine(refine, self.network)
+        self._lock = threading.RLock()  # the device work; re-entered while an adapted encoder is swapped in
+        self.adaptation = adaptation_for(self.network, self.refine, self._lock)
+        self.encoder = build_backend(
+            self.network,
+            self.device,
+            self.size,
+            self.batch,
+            precision,
+            channels_last,
+            cuda_graph,
+            backend,
+            adapting=self.adaptation is not None,
+            expected_images=expected_images,
+            continuing=continuing,
         )
-        self.supports: dict[str, SupportSet] = {}
-        self._lock = threading.RLock()  # re-entered while an adapted encoder is swapped in
+        self.model = self.encoder.model  # what runs the encoder: the network, or a bundle of its graph
+        self.backend, self.backend_reason = self.encoder.name, self.encoder.reason
+        self.store = SupportSets() if store is None else store
 
     # -- supports -------------------------------------------------------------------------------
     def set_support(self, images, masks, classes=None) -> None:
         """Replace the default support set. ``images[n][k]``, ``masks[n][k]``: shot k of class n."""
-        self.add_support(DEFAULT_SUPPORT, images, masks, classes)
+        self.add_support(None, images, masks, classes)
 
-    def add_support(self, name: str, images, masks, classes=None) -> None:
-        """Encode and cache a named support set (replacing one of the same name)."""
-        if len(images) == 0 or len(images) != len(masks):
-            raise ValueError(
-                "images and masks must be non-empty lists of per-class shot lists of equal length"
-            )
-        classes = list(classes) if classes is not None else [f"class{n + 1}" for n in range(len(images))]
-        if len(classes) != len(images) or len(set(classes)) != len(classes):
-            raise ValueError(f"need {len(images)} distinct class names, got {classes}")
-        shots = []
-        for class_images, class_masks in zip(images, masks, strict=True):
-            if len(class_images) == 0 or len(class_images) != len(class_masks):
-                raise ValueError("every class needs at least one shot and one mask per image")
-            shots.append(self.prepare_shots(list(class_images), list(class_masks)))
-        if self.base_state is not None:
-            support = self.adapted_support(classes, shots)
-        else:
-            fg, bg = map(list, zip(*(self.pool_prepared(*shot) for shot in shots), strict=True))
-            support = SupportSet(classes, fg, bg, self.network.combine(fg, bg), self.network.combine)
+    def add_support(self, name: str | None, images, masks, classes=None) -> None:
+        """Encode and store a named support set (replacing one of the same name)."""
+        support = self.encode_support(images, masks, classes)
         with self._lock:
-            self.supports[name] = support
+            self.store[support_name(name)] = support
+
+    def encode_support(self, images, masks, classes=None) -> SupportSet:
+        """A support set encoded for this predictor (not stored): ``images[n][k]``, ``masks[n][k]``."""
+        classes = class_names(images, masks, classes)
+        shots = [self.prepare_shots(list(i), list(m)) for i, m in zip(images, masks, strict=True)]
+        if self.adaptation is not None:
+            return self.adapted_support(classes, shots)
+        fg, bg = map(list, zip(*(self.pool_prepared(*shot) for shot in shots), strict=True))
+        return SupportSet(classes, fg, bg, self.network.combine(fg, bg), self.network.combine)
 
     def adapted_support(self, classes, shots) -> SupportSet:
         """Adapt the encoder to the whole support set once, pool every shot with it, keep its state."""
-        N, K = len(shots), max(len(images) for images, _, _ in shots)
-        imgs = torch.zeros(N, K, *shots[0][0].shape[1:])
-        fg, bg = (torch.zeros(N, K, *shots[0][1].shape[1:]) for _ in range(2))
-        shot_mask = torch.zeros(N, K, dtype=torch.bool)
-        for n, (images, fgs, bgs) in enumerate(shots):
-            k = len(images)
-            imgs[n, :k], fg[n, :k], bg[n, :k], shot_mask[n, :k] = images, fgs, bgs, True
-        to = dict(device=self.device)
-        with self._lock:
-            state = adapted_state(self.model, imgs.to(**to), fg.to(**to), bg.to(**to), shot_mask.to(**to))
+        state = self.adaptation.adapt(shots, self.device)
         support = SupportSet(classes, [], [], None, self.network.combine, shots, state)
         with self.encoder_of(support):
             for shot in shots:
@@ -214,78 +158,59 @@ class Segmenter:
         support.refresh()
         return support
 
-    def readapt(self, support: str | None, class_name: str, add=None, keep=None) -> None:
-        """An adapted support set after adding a shot to (or keeping ``keep`` of) a class: adapted anew."""
-        with self._lock:
-            s = self.support(support)
-            classes, shots = list(s.classes), list(s.shots)
-            if class_name not in classes:
-                classes.append(class_name)
-                shots.append(add)
-            elif add is not None:
-                n = classes.index(class_name)
-                shots[n] = tuple(torch.cat([old, new]) for old, new in zip(shots[n], add, strict=True))
-            else:
-                n = classes.index(class_name)
-                shots[n] = tuple(t[keep] for t in shots[n])
-            self.supports[DEFAULT_SUPPORT if support is None else support] = self.adapted_support(
-                classes, shots
-            )
-
-    @contextmanager
     def encoder_of(self, support: SupportSet):
         """The encoder a support set's queries need: its adapted one (swapped in, restored after)."""
-        if support.encoder_state is None:
-            yield
-            return
+        if self.adaptation is None:
+            return nullcontext()
+        return self.adaptation.swapped_in(support.encoder_state)
+
+    def with_shot(self, support: SupportSet, class_name: str, image, mask) -> SupportSet:
+        """``support`` with one more annotated image of a class (a new class is appended last): only it
+        is encoded (with adaptation, the encoder is adapted to the changed set again)."""
+        return self.with_prepared_shot(support, class_name, self.prepare_shots([image], [mask]))
+
+    def with_prepared_shot(self, support: SupportSet, class_name: str, shot) -> SupportSet:
+        """:meth:`with_shot` of a shot already at the support size (:meth:`prepare_shots`)."""
+        if self.adaptation is not None:
+            return self.adapted_support(*edited_shots(support, class_name, add=shot))
+        return support.with_shots(class_name, *self.pool_prepared(*shot))
+
+    def without_shot(self, support: SupportSet, class_name: str, index: int) -> SupportSet:
+        """``support`` without shot ``index`` (negative from the end) of a class; nothing is re-encoded
+        (with adaptation, the encoder is adapted to the changed set again)."""
+        n, keep = kept_shots(support, class_name, index)
+        if support.encoder_state is not None:
+            return self.adapted_support(*edited_shots(support, class_name, keep=keep))
+        return support.without_shot(n, keep)
+
+    def add_shot(self, class_name: str, image, mask, support: str | None = None) -> None:
+        """Add one annotated image to a class of a stored set (see :meth:`with_shot`)."""
+        shot = self.prepare_shots([image], [mask])  # decoded outside the device lock
+        name = support_name(support)
         with self._lock:
-            restore(self.model, support.encoder_state)
-            try:
-                yield
-            finally:
-                restore(self.model, self.base_state)
+            self.store[name] = self.with_prepared_shot(self.support(name), class_name, shot)
+
+    def remove_shot(self, class_name: str, index: int, support: str | None = None) -> None:
+        """Remove shot ``index`` of a class of a stored set (see :meth:`without_shot`)."""
+        with self._lock:
+            name = support_name(support)
+            self.store[name] = self.without_shot(self.support(name), class_name, index)
 
     def remove_support(self, name: str) -> None:
         with self._lock:
-            if name not in self.supports:
-                raise KeyError(f"no support set named {name!r}")
-            del self.supports[name]
+            if name not in self.store:
+                raise MissingSupportError(f"no support set named {name!r}")
+            del self.store[name]
 
-    def add_shot(self, class_name: str, image, mask, support: str | None = None) -> None:
-        """Add one annotated image to a class (a new class is appended last); only it is encoded (with
-        adaptation, the encoder is adapted to the changed set again and every shot re-encoded)."""
-        if self.base_state is not None:
-            return self.readapt(support, class_name, add=self.prepare_shots([image], [mask]))
-        fg, bg = self.pool_shots([image], [mask])
-        with self._lock:
-            s = self.support(support)
-            if class_name in s.classes:
-                n = s.classes.index(class_name)
-                s.fg[n] = torch.cat([s.fg[n], fg])
-                s.bg[n] = torch.cat([s.bg[n], bg])
-            else:
-                s.classes.append(class_name)
-                s.fg.append(fg)
-                s.bg.append(bg)
-            s.refresh()
+    def has_support(self, name: str | None) -> bool:
+        return support_name(name) in self.store
 
-    def remove_shot(self, class_name: str, index: int, support: str | None = None) -> None:
-        """Remove shot ``index`` of a class from the cached poolings; nothing is re-encoded."""
-        with self._lock:
-            s = self.support(support)
-            n = s.classes.index(class_name) if class_name in s.classes else None
-            if n is None:
-                raise KeyError(f"no class {class_name!r} (have {s.classes})")
-            shots = len(s.fg[n])
-            if not -shots <= index < shots:
-                raise IndexError(f"class {class_name!r} has {shots} shots, no shot {index}")
-            if shots == 1:
-                raise ValueError(f"cannot remove the only shot of class {class_name!r}")
-            keep = [k for k in range(shots) if k != index % shots]
-            if s.encoder_state is not None:
-                return self.readapt(support, class_name, keep=keep)
-            s.fg[n], s.bg[n] = s.fg[n][keep], s.bg[n][keep]
-            s.refresh()
+    def support(self, name: str | None) -> SupportSet:
+        """The stored set of that name (None: the default set)."""
+        return find_support(self.store, name)
+
+    def classes(self, support: str | None = None) -> list[str]:
+        return list(self.support(support).classes)
 
     def pool_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode shots and pool them: their per-shot states (``K x C`` foreground and ``K x C``
@@ -293,16 +218,8 @@ class Segmenter:
         return self.pool_prepared(*self.prepare_shots(images, masks))
 
     def prepare_shots(self, images, masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Shots at the input size: ``K x 3 x S x S`` normalised images, ``K x S x S`` fg and bg masks."""
-        imgs, fgs, bgs = [], [], []
-        for image, mask in zip(images, masks, strict=True):
-            img, parsed = as_rgb(image), parse_mask(mask)
-            check_shot(img.size, parsed)
-            resized = mask_tensor(parsed, self.support_size)
-            imgs.append(image_tensor(img, self.support_size, self.normalisation))
-            fgs.append(resized == 1)
-            bgs.append(resized == 0)
-        return torch.stack(imgs), torch.stack(fgs).float(), torch.stack(bgs).float()
+        """Shots at the support size: ``K x 3 x S x S`` normalised images, ``K x S x S`` fg and bg masks."""
+        return shot_tensors(images, masks, self.support_size, self.normalisation)
 
     def pool_prepared(self, imgs, fg, bg) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prepare_shots`'s tensors -> the model's per-shot states (a pair of ``K x ...`` tensors);
@@ -313,37 +230,19 @@ class Segmenter:
                 imgs.to(**to), fg.to(**to), bg.to(**to), self.encode, self.refine, impl=self.impl
             )
 
-    def support(self, name: str | None) -> SupportSet:
-        name = DEFAULT_SUPPORT if name is None else name
-        if name not in self.supports:
-            if not self.supports:
-                raise RuntimeError(
-                    "no support set: call set_support(images, masks, classes) before segment()"
-                )
-            raise KeyError(f"no support set named {name!r} (have {sorted(self.supports)})")
-        return self.supports[name]
-
-    def classes(self, support: str | None = None) -> list[str]:
-        return list(self.support(support).classes)
-
     # -- queries --------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``M x 3 x S x S`` normalised images -> ``M x C x h x w`` fp32 features, ``batch`` at a time."""
-        with torch.inference_mode():
-            return torch.cat(
-                [self.encode_batch(images[i : i + self.batch]) for i in range(0, len(images), self.batch)]
-            )
+        return self.encoder.encode(images)
 
     def segment_torch(self, qry_imgs: torch.Tensor, out_size, support: str | None = None, return_prob=False):
         """``M x 3 x S x S`` normalised queries -> ``M x H x W`` uint8 labels (+ max probabilities)."""
         with self._lock:
             s = self.support(support)
-            protos = s.protos
             with self.encoder_of(s):
                 feats = self.encode(qry_imgs)
             with torch.inference_mode():
-                out = self.segment_features(feats, protos, tuple(out_size), return_prob)
-        return out
+                return self.segment_features(feats, s.protos, tuple(out_size), return_prob)
 
     def segment_features(self, feats: torch.Tensor, protos: torch.Tensor, out_size, return_prob=False):
         """``M x C x h x w`` query features, ``(1+N) x C`` prototypes -> ``M x H x W`` uint8 labels (+ max
@@ -357,18 +256,24 @@ class Segmenter:
         flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
         return (flat(out[0]), flat(out[1])) if return_prob else flat(out)
 
+    def label_features(self, features: torch.Tensor, out_size, support: str | None = None):
+        """One query's ``C x h x w`` features (from :meth:`encode`) -> ``H x W`` uint8 labels at
+        ``out_size`` (H, W) with a stored set's state: queries encoded once, labelled per support set."""
+        with self._lock, torch.inference_mode():
+            protos = self.support(support).protos
+            return self.segment_features(features[None], protos, tuple(out_size))[0].cpu().numpy()
+
     def segment_encoded(self, imgs: list[Image.Image], batch: torch.Tensor, support, return_prob):
         """Already decoded queries and their ``M x 3 x S x S`` tensor -> per-query results."""
         results = []
         with self._lock:
             s = self.support(support)
-            protos = s.protos
             with self.encoder_of(s):
                 feats = self.encode(batch)
             with torch.inference_mode():
                 for img, feat in zip(imgs, feats, strict=True):
                     # Logits go straight from feature resolution to the query's own size.
-                    out = self.segment_features(feat[None], protos, (img.height, img.width), return_prob)
+                    out = self.segment_features(feat[None], s.protos, (img.height, img.width), return_prob)
                     if return_prob:
                         results.append((out[0][0].cpu().numpy(), out[1][0].float().cpu().numpy()))
                     else:
@@ -400,37 +305,8 @@ class Segmenter:
         Yields one :class:`StreamResult` per query, in input order; a query that cannot be decoded
         carries its ``error`` and the stream goes on.
         """
-        queries = iter(queries)
 
-        def next_batch(pool):
-            items = [q for _, q in zip(range(self.batch), queries, strict=False)]
-            return items, [pool.submit(self.load_query, q) for q in items]
+        def segment(images, tensors):
+            return self.segment_encoded(images, torch.stack(tensors), support, return_prob)
 
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            items, futures = next_batch(pool)
-            while items:
-                loaded = []
-                for item, future in zip(items, futures, strict=True):
-                    try:
-                        loaded.append((item, *future.result()))
-                    except (FssError, OSError, ValueError) as err:
-                        loaded.append((item, None, err))
-                items, futures = next_batch(pool)  # decoding overlaps the encoder below
-                good = [entry for entry in loaded if entry[1] is not None]
-                start = time.perf_counter()
-                outputs = (
-                    self.segment_encoded(
-                        [e[1] for e in good], torch.stack([e[2] for e in good]), support, return_prob
-                    )
-                    if good
-                    else []
-                )
-                share = (time.perf_counter() - start) / max(1, len(good))
-                outputs = iter(outputs)
-                for item, img, payload in loaded:
-                    if img is None:
-                        yield StreamResult(item, None, error=payload)
-                        continue
-                    out = next(outputs)
-                    labels, prob = out if return_prob else (out, None)
-                    yield StreamResult(item, img, labels, prob, seconds=share)
+        return stream(queries, self.batch, self.workers, self.load_query, segment, return_prob)

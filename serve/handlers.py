@@ -6,7 +6,6 @@ removes shots; ``SegmentService`` segments rows of ``(support id, encoded image)
 cause raises :class:`RequestError` with one line; the Triton layer turns it into that request's error.
 """
 
-import copy
 import io
 import logging
 import threading
@@ -23,6 +22,8 @@ from fss.errors import (
     ImageError,
     ImageFormatError,
     ImageTooLargeError,
+    MissingSupportError,
+    NoSupportError,
     ShotError,
 )
 from fss.io import images as image_io
@@ -129,8 +130,8 @@ def group_shots(classes: list[str], images: list[bytes], masks: list[bytes]):
 class SupportService:
     """Registration and shot edits; encodes with its own Segmenter, publishes into the shared store.
 
-    The Segmenter's own ``supports`` dict is a staging area: a set is complete (every shot encoded)
-    before its id appears in the store, so no request ever sees half a set.
+    A set is encoded (:meth:`Segmenter.encode_support`, :meth:`~Segmenter.with_shot`) before its id is
+    put in the store, so no request ever sees half a set.
     """
 
     def __init__(self, segmenter, store: SupportStore, limits: Limits, support_root: Path | None = None):
@@ -175,14 +176,11 @@ class SupportService:
             [decode_shot(i, m, self.limits, f"shot {k + 1} of class {name!r}") for k, (i, m) in enumerate(ps)]
             for name, ps in zip(names, pairs, strict=True)
         ]
+        support = self.seg.encode_support(
+            [[img for img, _ in d] for d in decoded], [[m for _, m in d] for d in decoded], names
+        )
         with self._lock:
-            self.seg.add_support(
-                support_id,
-                [[img for img, _ in d] for d in decoded],
-                [[m for _, m in d] for d in decoded],
-                names,
-            )
-            self.store.put(support_id, self.seg.supports.pop(support_id), shots)
+            self.store.put(support_id, support, shots)
         return self.describe(support_id)
 
     def register_folder(self, folder: str) -> dict:
@@ -232,19 +230,12 @@ class SupportService:
             raise unknown_support(support_id) from None
 
     def derive(self, base_id: str, edit) -> dict:
-        """A new set from a stored one: ``edit(staging_name)`` changes a copy and returns (new id, shots)."""
+        """A new set from a stored one (left as it is): ``edit(base)`` returns (new set, new id, shots)."""
         base, _ = self.base(base_id)
-        staged = copy.copy(base)
-        staged.classes, staged.fg, staged.bg = list(base.classes), list(base.fg), list(base.bg)
-        name = f"staging:{base_id}"
+        support, new_id, shots = edit(base)
         with self._lock:
-            self.seg.supports[name] = staged
-            try:
-                new_id, shots = edit(name)
-                if new_id not in self.store:
-                    self.store.put(new_id, self.seg.supports[name], shots)
-            finally:
-                self.seg.supports.pop(name, None)
+            if new_id not in self.store:
+                self.store.put(new_id, support, shots)
         return self.describe(new_id)
 
     def add_shot(self, base_id: str, class_name: str, image: bytes, mask: bytes) -> dict:
@@ -262,9 +253,12 @@ class SupportService:
             classes.append(class_name)
             shots.append([protocol.shot_digest(image, mask)])
 
-        def edit(name):
-            self.seg.add_shot(class_name, img, parsed, support=name)
-            return protocol.support_id(classes, shots), shots
+        def edit(base):
+            return (
+                self.seg.with_shot(base, class_name, img, parsed),
+                protocol.support_id(classes, shots),
+                shots,
+            )
 
         return self.derive(base_id, edit)
 
@@ -282,9 +276,9 @@ class SupportService:
         shots = [list(s) for s in base_shots]
         del shots[n][index]
 
-        def edit(name):
-            self.seg.remove_shot(class_name, index, support=name)
-            return protocol.support_id(list(base.classes), shots), shots
+        def edit(base):
+            new_id = protocol.support_id(list(base.classes), shots)
+            return self.seg.without_shot(base, class_name, index), new_id, shots
 
         return self.derive(base_id, edit)
 
@@ -349,13 +343,13 @@ class SegmentService:
     def run_group(self, support_id: str, with_prob: bool, loaded) -> list:
         import torch
 
-        if support_id not in self.seg.supports:
+        if not self.seg.has_support(support_id):
             return [str(unknown_support(support_id))] * len(loaded)
         try:
             return self.seg.segment_encoded(
                 [img for img, _ in loaded], torch.stack([x for _, x in loaded]), support_id, with_prob
             )
-        except (KeyError, RuntimeError):  # evicted between the check and the use
-            if support_id in self.seg.supports:
+        except (MissingSupportError, NoSupportError):  # evicted between the check and the use
+            if self.seg.has_support(support_id):
                 raise
             return [str(unknown_support(support_id))] * len(loaded)

@@ -127,7 +127,7 @@ class DiskStore(SupportStore):
         """Bring a set from the directory into memory; False when no process has stored it."""
         import torch
 
-        from fss.runtime.segmenter import SupportSet
+        from fss.runtime.supports import SupportSet
 
         path = self.path(key)
         try:

@@ -89,15 +89,14 @@ class Services:
         self.store = store if store is not None else SupportStore(config.max_supports)
         batch = config.max_batch
 
-        def segmenter():
-            return Segmenter(model, device=device, size=config.size, batch=batch)
+        def segmenter(store=None):
+            return Segmenter(model, device=device, size=config.size, batch=batch, store=store)
 
         self.support = SupportService(segmenter(), self.store, config.limits, config.support_root)
-        self.segmenters = []
-        for _ in range(config.instances):
-            seg = segmenter()
-            seg.supports = self.store  # every instance segments every registered set
-            self.segmenters.append(SegmentService(seg, config.limits))
+        # Every instance segments every registered set: they share the store.
+        self.segmenters = [
+            SegmentService(segmenter(self.store), config.limits) for _ in range(config.instances)
+        ]
         self.input_size = self.support.seg.size
 
     def info(self) -> dict:

@@ -189,7 +189,7 @@ def test_shot_changes_match_cached_query_features_without_re_encoding(engine, mo
         np.array_equal(labels(session)[k], v) for k, v in reference(model, {"cat": [second]}, paths).items()
     )
     session.remove_shot("cat", 0)
-    assert not labels(session) and session.id not in engine.segmenter.supports
+    assert not labels(session) and not engine.segmenter.has_support(session.id)
 
 
 def test_feature_budget_re_encodes_queries_it_could_not_keep(model, tmp_path):
@@ -220,7 +220,7 @@ def test_sessions_do_not_see_each_other(engine, model, tmp_path):
         expected = reference(model, {"cat": [support]}, paths)
         assert all(np.array_equal(v, expected[k]) for k, v in labels(session).items())
     a.close()
-    assert a.id not in engine.segmenter.supports and b.id in engine.segmenter.supports
+    assert not engine.segmenter.has_support(a.id) and engine.segmenter.has_support(b.id)
     b.add_shot("cat", *shot_a)
     assert np.array_equal(
         labels(b)[paths[0].name], reference(model, {"cat": [shot_b, shot_a]}, paths)[paths[0].name]

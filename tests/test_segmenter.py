@@ -10,6 +10,7 @@ from PIL import Image
 
 import fss
 from fss.constants import PAPER_NORMALISATION
+from fss.errors import ShotIndexError, SupportError
 from fss.io.tensors import image_tensor, mask_tensor
 from fss.runtime.segmenter import Segmenter
 
@@ -100,6 +101,28 @@ def test_named_support_sets_and_misuse():
         seg.set_support([random_images(rng, 1)], [[np.zeros((SIZE, SIZE), np.uint8)]])
     with pytest.raises(ValueError, match="differs from image size"):
         seg.set_support([random_images(rng, 1)], [random_masks(rng, 1, size=(10, 10))])
+
+
+def test_a_store_handed_in_is_shared_and_edits_make_new_sets():
+    rng = np.random.default_rng()
+    model = random_model(input_size=SIZE)
+    store = {}
+    seg, other = (Segmenter(model, size=SIZE, impl="torch", store=store) for _ in range(2))
+    imgs, masks = random_images(rng, 2), random_masks(rng, 2)
+    base = seg.encode_support([imgs[:1]], [masks[:1]], ["a"])
+    grown = seg.with_shot(base, "a", imgs[1], masks[1])
+    assert not store and [len(f) for f in base.fg] == [1] and [len(f) for f in grown.fg] == [2]
+    assert torch.equal(seg.without_shot(grown, "a", 1).protos, base.protos)
+    seg.add_support("s", [imgs], [masks], ["a"])
+    query = random_images(rng, 1)
+    assert np.array_equal(other.segment(query, support="s")[0], seg.segment(query, support="s")[0])
+    with pytest.raises(ShotIndexError, match="has 2 shots, no shot 5") as error:
+        other.remove_shot("a", 5, support="s")
+    assert isinstance(error.value, IndexError)  # typed, and still the builtin callers catch
+    with pytest.raises(SupportError, match="distinct class names"):
+        seg.encode_support([imgs[:1], imgs[1:]], [masks[:1], masks[1:]], ["a", "a"])
+    other.remove_support("s")
+    assert not seg.has_support("s") and not other.has_support("s")
 
 
 def test_stream_keeps_order_and_reports_bad_items():

@@ -116,8 +116,7 @@ def small_model(request):
 def services(small_model):
     store = SupportStore(8)
     support = SupportService(fss.Segmenter(small_model), store, Limits())
-    seg = fss.Segmenter(small_model)
-    seg.supports = store
+    seg = fss.Segmenter(small_model, store=store)
     return support, SegmentService(seg, Limits())
 
 
@@ -312,8 +311,7 @@ def test_a_hostile_batch_fails_alone_and_errors_carry_no_traceback(caplog):
     model = random_model(width=0.125, input_size=65)
     store = SupportStore(2)
     support = SupportService(fss.Segmenter(model), store, Limits())
-    seg = fss.Segmenter(model)
-    seg.supports = store
+    seg = fss.Segmenter(model, store=store)
     service = SegmentService(seg, Limits(max_pixels=400_000))
     sid = support.register(*support_files())["support_id"]
     query = queries()[0].read_bytes()
