@@ -16,6 +16,7 @@ import fss
 
 COMMANDS = ("fss-run", "fss-train", "fss-export", "fss-eval", "fss-demo", "fss-serve")
 AFTER_TORCH_MAPPED_S = (0.0, 0.5)  # while torch is imported (a second or more here), or after
+MODEL_FIRST = {"fss-demo": "--port", "fss-serve": "--http-port"}  # the port flag of a command run for real
 
 
 def console_script(name: str) -> list[str]:
@@ -96,10 +97,11 @@ def interrupted(argv: list[str], ready, delay: float = 0.0) -> tuple[int, str]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/<pid>/maps (Linux)")
 @pytest.mark.parametrize("name", COMMANDS)
 def test_ctrl_c_while_importing_is_one_line_and_130(name, tmp_path):
-    # fss-demo imports torch in main (to load the model), the others while importing their module
-    if name == "fss-demo":
+    # fss-demo and fss-serve import torch in main (to load the model; their --help does not need it), the
+    # others while importing their module
+    if name in MODEL_FIRST:
         fss.save_checkpoint(random_model(), tmp_path / "m.pt")
-        args = ["--ckpt", str(tmp_path / "m.pt"), "--port", "1"]
+        args = ["--ckpt", str(tmp_path / "m.pt"), MODEL_FIRST[name], "1"]
     else:
         args = ["--help"]
     for delay in AFTER_TORCH_MAPPED_S:
