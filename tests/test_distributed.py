@@ -83,6 +83,6 @@ def test_batch_must_split_evenly_across_processes(tmp_path, monkeypatch):
     from fss.train.distributed import World
 
     monkeypatch.setattr(trainer, "init_world", lambda device: World(0, 2))
-    monkeypatch.setattr(trainer, "close_world", lambda world: None)
+    monkeypatch.setattr(trainer, "close_world", lambda world, finished=False: None)
     with pytest.raises(FssError, match="batch_episodes 3 is not a multiple of the 2 processes"):
         train(TrainConfig(data=tmp_path, batch_episodes=3, progress=False))

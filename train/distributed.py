@@ -64,6 +64,10 @@ def init_world(device: str = "auto") -> World:
     return World(rank, size, resolved)
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, finished: bool = False) -> None:
+    """Leave the world; ``finished``: every process got to the end, so all leave together (a barrier)
+    and none tears down its connections while a peer is still using them."""
     if world.size > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

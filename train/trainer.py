@@ -196,9 +196,12 @@ def train(config: TrainConfig) -> TrainResult:
     """
     world = init_world(config.device)
     try:
-        return train_in_world(config, world)
-    finally:
-        close_world(world)
+        result = train_in_world(config, world)
+    except BaseException:
+        close_world(world)  # no barrier: the other processes may never get to one
+        raise
+    close_world(world, finished=True)
+    return result
 
 
 def train_in_world(config: TrainConfig, world: World) -> TrainResult:
