@@ -45,7 +45,7 @@ class Segmenter:
     >>> labels = seg.segment([query1, query2])   # list of H x W uint8: 0 background, n class n
 
     Images are PIL images, ``H x W x 3`` arrays or paths; masks are arrays, PIL images or paths to
-    mask files, read by ``fss.io.parse_mask`` (0 background, other values foreground; palette 255
+    mask files, read by ``fss.io.masks.parse_mask`` (0 background, other values foreground; palette 255
     and arrays of only 0 / 1 / 255 mark ignored pixels).
 
     Args:
