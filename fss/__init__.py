@@ -11,7 +11,7 @@ TensorRT):
 
 import os
 
-from fss.lazy import lazy_attributes
+from fss.lazy import lazy_attributes, lazy_dir
 
 __version__ = "0.1.0"
 
@@ -35,3 +35,4 @@ __all__ = ["__version__", *_LAZY]
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(__name__, _LAZY)

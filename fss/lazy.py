@@ -17,3 +17,15 @@ def lazy_attributes(package: str, table: dict[str, tuple[str, str]]):
         return value
 
     return __getattr__
+
+
+def lazy_dir(package: str, table: dict[str, tuple[str, str]]):
+    """The module ``__dir__`` of ``package``: its API (``__all__``, the lazy attributes) and dunders, so
+    that ``dir()`` and completion show the API before it is imported, and not the package's helpers."""
+
+    def __dir__():
+        module = sys.modules[package]
+        dunders = {name for name in vars(module) if name.startswith("__")}
+        return sorted({*table, *getattr(module, "__all__", ()), *dunders})
+
+    return __dir__

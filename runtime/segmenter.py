@@ -11,15 +11,18 @@ by default) and builds its encoder backend through one factory (:mod:`fss.runtim
 adaptation (:mod:`fss.runtime.adapted_encoder`) and streams (:mod:`fss.runtime.streaming`) live beside it.
 """
 
+import os
 import threading
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from fss.errors import MissingSupportError
+from fss.io.folders import find_support_pairs
 from fss.io.images import as_rgb
 from fss.io.tensors import image_tensor
 from fss.models.base import resolve_refine
@@ -35,6 +38,21 @@ from fss.runtime.supports import (
     shot_tensors,
     support_name,
 )
+
+
+def is_one_image(query) -> bool:
+    """A single image (path, PIL image, ``H x W (x 3)`` array), not a collection of them."""
+    return isinstance(query, (str, os.PathLike, Image.Image)) or (
+        isinstance(query, np.ndarray) and query.ndim <= 3
+    )
+
+
+def folder_shots(folder) -> tuple[list, list, list[str]]:
+    """A support folder's images, masks (per class) and classes, in fss-run's order."""
+    pairs = find_support_pairs(folder)
+    images = [[image for image, _ in shots] for shots in pairs.values()]
+    masks = [[mask for _, mask in shots] for shots in pairs.values()]
+    return images, masks, list(pairs)
 
 
 class Segmenter:
@@ -127,12 +145,25 @@ class Segmenter:
         self.store = SupportSets() if store is None else store
 
     # -- supports -------------------------------------------------------------------------------
-    def set_support(self, images, masks, classes=None) -> None:
-        """Replace the default support set. ``images[n][k]``, ``masks[n][k]``: shot k of class n."""
+    @classmethod
+    def from_folder(cls, folder, model=None, **options) -> "Segmenter":
+        """A Segmenter (``model`` and ``options`` as the constructor's) with the support folder that
+        ``fss-run --support`` takes registered as its default set: ``folder/<class>/<image> + mask``,
+        classes in name order (label n is the n-th class, as ``fss-run`` writes it)."""
+        segmenter = cls(model, **options)
+        segmenter.set_support(folder)
+        return segmenter
+
+    def set_support(self, images, masks=None, classes=None) -> None:
+        """Replace the default support set: ``images[n][k]``, ``masks[n][k]`` is shot k of class n, or
+        ``images`` is a support folder (``masks`` and ``classes`` None; see :meth:`from_folder`)."""
         self.add_support(None, images, masks, classes)
 
-    def add_support(self, name: str | None, images, masks, classes=None) -> None:
-        """Encode and store a named support set (replacing one of the same name)."""
+    def add_support(self, name: str | None, images, masks=None, classes=None) -> None:
+        """Encode and store a named support set (replacing one of the same name); ``images`` may be a
+        support folder, as in :meth:`set_support`."""
+        if isinstance(images, (str, os.PathLike)) and masks is None and classes is None:
+            images, masks, classes = folder_shots(images)
         support = self.encode_support(images, masks, classes)
         with self._lock:
             self.store[support_name(name)] = support
@@ -281,7 +312,14 @@ class Segmenter:
         return results
 
     def segment(self, queries, support: str | None = None, return_prob: bool = False):
-        """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked."""
+        """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked.
+
+        One image (a path, PIL image or ``H x W x 3`` array) gives one label map (and one probability
+        map); a list or other iterable of images gives a list of each.
+        """
+        if is_one_image(queries):
+            out = self.segment([queries], support, return_prob)
+            return (out[0][0], out[1][0]) if return_prob else out[0]
         imgs = [as_rgb(q) for q in queries]
         if not imgs:
             return ([], []) if return_prob else []

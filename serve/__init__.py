@@ -8,7 +8,7 @@
 Imported lazily: ``import fss.serve`` needs neither PyTriton nor tritonclient.
 """
 
-from fss.lazy import lazy_attributes
+from fss.lazy import lazy_attributes, lazy_dir
 
 _LAZY = {
     "Client": ("fss.serve.client", "Client"),
@@ -20,3 +20,4 @@ __all__ = list(_LAZY)
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)
+__dir__ = lazy_dir(__name__, _LAZY)

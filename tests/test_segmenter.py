@@ -183,3 +183,44 @@ def test_memory_stays_flat_over_10000_queries():
             assert result.labels.shape == (16, 16)
     growth = rss_bytes() - before
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 9,000 streamed queries"
+
+
+def test_a_support_folder_registers_as_fss_run_reads_it(tmp_path):
+    """from_folder / set_support(folder): the folder's classes in name order, the same state as the lists
+    it holds; a folder that is not one is a one-line error."""
+    from helpers import make_queries, make_support
+
+    support = make_support(tmp_path / "support", classes=("dog", "cat"), shots=(1, 2))
+    queries = sorted(make_queries(tmp_path / "query", n=2).glob("*.jpg"))
+    model = random_model(input_size=SIZE)
+    seg = Segmenter.from_folder(support, model=model)
+    assert seg.classes() == ["cat", "dog"]  # name order, whatever the folders' creation order
+    by_lists = Segmenter(model)
+    cats, dogs = sorted((support / "cat").glob("*.jpg")), sorted((support / "dog").glob("*.jpg"))
+    masks = [[p.with_suffix(".png") for p in cats], [p.with_suffix(".png") for p in dogs]]
+    by_lists.set_support([cats, dogs], masks, ["cat", "dog"])
+    for ours, theirs in zip(seg.segment(queries), by_lists.segment(queries), strict=True):
+        assert np.array_equal(ours, theirs)
+    seg.add_support("again", str(support))
+    assert seg.classes("again") == ["cat", "dog"]
+    with pytest.raises(fss.FssError, match="nosuch"):
+        seg.set_support(tmp_path / "nosuch")
+
+
+def test_one_image_gives_one_result():
+    rng = np.random.default_rng(3)
+    seg = Segmenter(random_model(input_size=SIZE))
+    seg.set_support([random_images(rng, 1)], [random_masks(rng, 1)], ["cat"])
+    query = random_images(rng, 1, size=(37, 29))[0]
+    labels = seg.segment(query)
+    assert labels.shape == (29, 37) and np.array_equal(labels, seg.segment([query])[0])
+    labels_again, prob = seg.segment(Image.fromarray(query), return_prob=True)
+    assert np.array_equal(labels_again, labels) and prob.shape == (29, 37)
+
+
+def test_dir_of_the_package_shows_its_api():
+    import fss.serve
+
+    assert {"Segmenter", "load_model", "FewShotModel", "register_method", "__version__"} <= set(dir(fss))
+    assert not {"os", "lazy_attributes", "import_module"} & set(dir(fss))
+    assert {"Client", "ServeConfig"} <= set(dir(fss.serve))
