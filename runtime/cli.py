@@ -150,22 +150,13 @@ def check_out_against_inputs(
 
 def load_supports(pairs):
     """Class names, their (image, parsed mask) shots and the content hash of the support set."""
-    from fss.io.images import read_image
-    from fss.io.masks import check_shot, read_mask
+    from fss.io.masks import read_support_shots
 
-    classes, images, masks, hashes = [], [], [], []
-    for name, class_pairs in pairs.items():
-        class_images, class_masks, class_hashes = [], [], []
-        for image_path, mask_path in class_pairs:
-            image, mask = read_image(image_path, draft=False), read_mask(mask_path)
-            check_shot(image.size, mask, mask_path)
-            class_images.append(image)
-            class_masks.append(mask)
-            class_hashes.append([file_sha256(image_path), file_sha256(mask_path)])
-        classes.append(name)
-        images.append(class_images)
-        masks.append(class_masks)
-        hashes.append([name, sorted(class_hashes)])  # prototypes are means: the shot order is irrelevant
+    classes, images, masks = read_support_shots(pairs)
+    hashes = [  # prototypes are means: the shot order is irrelevant
+        [name, sorted([file_sha256(image), file_sha256(mask)] for image, mask in class_pairs)]
+        for name, class_pairs in pairs.items()
+    ]
     support_sha = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
     return classes, images, masks, support_sha
 

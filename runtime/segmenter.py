@@ -24,6 +24,7 @@ from PIL import Image
 from fss.errors import MissingSupportError
 from fss.io.folders import find_support_pairs
 from fss.io.images import as_rgb
+from fss.io.masks import read_support_shots
 from fss.io.tensors import image_tensor
 from fss.models.base import resolve_refine
 from fss.runtime.adapted_encoder import adaptation_for, edited_shots
@@ -48,11 +49,9 @@ def is_one_image(query) -> bool:
 
 
 def folder_shots(folder) -> tuple[list, list, list[str]]:
-    """A support folder's images, masks (per class) and classes, in fss-run's order."""
-    pairs = find_support_pairs(folder)
-    images = [[image for image, _ in shots] for shots in pairs.values()]
-    masks = [[mask for _, mask in shots] for shots in pairs.values()]
-    return images, masks, list(pairs)
+    """A support folder's images, masks (per class) and classes, read and ordered as fss-run reads them."""
+    classes, images, masks = read_support_shots(find_support_pairs(folder))
+    return images, masks, classes
 
 
 class Segmenter:

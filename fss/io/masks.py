@@ -89,3 +89,23 @@ def check_shot(image_size: tuple[int, int], mask: np.ndarray, where=None) -> Non
         )
     if not (mask == 1).any():
         raise EmptyMaskError("mask has no foreground pixel", where)
+
+
+def read_support_shots(pairs: dict) -> tuple[list[str], list[list[Image.Image]], list[list[np.ndarray]]]:
+    """A support folder's ``{class: [(image, mask), ...]}`` (:func:`fss.io.folders.find_support_pairs`)
+    read and checked shot by shot: class names, per-class images at full size (no draft decoding: a mask
+    fits its image pixel for pixel) and parsed masks; a bad shot is an error naming its mask file."""
+    from fss.io.images import read_image
+
+    classes, images, masks = [], [], []
+    for name, class_pairs in pairs.items():
+        class_images, class_masks = [], []
+        for image_path, mask_path in class_pairs:
+            image, mask = read_image(image_path, draft=False), read_mask(mask_path)
+            check_shot(image.size, mask, mask_path)
+            class_images.append(image)
+            class_masks.append(mask)
+        classes.append(name)
+        images.append(class_images)
+        masks.append(class_masks)
+    return classes, images, masks
