@@ -46,6 +46,7 @@ non_negative_float = validator(
     "non_negative_float", finite_float, lambda v: v >= 0, "must be 0 or more, got {text}"
 )
 positive_float = validator("positive_float", finite_float, lambda v: v > 0, "must be more than 0, got {text}")
+share = validator("share", finite_float, lambda v: 0 <= v <= 1, "must be from 0 to 1, got {text}")
 
 
 def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:
@@ -55,6 +56,18 @@ def check_input_size(parser: argparse.ArgumentParser, size: int | None) -> None:
 
 
 # -- options several commands share, worded once -------------------------------------------------------
+def add_negatives_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--negatives P``: the share of queries replaced by photos without their class."""
+    parser.add_argument(
+        "--negatives",
+        type=share,
+        default=0.0,
+        metavar="P",
+        help=f"share of {what} queries replaced by photos without the class (labels all background; "
+        "default 0)",
+    )
+
+
 def add_size_arg(parser: argparse.ArgumentParser, default: str = "the checkpoint's, 417 for PANet") -> None:
     """``--size``: the encoder's input size, else ``default`` (checked by :func:`check_input_size`)."""
     parser.add_argument("--size", type=int, metavar="S", help=f"encoder input size (default: {default})")

@@ -29,3 +29,6 @@ def voc_palette() -> list[int]:
 
 MIN_INPUT_SIZE = 8  # three stride-2 poolings leave at least one feature pixel
 MAX_INPUT_SIZE = 4096  # encoder input side: beyond this the activations need tens of GB
+
+# What a presence score is computed from (fss.models.presence), in the order of a calibration's weights.
+PRESENCE_FEATURES = ("area", "max_prob", "mean_prob", "confidence", "max_margin")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PRESENCE_FEATURES
 from fss.errors import CheckpointError, summary
 
 MAX_INFLATION = 16
@@ -116,6 +116,30 @@ def a_string(value):
     return None if isinstance(value, str) else "must be a string"
 
 
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def presence_calibration(value):
+    """``meta["presence"]`` (:mod:`fss.models.presence`): ``mean``, ``std`` (positive) and ``weights``, one
+    finite number per feature of :data:`fss.constants.PRESENCE_FEATURES`; ``bias``; ``min_score``, the
+    default cut-off, in ``[0, 1]``."""
+    if not isinstance(value, dict):
+        return "must be a dict"
+    n = len(PRESENCE_FEATURES)
+    for key in ("mean", "std", "weights"):
+        numbers_ = value.get(key)
+        if not isinstance(numbers_, (list, tuple)) or len(numbers_) != n:
+            return f"{key} must be a list of {n} numbers ({', '.join(PRESENCE_FEATURES)})"
+        if not all(_finite(v) and (v > 0 or key != "std") for v in numbers_):
+            return f"{key} must hold finite{' positive' if key == 'std' else ''} numbers"
+    if not _finite(value.get("bias")):
+        return "bias must be a finite number"
+    if not _finite(value.get("min_score")) or not 0 <= value["min_score"] <= 1:
+        return "min_score must be a number from 0 to 1"
+    return None
+
+
 META_FIELDS = {
     "method": non_empty_string,
     "encoder": non_empty_string,
@@ -127,6 +151,7 @@ META_FIELDS = {
     "iterations": count,
     "val": dict_or_none,
     "source": a_string,
+    "presence": presence_calibration,
 }
 
 

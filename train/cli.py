@@ -16,6 +16,7 @@ import torch
 from fss.checkpoint import read_torch_file
 from fss.cli_args import (
     add_device_arg,
+    add_negatives_arg,
     add_way_shot_args,
     count,
     input_size,
@@ -185,6 +186,7 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    add_negatives_arg(p, "training and validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the episodes (default 0)")
     p.add_argument(
         "--resume",

@@ -236,6 +236,39 @@ def sample_episode(rng: np.random.Generator, dataset: EpisodeDataset, classes, w
     )
 
 
+class NegativeQueries:
+    """Photos to replace queries with, so that a share of them do not show their way's class.
+
+    A negative query is a photo of the sampler's classes that shows none of the episode's classes (as
+    the dataset lists them), so its labels are all background: users' photos often lack the class, and
+    the official protocols never ask for that.
+    """
+
+    def __init__(self, dataset: EpisodeDataset, classes, share: float):
+        self.share = float(share)
+        self.photo_classes: dict[str, set[str]] = defaultdict(set)
+        self.items: dict[str, Item] = {}
+        for cls in classes:
+            for item in dataset.items[cls]:
+                self.photo_classes[item.photo].add(cls)
+                self.items.setdefault(item.photo, item)
+
+    def apply(self, rng: np.random.Generator, episode: list[Way]) -> list[Way]:
+        """``episode`` with each query, with probability ``share``, replaced by an unused negative photo."""
+        classes = {way.cls for way in episode}
+        used = {item.photo for way in episode for item in way.supports + way.queries}
+        free = [p for p, c in self.photo_classes.items() if not c & classes and p not in used]
+        out = []
+        for way in episode:
+            queries = list(way.queries)
+            for q in range(len(queries)):
+                if rng.random() < self.share and free:
+                    photo = free.pop(int(rng.integers(len(free))))
+                    queries[q] = self.items[photo]
+            out.append(Way(way.cls, way.supports, tuple(queries)))
+        return out
+
+
 def weak_support_masks(dataset: EpisodeDataset, item: Item, cls: str, fg, bg, annotation: str):
     """A support's (fg, bg) masks replaced by its box or scribble annotation (``S x S`` bool tensors)."""
     rng = annotation_rng(item.photo, cls)
@@ -292,7 +325,8 @@ def image_keys(episode: list[Way], flip=None) -> list[str]:
 
 
 class EpisodeSampler:
-    """Batches of random episodes from a fixed set of classes, drawn from one seeded numpy Generator.
+    """Batches of random episodes from a fixed set of classes, drawn from one seeded numpy Generator;
+    ``negatives``: the share of queries replaced by photos without their class (:class:`NegativeQueries`).
 
     ``batch(B, part=(r, W))`` draws all B episodes (the generator advances the same in every process)
     and builds the tensors of episodes r, r + W, ... only: W processes with one seed share out one
@@ -310,8 +344,11 @@ class EpisodeSampler:
         rng=None,
         what="dataset",
         annotation="dense",
+        negatives: float = 0.0,
     ):
         self.dataset, self.classes = dataset, sorted(classes)
+        # No draws for negatives unless asked: episodes of a seed stay those of earlier versions.
+        self.negatives = NegativeQueries(dataset, self.classes, negatives) if negatives > 0 else None
         self.ways, self.shots, self.queries, self.flip = ways, shots, queries, flip
         self.annotation = annotation
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -320,6 +357,8 @@ class EpisodeSampler:
     def draw(self) -> tuple[list[Way], np.ndarray | None]:
         """The next episode and its flips, without touching any pixel."""
         episode = sample_episode(self.rng, self.dataset, self.classes, self.ways, self.shots, self.queries)
+        if self.negatives is not None:
+            episode = self.negatives.apply(self.rng, episode)
         n_images = self.ways * (self.shots + self.queries)
         return episode, (self.rng.random(n_images) < 0.5 if self.flip else None)
 

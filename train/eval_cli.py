@@ -17,6 +17,7 @@ from fss.checkpoint import load_model
 from fss.cli_args import (
     add_device_arg,
     add_memory_arg,
+    add_negatives_arg,
     add_refine_arg,
     add_size_arg,
     add_way_shot_args,
@@ -57,6 +58,7 @@ class EvalConfig:
     seed: int = EVAL_SEED
     size: int | None = None  # None: the checkpoint's input size
     annotation: str = "dense"
+    negatives: float = 0.0  # share of queries replaced by photos without their class
     batch_episodes: int = EVAL_BATCH
     impl: str = "auto"
     refine: str | None = None  # test-time refinement (fss.constants.REFINEMENTS); None: the method's
@@ -150,6 +152,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         episodes=config.episodes,
         batch_episodes=config.batch_episodes,
         annotation=config.annotation,
+        negatives=config.negatives,
         impl=config.impl,
         refine=refine,
         encode=encode,
@@ -185,6 +188,12 @@ def summary_lines(result: dict) -> list[str]:
         f"binary-IoU {result['binary_iou']:.4f} ± {result['binary_iou_std']:.4f} "
         f"({result['episodes_per_second']:.1f} episodes/s)"
     )
+    absent = result["absent"]
+    if absent["queries"]:
+        lines.append(
+            f"photos without the class ({absent['queries']}): {absent['mean_share']:.2%} of pixels painted "
+            f"on average, {absent['over_1pct']:.0%} over 1 %, {absent['over_5pct']:.0%} over 5 %"
+        )
     return lines
 
 
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--annotation", choices=ANNOTATIONS, default="dense", help="support masks: dense, box or scribble"
     )
+    add_negatives_arg(p, "test")
     p.add_argument(
         "--batch-episodes",
         type=positive_int,
@@ -286,6 +296,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         size=args.size,
         annotation=args.annotation,
+        negatives=args.negatives,
         batch_episodes=args.batch_episodes,
         impl=args.impl,
         refine=args.refine,

@@ -44,6 +44,40 @@ def query_counts(pred: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.T
     return torch.stack(per_class, dim=1)
 
 
+def absent_shares(pred: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """The share of a query's counted pixels labelled as way n, for each (query, way) whose class the
+    query's labels do not hold (1-D: a class painted on a photo without it; 0 is right)."""
+    valid = (labels != IGNORE_INDEX).flatten(2)
+    shares = []
+    for j in range(1, ways + 1):
+        absent = ~(labels == j).flatten(2).any(-1)  # B x Q
+        painted = ((pred == j).flatten(2) & valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        shares.append(painted[absent])
+    return torch.cat(shares).double()
+
+
+PER_RUN_KEYS = ("run", "seed", "mean_iou", "binary_iou", "class_iou")
+ABSENT_OVER = (0.01, 0.05)  # shares of painted pixels reported for photos without the class
+
+
+class AbsentCounts:
+    """Photos without a way's class: how many, the sum of the shares painted, how many over each of
+    :data:`ABSENT_OVER` (sums, so that processes' parts add up)."""
+
+    def __init__(self):
+        self.counts = np.zeros(2 + len(ABSENT_OVER))
+
+    def add(self, shares: torch.Tensor) -> None:
+        shares = shares.cpu().numpy()
+        self.counts += [len(shares), shares.sum(), *((shares > t).sum() for t in ABSENT_OVER)]
+
+    def summary(self) -> dict:
+        n = max(self.counts[0], 1)
+        over = zip(ABSENT_OVER, self.counts[2:], strict=True)
+        over = {f"over_{round(t * 100)}pct": float(c / n) for t, c in over}
+        return {"queries": int(self.counts[0]), "mean_share": float(self.counts[1] / n), **over}
+
+
 class IouCounts:
     """TP / FP / FN of one run: row 0 the background, then one row per test class."""
 
@@ -170,6 +204,7 @@ def evaluate(
     annotation: str = "dense",
     impl: str = "auto",
     refine: str = "none",
+    negatives: float = 0.0,
     encode=None,
     features: FeatureCache | None = None,
     part: tuple[int, int] = (0, 1),
@@ -182,7 +217,9 @@ def evaluate(
     ``encode`` replaces ``model.encode`` (e.g. the runtime's channels-last encoder); ``features``
     (a :class:`FeatureCache` of the same model) encodes each photo once. ``part=(r, W)``
     computes episodes r, r + W, ... of every batch only, and ``reduce`` (an all-reduce sum of the count
-    array) joins the W parts: W processes share one run.
+    array) joins the W parts: W processes share one run. ``negatives``: the share of queries replaced by
+    photos without their class; mean-IoU counts a class only on queries that hold it (the official
+    metric), ``absent`` reports what was painted on the others.
     """
     sampler = EpisodeSampler(
         dataset,
@@ -193,9 +230,10 @@ def evaluate(
         rng=np.random.default_rng(seed),
         what="test classes",
         annotation=annotation,
+        negatives=negatives,
     )
     device = model_device(model)
-    counts = IouCounts(classes)
+    counts, absent = IouCounts(classes), AbsentCounts()
     with (
         eval_mode(model),
         tqdm(total=episodes, desc=desc, leave=False, disable=not progress, dynamic_ncols=True) as bar,
@@ -207,11 +245,14 @@ def evaluate(
                 batch = batch.to(device)
                 pred = predict(model, batch, impl, encode, features, refine)
                 counts.add(batch.classes, query_counts(pred, batch.qry_labels, ways))
+                absent.add(absent_shares(pred, batch.qry_labels, ways))
             bar.update(size)
     if reduce is not None:
-        counts.counts = reduce(counts.counts)
+        counts.counts, absent.counts = reduce(counts.counts), reduce(absent.counts)
     return {
         **counts.summary(),
+        "absent": absent.summary(),
+        "negatives": negatives,
         "classes": list(classes),
         "ways": ways,
         "shots": shots,
@@ -254,7 +295,8 @@ def evaluate_runs(
     class_iou = np.array([[r["class_iou"][c] for c in classes] for r in per_run])
     mean_iou = np.array([r["mean_iou"] for r in per_run])
     binary_iou = np.array([r["binary_iou"] for r in per_run])
-    keep = ("classes", "ways", "shots", "episodes", "annotation", "refine")
+    keep = ("classes", "ways", "shots", "episodes", "annotation", "refine", "negatives")
+    absent = {key: float(np.mean([r["absent"][key] for r in per_run])) for key in per_run[0]["absent"]}
     return {
         **{key: per_run[0][key] for key in keep},
         "runs": runs,
@@ -265,9 +307,7 @@ def evaluate_runs(
         "binary_iou_std": float(binary_iou.std()),
         "class_iou": dict(zip(classes, class_iou.mean(axis=0).tolist(), strict=True)),
         "class_iou_std": dict(zip(classes, class_iou.std(axis=0).tolist(), strict=True)),
-        "per_run": [
-            {key: r[key] for key in ("run", "seed", "mean_iou", "binary_iou", "class_iou", "seconds")}
-            for r in per_run
-        ],
+        "absent": {**absent, "queries": int(sum(r["absent"]["queries"] for r in per_run))},
+        "per_run": [{key: r[key] for key in (*PER_RUN_KEYS, "absent", "seconds")} for r in per_run],
         "seconds": sum(r["seconds"] for r in per_run),
     }

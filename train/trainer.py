@@ -77,6 +77,7 @@ class TrainConfig:
     align: bool = True
     align_weight: float = 1.0
     flip: bool = True
+    negatives: float = 0.0  # share of queries (training and validation) replaced by photos without the class
     seed: int = 0
     resume: Path | None = None
     save_every: int = 1000
@@ -259,6 +260,7 @@ class TrainRun:
             config.flip,
             self.rng,
             what="training classes",
+            negatives=config.negatives,
         )
         model.train()
         self.optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -297,6 +299,10 @@ class TrainRun:
                 f"step {result.step}: held-out mean-IoU {result.val['mean_iou']:.4f}, "
                 f"binary-IoU {result.val['binary_iou']:.4f} ({summary})"
             )
+            absent = result.val["absent"]
+            if absent["queries"]:
+                share = absent["mean_share"]
+                tqdm.write(f"step {result.step}: {share:.2%} of pixels painted on photos without the class")
         return result.val
 
     def iterate(self) -> tuple[float, float]:
@@ -386,5 +392,6 @@ def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
         config.eval_batch,
         features=FeatureCache(model.encode, config.cache_mb),  # weights are fixed while evaluating
         refine=resolve_refine(None, model),
+        negatives=config.negatives,
         **options,
     )

@@ -23,6 +23,7 @@ from torch import nn
 from fss.constants import PAPER_INPUT_SIZE, PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
 from fss.models.encoders import get_encoder
+from fss.models.presence import gate_logits, presence_scores
 
 # The built-in methods' modules (imported on the first look-up) and the method of checkpoints written
 # before the registry (and of official PANet snapshots).
@@ -123,6 +124,25 @@ class FewShotModel(nn.Module):
         """The fused fast path of :meth:`logits` + argmax: ``B x Q x H x W`` uint8 labels (+ the winning
         class's probability where ``return_prob``)."""
         raise NotImplementedError
+
+    def presence(self, qry_feats, state, refine="none", impl=None, in_size=None) -> torch.Tensor:
+        """``B x N`` episode states' classes on ``B x Q`` queries -> ``B x Q x N`` presence scores in
+        ``[0, 1]``, from the logits at feature resolution (:mod:`fss.models.presence`)."""
+        low = self.logits(qry_feats, state, qry_feats.shape[-2:], refine, impl, in_size)
+        return presence_scores(low, self.meta.get("presence"))
+
+    def segment_present(
+        self, qry_feats, state, out_size, min_score, refine="none", return_prob=False, impl=None, in_size=None
+    ):
+        """:meth:`segment` with absent classes (presence below ``min_score``) left out of the argmax:
+        ``(labels or (labels, prob), scores)``; the fused path where no class is absent."""
+        scores = self.presence(qry_feats, state, refine, impl, in_size)
+        if not (scores < min_score).any():
+            return self.segment(qry_feats, state, out_size, refine, return_prob, impl, in_size), scores
+        logits = self.logits(qry_feats, state, out_size, refine, impl, in_size)
+        prob, labels = gate_logits(logits, scores, min_score).softmax(dim=2).max(dim=2)
+        labels = labels.to(torch.uint8)
+        return ((labels, prob) if return_prob else labels), scores
 
     def forward(self, supp_imgs, supp_fg, supp_bg, qry_imgs, shot_mask=None, refine="none"):
         """Logits ``B x Q x (1+N) x H x W`` of a batch of episodes (the uncached reference path).
