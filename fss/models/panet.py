@@ -14,14 +14,18 @@ from fss.models.base import FewShotModel, check_episode, default_meta, encode_ep
 from fss.models.encoders import DEFAULT_ENCODER, build_encoder
 
 
-def refine_prototypes(qry_feats, protos, refine: str):
-    """``B x P x C`` support prototypes refined on the ``B x Q x C x h x w`` queries of each episode
-    (the fusion part of ``refine``; adaptation happens before the features are computed)."""
-    if not refine.endswith("fusion"):
-        return protos
-    from fss.models.fusion import fuse_prototypes
+def refine_prototypes(qry_feats, protos, refine: str, scale: float):
+    """``B x P x C`` support prototypes refined on the ``B x Q x C x h x w`` queries of each episode:
+    PRNet's fusion or self-support prototypes (adaptation happens before the features are computed)."""
+    if refine.endswith("fusion"):
+        from fss.models.fusion import fuse_prototypes
 
-    return fuse_prototypes(qry_feats, protos)
+        return fuse_prototypes(qry_feats, protos)
+    if refine == "ssp":
+        from fss.models.self_support import self_support_prototypes
+
+        return self_support_prototypes(qry_feats, protos, scale)
+    return protos
 
 
 @register_method("panet")
@@ -81,12 +85,12 @@ class PANet(FewShotModel):
 
     def logits(self, qry_feats, protos, out_size, refine="none", impl=None, in_size=None):
         """``B x Q x C x h x w`` queries, ``B x P x C`` prototypes -> ``B x Q x P x H x W`` logits."""
-        protos = refine_prototypes(qry_feats, protos, refine)
+        protos = refine_prototypes(qry_feats, protos, refine, self.scale)
         return kernels.match(qry_feats, protos, tuple(out_size), self.scale, impl=impl or self.impl)
 
     def segment(self, qry_feats, protos, out_size, refine="none", return_prob=False, impl=None, in_size=None):
         """The fused fast path of :meth:`logits` + argmax: ``B x Q x H x W`` uint8 labels (+ max prob)."""
-        protos = refine_prototypes(qry_feats, protos, refine)
+        protos = refine_prototypes(qry_feats, protos, refine, self.scale)
         return kernels.segment(
             qry_feats, protos, tuple(out_size), self.scale, return_prob=return_prob, impl=impl or self.impl
         )

@@ -40,7 +40,11 @@ def presence_scores(low_logits: torch.Tensor, calibration: dict | None = None) -
     """``B x Q x P x h x w`` logits -> ``B x Q x N`` scores in ``[0, 1]``: the calibrated logistic model
     (``meta["presence"]``, :func:`fss.validation.presence_calibration`) where given, else each class's
     highest pixel probability."""
-    stats = presence_features(low_logits)
+    return statistics_scores(presence_features(low_logits), calibration)
+
+
+def statistics_scores(stats: torch.Tensor, calibration: dict | None = None) -> torch.Tensor:
+    """``... x F`` statistics (:func:`presence_features`) -> ``...`` scores (:func:`presence_scores`)."""
     if calibration is None:
         return stats[..., FEATURES.index("max_prob")]
     mean, std, weights = (stats.new_tensor(calibration[k]) for k in ("mean", "std", "weights"))
