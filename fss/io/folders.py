@@ -68,8 +68,9 @@ def class_pairs(folder: Path, warn: Warn | None = None, boxes: bool = False) -> 
     the "mask" of a pair may be a box file ``<stem>.box.json`` / ``.box.txt``.
     """
     files, skipped = scan_folder(folder)
-    box_files = {p.name: p for p, why in skipped if boxes and why == "non-image file" and is_box_file(p)}
-    warn_skipped([s for s in skipped if s[0].name not in box_files], warn)
+    found_boxes = [p for p, why in skipped if boxes and why == "non-image file" and is_box_file(p)]
+    box_files = {box_file_stem(p) + p.name[len(box_file_stem(p)) :].lower(): p for p in found_boxes}
+    warn_skipped([s for s in skipped if s[0] not in found_boxes], warn)
     by_name = {p.name: p for p in files}
     stems = {}
     for p in files:
