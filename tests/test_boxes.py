@@ -299,3 +299,31 @@ def test_box_quality_scores_grabcut_above_boxes_on_round_objects(tmp_path):
         (data / kind).rmdir()
     found = measure(data)  # circles: their box holds a fifth of background
     assert found["photos"] == 2 and found["iou_mask"] < 0.85 < found["iou_grabcut"]
+
+
+# -- the page's box tool -----------------------------------------------------------------------------
+
+
+def test_page_box_tool_boxes_typed_or_around_the_paint():
+    from fss.demo.box_tool import box_mask, painted_box
+    from fss.demo.session import DemoError
+
+    image, truth = object_photo()
+    typed, boxed = box_mask(image, [], "18 10 84 72", "box")
+    assert boxed == "18 10 84 72" and np.array_equal(typed, filled_boxes([(18, 10, 84, 72)], truth.shape))
+    refined, _ = box_mask(image, [], "18 10 84 72", "GrabCut")
+    assert np.array_equal(refined, grabcut(image, [(18, 10, 84, 72)]))  # fss-run's --box-supports grabcut
+    stroke = np.zeros((40, 48, 4), np.uint8)  # a diagonal drag on a canvas at half the image's size
+    for i in range(30):
+        stroke[5 + i, 9 + i] = (255, 0, 0, 255)
+    assert painted_box([stroke], image.size) == (18, 10, 78, 70)
+    assert box_mask(image, [stroke], "", "box")[1] == "18 10 78 70"
+    for text, layers, mode, message in [
+        ("", [], "box", "drag the brush"),
+        ("1 2 3", [], "box", "not four numbers"),
+        ("0 0 97 10", [], "box", "reaches outside the image 96x80"),
+        ("0 0 9 9", [], "brush", "choose one of"),
+    ]:
+        with pytest.raises(FssError, match=message):
+            box_mask(image, layers, text, mode)
+    assert issubclass(DemoError, FssError)
