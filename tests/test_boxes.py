@@ -267,6 +267,18 @@ def test_fss_run_with_box_supports(tmp_path, ckpt, capsys):
     assert "reaches outside the image 48x40" in err and "cat0.box.json" in err and "Traceback" not in err
 
 
+def test_fss_run_without_opencv_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    boxes, _ = box_support(tmp_path)
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    args = ["--support", boxes, "--query", make_queries(tmp_path / "q"), "--out", tmp_path / "out"]
+    assert (
+        fss_run([str(a) for a in [*args, "--ckpt", tmp_path / "missing.pt", "--box-supports", "grabcut"]])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert 'pip install "fss[box]"' in err and "missing.pt" not in err and not (tmp_path / "out").exists()
+
+
 def test_segmenter_from_a_box_folder(tmp_path):
     boxes, masks = box_support(tmp_path)
     model = random_model(input_size=65)
