@@ -72,6 +72,7 @@ HOSTILE = [
     ("dict.box.json", '{"box": [[0, 0, 1, 1]]}', "expected a list"),
     ("text.box.json", "x0 y0", "not JSON"),
     ("latin.box.txt", b"1 2 3 4 \xe9", "not UTF-8"),
+    ("deep.box.json", "[" * 100_000 + "]" * 100_000, "nests lists too deeply"),
     ("huge.box.txt", "1 2 3 4\n" * 200_000, "over 1024 KiB"),
 ]
 
@@ -122,7 +123,7 @@ def test_folder_pairs_images_with_box_files(tmp_path):
     "extra, message",
     [
         ({"a.png": "mask"}, r"a mask and a box file for one image \(a.png and a.box.txt\): keep one"),
-        ({"a.box.json": "[[0, 0, 2, 2]]"}, "a mask and a box file|two"),
+        ({"a.box.json": "[[0, 0, 2, 2]]"}, r"two box files for one image \(a.box.json and a.box.txt\)"),
         ({"z.box.txt": "0 0 2 2"}, r"box file without image \(expected an image z\.\*\)"),
     ],
 )

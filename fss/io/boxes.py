@@ -74,6 +74,8 @@ def read_boxes(path) -> list[tuple[float, float, float, float]]:
 def json_rows(text: str, path: Path) -> list:
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise BoxFileError("box file nests lists too deeply to be a list of boxes", path) from None
     except ValueError as error:
         raise BoxFileError(f"box file is not JSON ({str(error).splitlines()[0]})", path) from None
     if isinstance(data, dict) and set(data) == {"boxes"}:

@@ -98,7 +98,7 @@ def class_pairs(folder: Path, warn: Warn | None = None, boxes: bool = False) -> 
             expected = " or ".join(mask_candidates(image) + (box_file_names(image) if boxes else []))
             raise FssError(f"image without mask (expected {expected})", image)
         if len(found) > 1:
-            what = "a mask and a box file" if any(map(is_box_file, found)) else "two masks"
+            what = ("two masks", "a mask and a box file", "two box files")[sum(map(is_box_file, found[:2]))]
             raise FssError(f"{what} for one image ({found[0].name} and {found[1].name}): keep one", image)
         mask = found[0]
         if mask.name in owner:
