@@ -178,7 +178,7 @@ def grabcut(image, boxes) -> np.ndarray:
         workable.append(min(sx1 - sx0, sy1 - sy0) >= GRABCUT_MIN_BOX)
     refined = np.zeros((height, width), np.uint8)
     if any(workable) and (init == cv2.GC_BGD).any():
-        cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's global generator: same boxes, same mask
+        cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's per-thread generator: reproducible
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
             small = np.ascontiguousarray(small)
