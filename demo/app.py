@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from fss.demo import outputs
+from fss.demo import box_tool, outputs
 from fss.demo.editor import BRUSH, mask_from_layers, mask_layer
 from fss.demo.session import (
     DemoError,
@@ -34,8 +34,9 @@ log = logging.getLogger("fss.demo")
 
 HELP = """**1.** Pick an example or upload a support image, paint the object with the brush (eraser
 and clear in the editor's toolbar) or upload a mask file (painting adds to it); name its class and
-**Add shot**. Add more shots or classes at any time. **2.** Drop query images: each is encoded once,
-and every change of the shots updates all of them."""
+**Add shot**. Or box it: type the box, or drag the brush across the object, then **Use box**. Add more
+shots or classes at any time. **2.** Drop query images: each is encoded once, and every change of the
+shots updates all of them."""
 
 
 def example_supports(root: Path | None) -> list[tuple[str, str]]:
@@ -127,6 +128,7 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             height=110,
             elem_id="mask-file",
         ),
+        **box_tool.components(gr),
         class_name=gr.Textbox(label="Class", placeholder="e.g. bus", elem_id="class-name"),
         add=gr.Button("Add shot", variant="primary", elem_id="add-shot"),
         shots=gr.Gallery(
@@ -285,6 +287,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         "example": on_example,
         "mask_file": on_mask_file,
         "add_shot": on_add_shot,
+        "box": box_tool.handler(guard, ui, editor_value),
         **shot_list_handlers(gr, guard, ui),
     }
 
@@ -367,6 +370,7 @@ def connect(ui, on: dict) -> None:
     )
     # The editor is no output here: its loading overlay would swallow the next brush stroke.
     ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], results)
+    box_tool.connect(ui, on["box"])
     ui.shots.select(on["select_shot"], [ui.state], [ui.state, ui.status])
     ui.remove.click(on["remove_shot"], [ui.state], results)
     ui.queries.upload(on["queries"], [ui.state, ui.queries], [*results, ui.queries])

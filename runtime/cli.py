@@ -90,6 +90,13 @@ def parse_args(argv):
     )
     add_refine_arg(p)
     p.add_argument(
+        "--box-supports",
+        choices=["mask", "grabcut"],
+        default="mask",
+        help="a support image with a box file (<stem>.box.json / .box.txt) in place of its mask: the boxes "
+        'as the mask (default), or each box refined by OpenCV\'s GrabCut (pip install "fss[box]")',
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="recompute queries already in --out, replacing any file at their output paths",
@@ -148,15 +155,16 @@ def check_out_against_inputs(
         raise FssError(f"an output would overwrite the input {resolved_files[clash[0]]}", out)
 
 
-def load_supports(pairs):
+def load_supports(pairs, box_supports: str = "mask"):
     """Class names, their (image, parsed mask) shots and the content hash of the support set."""
+    from fss.io.boxes import box_files
     from fss.io.masks import read_support_shots
 
-    classes, images, masks = read_support_shots(pairs)
+    classes, images, masks = read_support_shots(pairs, box_supports)
     hashes = [  # prototypes are means: the shot order is irrelevant
         [name, sorted([file_sha256(image), file_sha256(mask)] for image, mask in class_pairs)]
         for name, class_pairs in pairs.items()
-    ]
+    ] + ([["box_supports", box_supports]] if box_files(pairs) else [])  # boxes' masks depend on it
     support_sha = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
     return classes, images, masks, support_sha
 
@@ -190,13 +198,16 @@ def full_size_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # -- the command ---------------------------------------------------------------------------------------
 def run(args) -> int:
+    from fss.io.boxes import box_files, import_cv2
     from fss.io.folders import check_class_names, find_support_pairs, list_images
     from fss.io.images import max_pixels, pixel_limit
 
     with pixel_limit(args.max_pixels):
         max_pixels()  # a malformed $FSS_MAX_PIXELS is refused before any work
-        pairs = find_support_pairs(args.support, warn=warn_line)
+        pairs = find_support_pairs(args.support, warn=warn_line, boxes=True)
         check_class_names(list(pairs), args.support)
+        if args.box_supports == "grabcut" and box_files(pairs):
+            import_cv2()  # missing OpenCV is refused before the model loads
         queries, skipped = list_images(args.query)
         for path, reason in skipped:
             warn_line(f"skipping {reason}", path)
@@ -262,7 +273,7 @@ def start_segmenter(args, pairs, queries, previous):
     model, device = load_runtime_model(args)
     size = int(args.size or model.meta["input_size"])
     check_encoder_memory(model, size, args.batch, device, size_name="--size", hint="--batch")
-    classes, images, masks, support_sha = load_supports(pairs)
+    classes, images, masks, support_sha = load_supports(pairs, args.box_supports)
     seg = Segmenter(
         model,
         device=device,

@@ -48,9 +48,10 @@ def is_one_image(query) -> bool:
     )
 
 
-def folder_shots(folder) -> tuple[list, list, list[str]]:
-    """A support folder's images, masks (per class) and classes, read and ordered as fss-run reads them."""
-    classes, images, masks = read_support_shots(find_support_pairs(folder))
+def folder_shots(folder, box_supports: str = "mask") -> tuple[list, list, list[str]]:
+    """A support folder's images, masks (per class) and classes, read and ordered as fss-run reads them
+    (box files as ``fss-run --box-supports`` reads them)."""
+    classes, images, masks = read_support_shots(find_support_pairs(folder, boxes=True), box_supports)
     return images, masks, classes
 
 
@@ -145,24 +146,27 @@ class Segmenter:
 
     # -- supports -------------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder, model=None, **options) -> "Segmenter":
+    def from_folder(cls, folder, model=None, box_supports: str = "mask", **options) -> "Segmenter":
         """A Segmenter (``model`` and ``options`` as the constructor's) with the support folder that
         ``fss-run --support`` takes registered as its default set: ``folder/<class>/<image> + mask``,
-        classes in name order (label n is the n-th class, as ``fss-run`` writes it)."""
+        classes in name order (label n is the n-th class, as ``fss-run`` writes it); ``box_supports``
+        as ``fss-run --box-supports`` (``mask`` or ``grabcut``: what a box file in place of a mask gives)."""
         segmenter = cls(model, **options)
-        segmenter.set_support(folder)
+        segmenter.set_support(folder, box_supports=box_supports)
         return segmenter
 
-    def set_support(self, images, masks=None, classes=None) -> None:
+    def set_support(self, images, masks=None, classes=None, box_supports: str = "mask") -> None:
         """Replace the default support set: ``images[n][k]``, ``masks[n][k]`` is shot k of class n, or
         ``images`` is a support folder (``masks`` and ``classes`` None; see :meth:`from_folder`)."""
-        self.add_support(None, images, masks, classes)
+        self.add_support(None, images, masks, classes, box_supports)
 
-    def add_support(self, name: str | None, images, masks=None, classes=None) -> None:
+    def add_support(
+        self, name: str | None, images, masks=None, classes=None, box_supports: str = "mask"
+    ) -> None:
         """Encode and store a named support set (replacing one of the same name); ``images`` may be a
         support folder, as in :meth:`set_support`."""
         if isinstance(images, (str, os.PathLike)) and masks is None and classes is None:
-            images, masks, classes = folder_shots(images)
+            images, masks, classes = folder_shots(images, box_supports)
         support = self.encode_support(images, masks, classes)
         with self._lock:
             self.store[support_name(name)] = support

@@ -183,3 +183,28 @@ def test_a_second_tab_does_not_see_the_first_tabs_supports(server, browser):
     status = wait_status(browser, lambda t: "file(s) added" in t, "the query added")
     assert "Add a support shot" in status
     assert not browser.find_elements(By.CSS_SELECTOR, "#shots .thumbnail-item")
+
+
+def test_box_tool_makes_the_shots_mask(server, browser):
+    """A typed box is the mask (its pixel count); a brush stroke dragged across the object gives its box,
+    refined by GrabCut."""
+    browser.switch_to.new_window("tab")
+    browser.get(server)
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#example-supports button")
+    )
+    browser.find_elements(By.CSS_SELECTOR, "#example-supports .thumbnail-item")[0].click()
+    wait_status(browser, lambda t: SUPPORT.name in t, "the example loaded")
+    browser.find_element(By.CSS_SELECTOR, "#box-text textarea, #box-text input").send_keys("100 80 300 200")
+    browser.find_element(By.CSS_SELECTOR, "#box-mode input[value=box]").click()
+    browser.find_element(By.ID, "use-box").click()
+    wait_status(browser, lambda t: "Box 100 80 300 200 as box: 24000 pixels" in t, "the typed box")
+    browser.find_element(By.ID, "add-shot").click()
+    wait_status(browser, lambda t: "Added shot 1 of bus (24000 pixels)" in t, "the box shot added")
+    browser.find_element(By.CSS_SELECTOR, "#box-text textarea, #box-text input").clear()
+    browser.find_element(By.CSS_SELECTOR, "#box-mode input[value=GrabCut]").click()
+    paint_stroke(browser)
+    time.sleep(0.5)  # the editor commits the stroke on pointer-up
+    browser.find_element(By.ID, "use-box").click()
+    status = wait_status(browser, lambda t: "as GrabCut" in t or "Error" in t, "the dragged box")
+    assert "Error" not in status and int(status.split(": ")[1].split()[0]) > 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fss.constants import IGNORE_INDEX, PAPER_NORMALISATION
 from fss.errors import FssError
@@ -24,10 +25,10 @@ from fss.io.folders import find_support_pairs
 from fss.io.images import read_image
 from fss.io.masks import read_mask
 from fss.io.tensors import image_tensor, mask_tensor
-from fss.train.weak import annotation_rng, box_masks, connected_components, scribble_masks
+from fss.train.weak import annotation_rng, box_masks, connected_components, grabcut_masks, scribble_masks
 
 SAMPLING_ATTEMPTS = 100
-ANNOTATIONS = ("dense", "box", "scribble")
+ANNOTATIONS = ("dense", "box", "grabcut", "scribble")
 
 
 @dataclass(frozen=True)
@@ -270,10 +271,14 @@ class NegativeQueries:
 
 
 def weak_support_masks(dataset: EpisodeDataset, item: Item, cls: str, fg, bg, annotation: str):
-    """A support's (fg, bg) masks replaced by its box or scribble annotation (``S x S`` bool tensors)."""
+    """A support's (fg, bg) masks replaced by its box (refined by GrabCut: "grabcut") or scribble annotation
+    (``S x S`` bool tensors)."""
     rng = annotation_rng(item.photo, cls)
-    if annotation == "box":
+    if annotation in ("box", "grabcut"):
         weak = box_masks(dataset.instances(item, cls), tuple(fg.shape), rng)
+        if annotation == "grabcut":  # on the photo as the model sees it (S x S, bilinear)
+            image = read_image(item.image, dataset.orient_exif).resize(fg.shape[::-1], Image.BILINEAR)
+            weak = grabcut_masks(np.asarray(image), *weak)
     else:
         weak = scribble_masks(fg.numpy(), bg.numpy(), rng)
     return (torch.from_numpy(mask) for mask in weak)
@@ -283,7 +288,7 @@ def episode_tensors(dataset: EpisodeDataset, episode: list[Way], flip=None, anno
     """One episode's tensors without the batch dimension; ``flip`` marks the images to mirror.
 
     ``flip`` holds one bool per image: all supports in way order, then all queries in way order.
-    ``annotation`` ("dense", "box", "scribble") is what the supports' masks are made from.
+    ``annotation`` (one of ``ANNOTATIONS``) is what the supports' masks are made from.
     """
     classes = [way.cls for way in episode]
     supports = [(item, way.cls) for way in episode for item in way.supports]

@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_episode_args(p)
     add_size_arg(p, "the checkpoint's")
     p.add_argument(
-        "--annotation", choices=ANNOTATIONS, default="dense", help="support masks: dense, box or scribble"
+        "--annotation",
+        choices=ANNOTATIONS,
+        default="dense",
+        help="support masks: dense, box, grabcut (the box refined by GrabCut) or scribble",
     )
     add_negatives_arg(p, "test")
     p.add_argument(

@@ -2,6 +2,8 @@
 
 - Box: the box of one random instance of the class is foreground; everything outside all boxes of the
   class's instances is background.
+- GrabCut: that box refined by GrabCut as ``fss-run --box-supports grabcut`` refines a user's box
+  (:func:`fss.io.boxes.grabcut`): its object is foreground; the box's other pixels join the background.
 - Scribble: strokes drawn inside the dense foreground and inside the dense background, one through
   each large connected part, kept away from the borders as a person would draw them.
 
@@ -89,6 +91,18 @@ def box_masks(
         return np.zeros(shape, bool), np.ones(shape, bool)
     boxes = [bounding_box(m) for m in present]
     return boxes[rng.integers(len(boxes))], ~np.logical_or.reduce(boxes)
+
+
+def grabcut_masks(image: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The box annotation (``fg``, ``bg`` of :func:`box_masks`) of an ``S x S x 3`` uint8 ``image``
+    refined by GrabCut: (the object in the box, the background plus the rest of the box)."""
+    from fss.io.boxes import grabcut
+
+    if not fg.any():
+        return fg, bg
+    rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
+    found = grabcut(image, [(cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)]).astype(bool)
+    return found, bg | (fg & ~found)
 
 
 def interior(region: np.ndarray) -> np.ndarray:

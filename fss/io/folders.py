@@ -1,7 +1,10 @@
 """Support and query folders: which files are images, which are masks, and of which class.
 
 A support folder is ``root/<class>/<stem>.<ext>`` + the mask ``<stem>_mask.png`` (or ``<stem>.png``
-beside a non-PNG image), or a flat folder of such pairs (one class named after the folder).
+beside a non-PNG image), or a flat folder of such pairs (one class named after the folder). Where the
+reader takes them (``boxes=True``), a box file ``<stem>.box.json`` / ``<stem>.box.txt``
+(:mod:`fss.io.boxes`) may stand in for the mask; an image with both a mask and a box file is an error
+(which one was meant is the user's to say).
 """
 
 import warnings
@@ -9,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fss.errors import FssError
+from fss.io.boxes import box_file_names, box_file_stem, is_box_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MASK_SUFFIX = "_mask"
@@ -56,14 +60,17 @@ def mask_candidates(image: Path) -> list[str]:
     return names
 
 
-def class_pairs(folder: Path, warn: Warn | None = None) -> list[tuple[Path, Path]]:
+def class_pairs(folder: Path, warn: Warn | None = None, boxes: bool = False) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of one class folder, sorted by image name.
 
     A mask is ``<stem>_mask.png`` beside any image, or ``<stem>.png`` beside a non-PNG image (so
-    ``foo_mask.jpg`` + ``foo_mask.png`` is a pair). Every other image file is an image.
+    ``foo_mask.jpg`` + ``foo_mask.png`` is a pair). Every other image file is an image. With ``boxes``,
+    the "mask" of a pair may be a box file ``<stem>.box.json`` / ``.box.txt``.
     """
     files, skipped = scan_folder(folder)
-    warn_skipped(skipped, warn)
+    found_boxes = [p for p, why in skipped if boxes and why == "non-image file" and is_box_file(p)]
+    box_files = {box_file_stem(p) + p.name[len(box_file_stem(p)) :].lower(): p for p in found_boxes}
+    warn_skipped([s for s in skipped if s[0] not in found_boxes], warn)
     by_name = {p.name: p for p in files}
     stems = {}
     for p in files:
@@ -84,27 +91,36 @@ def class_pairs(folder: Path, warn: Warn | None = None) -> list[tuple[Path, Path
         if image.name in masks:
             continue
         found = [by_name[n] for n in mask_candidates(image) if n in masks]
+        found += [box_files.pop(n) for n in box_file_names(image) if n in box_files]
         if not found:
             if image.stem.endswith(MASK_SUFFIX) and image.suffix.lower() == ".png":
                 raise FssError("mask without image", image)
-            expected = " or ".join(mask_candidates(image))
+            expected = " or ".join(mask_candidates(image) + (box_file_names(image) if boxes else []))
             raise FssError(f"image without mask (expected {expected})", image)
         if len(found) > 1:
-            raise FssError(f"two masks for one image ({found[0].name} and {found[1].name})", image)
+            what = ("two masks", "a mask and a box file", "two box files")[sum(map(is_box_file, found[:2]))]
+            raise FssError(f"{what} for one image ({found[0].name} and {found[1].name}): keep one", image)
         mask = found[0]
         if mask.name in owner:
             raise FssError(f"one mask for two images ({owner[mask.name].name} and {image.name})", mask)
         owner[mask.name] = image
         pairs.append((image, mask))
+    if box_files:
+        orphan = box_files[min(box_files)]
+        raise FssError(f"box file without image (expected an image {box_file_stem(orphan)}.*)", orphan)
     return pairs
 
 
-def find_support_pairs(root, warn: Warn | None = None) -> dict[str, list[tuple[Path, Path]]]:
+def find_support_pairs(
+    root, warn: Warn | None = None, boxes: bool = False
+) -> dict[str, list[tuple[Path, Path]]]:
     """Class name -> sorted (image, mask) pairs of a support folder.
 
     ``root/<class>/...`` gives one class per subfolder (sorted by name); a flat ``root`` of pairs is
     one class named after the folder. Pairs beside class subfolders are an error (they would belong
     to no class). ``warn(message, path)`` hears of skipped entries (default: ``warnings.warn``).
+    ``boxes``: a pair's mask may be a box file (:mod:`fss.io.boxes`; read by
+    :func:`fss.io.masks.read_support_shots`); without it box files are skipped as non-image files.
     """
     root = Path(root)
     if not root.is_dir():
@@ -123,7 +139,7 @@ def find_support_pairs(root, warn: Warn | None = None) -> dict[str, list[tuple[P
         warn_skipped([s for s in skipped if s[1] != "non-image file"], warn)
     classes = {}
     for folder in subdirs or [root]:
-        pairs = class_pairs(folder, warn)
+        pairs = class_pairs(folder, warn, boxes)
         if pairs:
             classes[folder.name] = pairs
         elif subdirs:

@@ -91,18 +91,28 @@ def check_shot(image_size: tuple[int, int], mask: np.ndarray, where=None) -> Non
         raise EmptyMaskError("mask has no foreground pixel", where)
 
 
-def read_support_shots(pairs: dict) -> tuple[list[str], list[list[Image.Image]], list[list[np.ndarray]]]:
+def read_support_shots(
+    pairs: dict, box_supports: str = "mask"
+) -> tuple[list[str], list[list[Image.Image]], list[list[np.ndarray]]]:
     """A support folder's ``{class: [(image, mask), ...]}`` (:func:`fss.io.folders.find_support_pairs`)
     read and checked shot by shot: class names, per-class images at full size (no draft decoding: a mask
-    fits its image pixel for pixel) and parsed masks; a bad shot is an error naming its mask file."""
+    fits its image pixel for pixel) and parsed masks; a bad shot is an error naming its mask file. A box
+    file in place of a mask becomes a mask as ``box_supports`` says (:func:`fss.io.boxes.boxes_mask`)."""
+    from fss.io.boxes import boxes_mask, check_box_mode, is_box_file, read_boxes
     from fss.io.images import read_image
 
+    check_box_mode(box_supports)
     classes, images, masks = [], [], []
     for name, class_pairs in pairs.items():
         class_images, class_masks = [], []
         for image_path, mask_path in class_pairs:
-            image, mask = read_image(image_path, draft=False), read_mask(mask_path)
-            check_shot(image.size, mask, mask_path)
+            if is_box_file(mask_path):
+                boxes = read_boxes(mask_path)  # a malformed file is refused before its image is decoded
+                image = read_image(image_path, draft=False)
+                mask = boxes_mask(image, boxes, box_supports, mask_path)
+            else:
+                image, mask = read_image(image_path, draft=False), read_mask(mask_path)
+                check_shot(image.size, mask, mask_path)
             class_images.append(image)
             class_masks.append(mask)
         classes.append(name)
