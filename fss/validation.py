@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PRESENCE_FEATURES
+from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PRESENCE_FEATURES, REFINEMENTS
 from fss.errors import CheckpointError, summary
 
 MAX_INFLATION = 16
@@ -140,6 +140,10 @@ def presence_calibration(value):
     return None
 
 
+def refinement(value):
+    return None if value in REFINEMENTS else f"must be one of {', '.join(REFINEMENTS)}"
+
+
 META_FIELDS = {
     "method": non_empty_string,
     "encoder": non_empty_string,
@@ -152,6 +156,7 @@ META_FIELDS = {
     "val": dict_or_none,
     "source": a_string,
     "presence": presence_calibration,
+    "refine": refinement,  # the test-time refinement the checkpoint is made for (default: its method's)
 }
 
 

@@ -219,3 +219,14 @@ def test_ssp_is_a_refinement_of_prototype_methods_only(tiny_ckpt):
     sst = build_model("sst", "vgg16-dilated", 0.0625, {"input_size": SIZE})
     with pytest.raises(FssError, match="no refinement 'ssp'"):
         resolve_refine("ssp", sst)
+
+
+def test_a_checkpoint_names_its_own_default_refinement(tmp_path):
+    model = fss.PANet(width=0.0625, meta={"input_size": SIZE, "refine": "ssp"})
+    fss.save_checkpoint(model, tmp_path / "ssp.pt")
+    loaded = fss.load_model(tmp_path / "ssp.pt")
+    assert resolve_refine(None, loaded) == "ssp" and resolve_refine("none", loaded) == "none"
+    model.meta["refine"] = "sharpen"
+    fss.save_checkpoint(model, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="refine"):
+        fss.load_model(tmp_path / "bad.pt")

@@ -2,12 +2,13 @@
 
     python -m fss.train.presence runs/demo/final.pt runs/demo/calibrated.pt --data runs/demo-data/all
 
-Draws 1-way 1-shot episodes of the checkpoint's training classes (``meta["classes"]``, or ``--classes``)
-where a share of the queries (``--negatives``, default one half) are photos without the class, computes
-each query's presence statistics from the method's own logits, and fits a logistic model of "the class
-is on the photo" to them (L2-regularised, standardised inputs). The cut-off stored as the default
-``min_score`` is the one that keeps ``--keep`` of the positive queries of those episodes. Only training
-classes and their photos are used: held-out photos stay held out.
+Draws 1-way 1-shot episodes of the checkpoint's training classes (``meta["classes"]``, or
+``--classes``) where a share of the queries (``--negatives``, default one half) are photos without the
+class, computes each query's presence statistics from the method's own logits (with the checkpoint's
+refinement), and fits a logistic model of "the class is on the photo" to them (L2-regularised,
+standardised inputs). The cut-off stored as the default ``min_score`` keeps ``--keep`` of the positive
+queries of those episodes. Only training classes and their photos are used: held-out photos stay
+held out.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from fss.command import run_command
 from fss.constants import PRESENCE_FEATURES
 from fss.errors import FssError
 from fss.io.outputs import check_output_file
+from fss.models.base import resolve_refine
 from fss.models.presence import presence_features, statistics_scores
 from fss.train.cli import class_list
 from fss.train.data import EpisodeSampler, FolderDataset
@@ -34,7 +36,9 @@ L2 = 1e-2  # on the standardised weights: a handful of inputs, hundreds of episo
 
 @torch.no_grad()
 def episode_statistics(model, dataset, classes, episodes: int, negatives: float, seed: int, batch: int = 8):
-    """``E x F`` presence statistics of ``episodes`` 1-way 1-shot queries and ``E`` bools: class present."""
+    """``E x F`` presence statistics of ``episodes`` 1-way 1-shot queries and ``E`` bools: class present;
+    the logits are those of the checkpoint's own refinement (what its scores will be computed from)."""
+    refine = resolve_refine(None, model)
     sampler = EpisodeSampler(
         dataset, classes, 1, 1, rng=np.random.default_rng(seed), what="classes", negatives=negatives
     )
@@ -45,8 +49,8 @@ def episode_statistics(model, dataset, classes, episodes: int, negatives: float,
         keys = [key for names in b.image_keys for key in names[:1] if model.encodes_supports]
         keys += [key for names in b.image_keys for key in names[1:]]
         supp, qry = model.episode_inputs(lambda x, k=keys: features(k, x), b.supp_imgs, b.qry_imgs)
-        state = model.episode_state(supp, b.supp_fg, b.supp_bg)
-        low = model.logits(qry, state, qry.shape[-2:], in_size=tuple(b.qry_imgs.shape[-2:]))
+        state = model.episode_state(supp, b.supp_fg, b.supp_bg, refine=refine)
+        low = model.logits(qry, state, qry.shape[-2:], refine, in_size=tuple(b.qry_imgs.shape[-2:]))
         stats.append(presence_features(low)[:, 0, 0])
         present.append((b.qry_labels[:, 0] == 1).flatten(1).any(dim=1))
     return torch.cat(stats).double(), torch.cat(present)

@@ -250,9 +250,11 @@ def build_model(method: str, encoder: str, width: float, meta: dict | None = Non
 
 # -- refinements ----------------------------------------------------------------------------------------
 def resolve_refine(refine: str | None, model) -> str:
-    """``refine`` (None or "auto": the method's default) checked against :data:`REFINEMENTS`."""
+    """``refine`` (None or "auto": the checkpoint's ``meta["refine"]``, else its method's default) checked
+    against :data:`REFINEMENTS`."""
     method = method_of(model)
-    refine = method.default_refine if refine in (None, "auto") else refine
+    if refine in (None, "auto"):
+        refine = getattr(model, "meta", {}).get("refine") or method.default_refine
     if refine not in REFINEMENTS:
         raise FssError(f"unknown refinement {refine!r} (choose one of {', '.join(REFINEMENTS)})")
     if refine not in method.refinements:

@@ -1,0 +1,52 @@
+"""Edge-aware upsampling: a guided filter (He, Sun and Tang, ECCV 2010) of class probabilities, guided by
+the image, so that label boundaries follow the photo's edges instead of the stride-8 feature grid.
+
+``guided_probabilities`` filters ``P x H x W`` probabilities (bilinearly upsampled logits' softmax) with
+the ``H x W`` grey image as the guide: per window of side ``2 r + 1``, each output is a linear function
+of the guide (``a I + b``) fitted to the input by least squares with regulariser ``eps``, averaged over
+the windows that cover the pixel. Window means come from integral images. Callers filter at a bounded size
+(the runtime: the encoder's input size, then the filtered probabilities are upsampled to the photo):
+the cost grows with the pixels filtered.
+"""
+
+import torch
+import torch.nn.functional as F
+
+GUIDED_RADIUS = 8  # pixels at the encoder's input size (321 px: a quarter of a stride-8 cell's span x 4)
+GUIDED_EPS = 1e-3  # on grey levels in [0, 1]: edges of contrast ~0.03 and above are followed
+
+
+def window_counts(n: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """How many of ``n`` positions each clipped window of radius ``r`` covers (1-D)."""
+    idx = torch.arange(n, device=like.device)
+    return ((idx + r).clamp(max=n - 1) - (idx - r).clamp(min=0) + 1).to(like.dtype)
+
+
+def box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``P x H x W`` -> the mean over each ``(2r+1)^2`` window clipped to the image: an integral image of
+    the zero-padded input, four shifted views (a clipped window's count is the product of 1-D counts)."""
+    H, W = x.shape[-2:]
+    k = 2 * r + 1
+    integral = F.pad(F.pad(x, (r, r, r, r)).cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    sums = integral[..., k:, k:] - integral[..., :-k, k:] - integral[..., k:, :-k] + integral[..., :-k, :-k]
+    return sums / (window_counts(H, r, x)[:, None] * window_counts(W, r, x)[None])
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, r: int = GUIDED_RADIUS, eps: float = GUIDED_EPS):
+    """``H x W`` guide, ``P x H x W`` inputs -> ``P x H x W`` filtered inputs (module docstring)."""
+    assert guide.dim() == 2 and src.dim() == 3 and guide.shape == src.shape[-2:], (guide.shape, src.shape)
+    guide = guide[None].to(src.dtype)
+    mean_i, mean_p = box_mean(guide, r), box_mean(src, r)
+    cov = box_mean(guide * src, r) - mean_i * mean_p
+    var = box_mean(guide * guide, r) - mean_i * mean_i
+    a = cov / (var + eps)
+    b = mean_p - a * mean_i
+    return box_mean(a, r) * guide + box_mean(b, r)
+
+
+def guided_labels(grey: torch.Tensor, logits: torch.Tensor, r: int = GUIDED_RADIUS, eps: float = GUIDED_EPS):
+    """``H x W`` grey image in ``[0, 1]``, ``P x H x W`` logits at the image's size -> ``H x W`` uint8
+    labels and the winner's filtered probability: the argmax of the guided-filtered softmax."""
+    filtered = guided_filter(grey, logits.float().softmax(dim=0), r, eps)
+    prob, labels = filtered.max(dim=0)
+    return labels.to(torch.uint8), prob.clamp(0, 1)
