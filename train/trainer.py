@@ -26,19 +26,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fss.checkpoint import (
-    atomic_save,
-    checkpoint_dict,
-    init_encoder,
-    load_model,
-)
+from fss.checkpoint import atomic_save, checkpoint_dict, init_encoder, load_model
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
 from fss.errors import FssError, SettingError
 from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, resolve_refine
 from fss.train.data import EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
-from fss.train.run_state import CsvLog, check_finite, load_training_state, training_state
+from fss.train.run_state import (
+    CsvLog,
+    check_finite,
+    class_summary,
+    load_training_state,
+    show_progress,
+    training_state,
+)
 from fss.train.split import episode_data
 
 TRAIN_IMPL = (
@@ -88,7 +90,8 @@ class TrainConfig:
     log: Path | None = None  # None: OUT/log.csv
     cache_mb: float = 2048  # decoded images; and encoder features while validating
     device: str = "auto"  # auto: this process's CUDA device if there is one, else the CPU
-    progress: bool = True
+    progress: bool | None = None  # a progress bar on stderr; None: when stderr is a terminal
+    recipe: str = "paper"  # what the defaults came from (fss.train.recipes); these are the paper's
 
     def milestones(self) -> list[int]:
         if self.lr_milestones is not None:
@@ -116,6 +119,7 @@ class TrainResult:
     losses: list[tuple[float, float]] = field(default_factory=list)  # (query, align) of this run's steps
     val: dict | None = None
     rank: int = 0  # this process's rank under torchrun
+    seconds: float = 0.0  # wall-clock time of this run's steps (and their validations)
 
 
 def init_from_scratch(model: FewShotModel) -> None:
@@ -210,9 +214,12 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         total=config.iters,
         initial=run.result.step,
         desc="train",
-        disable=not (config.progress and world.is_main),
+        unit="step",
+        file=sys.stderr,
+        disable=not (show_progress(config.progress) and world.is_main),
         dynamic_ncols=True,
     )
+    started = time.perf_counter()
     try:
         while run.result.step < config.iters:
             step_loss, lr = run.iterate()
@@ -222,6 +229,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         bar.close()
         if run.log is not None:
             run.log.close()
+    run.result.seconds = time.perf_counter() - started
     if run.data.val_classes and run.result.val is None:  # no iteration ran here (e.g. --iters 0)
         run.validate()
     if world.is_main:
@@ -249,6 +257,7 @@ class TrainRun:
         if world.is_main:
             for cls, why in data.skipped.items():
                 tqdm.write(f"note: class {cls!r} left out: {why}", file=sys.stderr)
+            tqdm.write(class_summary(data.train_classes, data.val_classes), file=sys.stderr)
         self.rng = np.random.default_rng(config.seed)
         self.sampler = EpisodeSampler(
             data.train_set,
@@ -369,7 +378,7 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     data = episode_data(config, model.meta["normalisation"])
     if not data.val_classes:
         raise SettingError("no validation classes to evaluate ({val_classes} none)", config.data)
-    return evaluate_held_out(model, data, config, progress=config.progress)
+    return evaluate_held_out(model, data, config, progress=show_progress(config.progress))
 
 
 def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
