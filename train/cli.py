@@ -329,8 +329,6 @@ def train_main(args: argparse.Namespace) -> int:
         return 0
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 writes
     preflight(config, writer)
-    if writer:
-        print(f"{PROG}: {run_summary(config)}", file=sys.stderr)
     with folder_lock(config.out) if writer else contextlib.nullcontext():
         if writer:
             remove_stale_temporaries(config.out)
@@ -341,17 +339,6 @@ def train_main(args: argparse.Namespace) -> int:
         print(f"trained {result.step} iterations{timing(result)}{val}: {final}")
         print(f"segment with it: fss-run --ckpt {final} --support SUPPORT --query QUERY --out OUT")
     return 0
-
-
-def run_summary(config: TrainConfig) -> str:
-    """What the recipe and the flags made of the run, before it starts."""
-    start = f"from {Path(config.init).name}" if config.init not in (None, "auto") else f"init {config.init}"
-    frozen = f", {config.freeze_stages} stages frozen" if config.freeze_stages else ""
-    return (
-        f"--recipe {config.recipe}: {config.method} on {config.encoder} {start}{frozen}, {config.size} px, "
-        f"{config.iters} steps of {config.batch_episodes} episode(s), lr {config.lr:g}; run folder "
-        f"{config.out}"
-    )
 
 
 def timing(result) -> str:

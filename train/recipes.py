@@ -121,10 +121,10 @@ def resolve(settings: dict) -> dict:
         name = recorded_recipe(settings["resume"])  # a run goes on with its recipe
     recipe = RECIPES[name]
     settings = recipe_settings(name, {**settings, "recipe": name})
-    if recipe.model_from_init:
-        model_from_init(name, settings, given)
     if str(settings["init"]).lower() == "none":
         settings["init"] = None
+    if recipe.model_from_init:
+        model_from_init(name, settings, given)
     method = get_method(settings["method"] or DEFAULT_METHOD)
     settings["method"] = method.name
     settings["optimizer"] = settings["optimizer"] or method.train_defaults.get("optimizer", "sgd")

@@ -94,14 +94,22 @@ def show_progress(progress: bool | None) -> bool:
     return bool(isatty and isatty())
 
 
-def class_summary(train_classes: list[str], val_classes: list[str], shown: int = 8) -> str:
-    """The run's first line: which classes it trains on and which it holds out."""
+def run_summary(config, train_classes: list[str], val_classes: list[str], shown: int = 8) -> str:
+    """The run's first lines: what the recipe and the flags made of it, its classes and held-out ones."""
 
     def names(classes):
         more = f", ... ({len(classes)} in all)" if len(classes) > shown else ""
         return ", ".join(classes[:shown]) + more
 
+    start = {None: "from scratch", "auto": "from its pretrained weights"}.get(config.init)
+    start = start or f"from {Path(config.init).name}"
+    frozen = f", {config.freeze_stages} stages frozen" if config.freeze_stages else ""
     held = "none held out (no validation)"
     if val_classes:
         held = f"held out for validation: {names(val_classes)}"
-    return f"training on {len(train_classes)} classes ({names(train_classes)}); {held}"
+    return (
+        f"recipe {config.recipe}: {config.method} on {config.encoder} {start}"
+        f"{frozen}, {config.size} px, {config.iters} steps of {config.batch_episodes} episode(s), lr "
+        f"{config.lr:g}; run folder {config.out}\n"
+        f"training on {len(train_classes)} classes ({names(train_classes)}); {held}"
+    )

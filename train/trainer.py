@@ -36,8 +36,8 @@ from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
 from fss.train.run_state import (
     CsvLog,
     check_finite,
-    class_summary,
     load_training_state,
+    run_summary,
     show_progress,
     training_state,
 )
@@ -257,7 +257,7 @@ class TrainRun:
         if world.is_main:
             for cls, why in data.skipped.items():
                 tqdm.write(f"note: class {cls!r} left out: {why}", file=sys.stderr)
-            tqdm.write(class_summary(data.train_classes, data.val_classes), file=sys.stderr)
+            tqdm.write(run_summary(config, data.train_classes, data.val_classes), file=sys.stderr)
         self.rng = np.random.default_rng(config.seed)
         self.sampler = EpisodeSampler(
             data.train_set,
