@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=list(RECIPES),
         default=None,
-        help=f"the defaults of the options below: {'; '.join(f'{k}: {r.what}' for k, r in RECIPES.items())} "
-        f"(default {DEFAULT_RECIPE}; with --resume: the run's); options given win",
+        help="what the options not given default to: "
+        + "; ".join(f"{name}: {recipe.what}" for name, recipe in RECIPES.items())
+        + f" (default {DEFAULT_RECIPE}; with --resume: the run's); options given win",
     )
     add_data_args(p)
     add_model_options(p)
