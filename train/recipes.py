@@ -89,7 +89,7 @@ def model_from_init(name: str, settings: dict, given: set) -> None:
         return
     for key, meta_key in MODEL_FROM_INIT.items():
         if settings[key] is None:
-            settings[key] = model[meta_key]
+            settings[key] = model.get(meta_key)
         elif key in ("encoder", "width") and "init" not in given and settings[key] != model[meta_key]:
             raise FssError(
                 f"--{key} {settings[key]}: --recipe {name} fine-tunes {Path(settings['init']).name} "
@@ -103,6 +103,8 @@ def held_out_default(recipe: Recipe, settings: dict) -> list[str] | None:
     the recipe holds some out from, ``[]`` (train on every class: a held-out one would be most of them)."""
     if settings["dataset"] != "folder" or settings["fold"] is not None or not recipe.hold_out_from:
         return None
+    if settings["eval_only"]:  # evaluating needs classes held out
+        return None
     classes = find_support_pairs(settings["data"], warn=lambda message, path: None)
     return [] if len(classes) < recipe.hold_out_from else None
 
@@ -110,6 +112,7 @@ def held_out_default(recipe: Recipe, settings: dict) -> list[str] | None:
 def resolve(settings: dict) -> dict:
     """fss-train's parsed options (None: not given) with the defaults of their recipe, in the order of
     precedence of this module's docstring; ``recipe``, ``method``, ``out`` always set."""
+    settings = dict(settings)
     given = {key for key, value in settings.items() if value is not None}
     data = Path(settings["data"])
     if settings["out"] is None:

@@ -1,6 +1,7 @@
 """Episodic training of any method on a folder, PASCAL-5i or COCO-20i dataset, held-out validation classes.
 
-Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
+Defaults follow the paper (``--recipe paper``; fss-train's default fine-tunes the bundled model:
+:mod:`fss.train.recipes`): 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
 20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). A method's recipe may
 change the optimizer and learning rate (``FewShotModel.train_defaults``: OSLSM trains with AdamW).
