@@ -258,7 +258,6 @@ class TrainRun:
         if world.is_main:
             for cls, why in data.skipped.items():
                 tqdm.write(f"note: class {cls!r} left out: {why}", file=sys.stderr)
-            tqdm.write(run_summary(config, data.train_classes, data.val_classes), file=sys.stderr)
         self.rng = np.random.default_rng(config.seed)
         self.sampler = EpisodeSampler(
             data.train_set,
@@ -279,12 +278,13 @@ class TrainRun:
             )
         self.losses_of = wrap_for_world(EpisodeLosses(model, config.align), world)
         self.result = TrainResult(model, step, data.train_classes, data.val_classes, rank=world.rank)
-        self.log = None
-        if world.is_main:
-            log = Path(config.log) if config.log else out / "log.csv"
-            self.log = CsvLog(log, append=config.resume is not None)
         self.started = time.perf_counter() - seconds
         self.last_saved = step if config.resume is not None else None
+        self.log = None
+        if world.is_main:  # every setting is checked: the log, and what the run is
+            log = Path(config.log) if config.log else out / "log.csv"
+            self.log = CsvLog(log, append=config.resume is not None)
+            tqdm.write(run_summary(config, data.train_classes, data.val_classes), file=sys.stderr)
 
     def meta(self) -> dict:
         return {
