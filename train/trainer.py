@@ -297,9 +297,9 @@ class TrainRun:
 
     def validate(self) -> dict:
         world, result = self.world, self.result
-        result.val = evaluate_held_out(
-            self.model, self.data, self.config, part=(world.rank, world.size), reduce=world.sum
-        )
+        shown = show_progress(self.config.progress) and world.is_main  # validating: a bar of its own
+        parts = dict(part=(world.rank, world.size), reduce=world.sum)
+        result.val = evaluate_held_out(self.model, self.data, self.config, progress=shown, **parts)
         result.val["step"] = result.step
         if world.is_main:
             summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
