@@ -347,7 +347,7 @@ def timing(result) -> str:
     if not result.losses:
         return ""
     minutes, seconds = divmod(round(result.seconds), 60)
-    took = f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+    took = f"{minutes}m {seconds:02d}s" if minutes else f"{result.seconds:.1f}s"
     return f" in {took} ({result.seconds / len(result.losses):.2f} s/step)"
 
 
