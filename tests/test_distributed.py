@@ -55,6 +55,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     args = ["--data", str(data), "--out", str(tmp_path / "ddp"), "--size", "32", "--width", "0.0625"]
     args += ["--iters", "3", "--batch-episodes", "2", "--lr", "0.01", "--val-classes", "circle"]
     args += ["--eval-every", "0", "--eval-episodes", "6", "--eval-batch", "4", "--seed", "5", "--no-progress"]
+    args += ["--recipe", "paper"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

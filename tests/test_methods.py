@@ -76,7 +76,7 @@ def test_segmenter_uses_the_models_scale_and_method_default(tmp_path):
 def test_fss_train_method_prnet_uses_the_paper_recipe(shapes, tmp_path, capsys):
     argv = ["--data", str(shapes), "--size", str(SIZE), "--width", "0.125", "--val-classes", "bar,circle"]
     argv += ["--eval-episodes", "2", "--out", str(tmp_path), "--no-progress", "--iters", "2"]
-    assert train_main([*argv, "--method", "prnet"]) == 0
+    assert train_main([*argv, "--method", "prnet", "--recipe", "paper"]) == 0
     model = fss.load_model(tmp_path / "final.pt")
     assert model.meta["method"] == "prnet"
     assert model.meta["train_config"]["lr"] == 7e-3

@@ -184,6 +184,7 @@ def test_fss_train_oslsm(encoder, shapes, tmp_path):
     width = "0.125" if encoder.startswith("vgg") else "1.0"
     argv = ["--data", str(shapes), "--size", str(SIZE), "--width", width, "--val-classes", "bar,circle"]
     argv += ["--eval-episodes", "2", "--out", str(tmp_path), "--no-progress", "--iters", "2", "--seed", "1"]
+    argv += ["--recipe", "paper"]
     assert train_main([*argv, "--method", "oslsm", "--encoder", encoder, "--batch-episodes", "2"]) == 0
     model = fss.load_model(tmp_path / "final.pt")
     assert model.meta["method"] == "oslsm" and model.meta["encoder"] == encoder

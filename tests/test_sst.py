@@ -269,7 +269,7 @@ def test_fss_train_sst_on_every_encoder_then_eval_and_run(encoder, shapes, tmp_p
     out = tmp_path / "run"
     args = ["--method", "sst", "--data", str(shapes), "--encoder", encoder, "--width", width, "--size", "33"]
     args += ["--iters", "2", "--eval-episodes", "2", "--eval-every", "0", "--out", str(out), "--no-progress"]
-    args += ["--sst-channels", "8", "--sst-blocks", "1", "--val-classes", "circle,bar"]
+    args += ["--sst-channels", "8", "--sst-blocks", "1", "--val-classes", "circle,bar", "--recipe", "paper"]
     assert train_main(args) == 0
     ckpt = out / "final.pt"
     model = fss.load_model(ckpt)

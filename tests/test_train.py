@@ -279,7 +279,7 @@ def test_the_method_recipe_picks_the_optimizer(shapes, tmp_path):
 
 def test_cli_trains_resumes_and_evaluates(shapes, tmp_path, capsys):
     common = ["--data", str(shapes), "--size", str(SIZE), "--width", "0.125", "--val-classes", "bar,circle"]
-    common += ["--eval-episodes", "3", "--out", str(tmp_path), "--no-progress"]
+    common += ["--eval-episodes", "3", "--out", str(tmp_path), "--no-progress", "--recipe", "paper"]
     assert main([*common, "--iters", "2"]) == 0
     assert "held-out mean-IoU" in capsys.readouterr().out
     assert main([*common, "--iters", "3", "--resume"]) == 0
@@ -305,7 +305,8 @@ def test_cli_trains_resumes_and_evaluates(shapes, tmp_path, capsys):
 )
 def test_cli_user_errors_exit_2_without_traceback(shapes, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, shapes=shapes) for a in args]
-    assert main([*argv, "--out", str(tmp_path / "run"), "--size", str(SIZE), "--width", "0.125"]) == 2
+    paper = ["--recipe", "paper", "--size", str(SIZE), "--width", "0.125"]
+    assert main([*argv, "--out", str(tmp_path / "run"), *paper]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fss-train: error: ") and message in err and "Traceback" not in err
     assert err.count("\n") == 1
@@ -323,6 +324,8 @@ def test_cli_refuses_to_overwrite_a_run(shapes, tmp_path, capsys):
         "1",
         "--out",
         str(tmp_path),
+        "--recipe",
+        "paper",
     ]
     assert main([*args, "--val-classes", "none", "--no-progress"]) == 0
     assert main([*args, "--val-classes", "none", "--no-progress"]) == 2

@@ -199,7 +199,8 @@ def test_training_stops_at_a_non_finite_weight(shapes, tmp_path, monkeypatch):
 
 # -- 5. the error promise in every command ------------------------------------------------------------
 def train_args(shapes, out):
-    return ["--data", str(shapes), "--size", str(SIZE), "--width", "0.125", "--iters", "1", "--out", str(out)]
+    paper = ["--recipe", "paper", "--size", str(SIZE), "--width", "0.125"]
+    return ["--data", str(shapes), *paper, "--iters", "1", "--out", str(out)]
 
 
 @pytest.mark.parametrize("option", ["--lr", "--width", "--momentum", "--weight-decay", "--align-weight"])

@@ -119,6 +119,7 @@ def test_instances_come_from_the_instance_maps_or_connected_parts(voc):
 
 def test_training_on_a_fold_skips_classes_without_enough_images(voc, tmp_path, capsys):
     args = ["--dataset", "voc", "--data", str(voc), "--fold", "0", "--size", "32", "--width", "0.0625"]
+    args += ["--recipe", "paper"]
     args += ["--iters", "2", "--eval-episodes", "3", "--out", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -140,7 +141,8 @@ def test_training_on_a_fold_skips_classes_without_enough_images(voc, tmp_path, c
 )
 def test_voc_user_errors(voc, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, voc=voc) for a in args]
-    assert main([*argv, "--out", str(tmp_path / "run"), "--size", "32", "--width", "0.0625"]) == 2
+    paper = ["--recipe", "paper", "--size", "32", "--width", "0.0625"]
+    assert main([*argv, "--out", str(tmp_path / "run"), *paper]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fss-train: error: ") and message in err and err.count("\n") == 1
 

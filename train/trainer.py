@@ -1,6 +1,7 @@
 """Episodic training of any method on a folder, PASCAL-5i or COCO-20i dataset, held-out validation classes.
 
-Defaults follow the paper: 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
+Defaults follow the paper (``--recipe paper``; fss-train's default fine-tunes the bundled model:
+:mod:`fss.train.recipes`): 1-way 1-shot episodes, one episode per batch, SGD (momentum 0.9, lr 1e-3,
 weight decay 5e-4), 30,000 iterations with the learning rate x0.1 at 1/3 and 2/3 of them (10k and
 20k), random horizontal flip, query loss + 1.0 x prototype alignment (PAR). A method's recipe may
 change the optimizer and learning rate (``FewShotModel.train_defaults``: OSLSM trains with AdamW).
@@ -26,19 +27,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fss.checkpoint import (
-    atomic_save,
-    checkpoint_dict,
-    init_encoder,
-    load_model,
-)
+from fss.checkpoint import atomic_save, checkpoint_dict, init_encoder, load_model
 from fss.constants import IGNORE_INDEX, PAPER_INPUT_SIZE
 from fss.errors import FssError, SettingError
 from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, resolve_refine
 from fss.train.data import EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
-from fss.train.run_state import CsvLog, check_finite, load_training_state, training_state
+from fss.train.run_state import (
+    CsvLog,
+    check_finite,
+    load_training_state,
+    run_summary,
+    show_progress,
+    training_state,
+)
 from fss.train.split import episode_data
 
 TRAIN_IMPL = (
@@ -89,7 +92,8 @@ class TrainConfig:
     log: Path | None = None  # None: OUT/log.csv
     cache_mb: float = 2048  # decoded images; and encoder features while validating
     device: str = "auto"  # auto: this process's CUDA device if there is one, else the CPU
-    progress: bool = True
+    progress: bool | None = None  # a progress bar on stderr; None: when stderr is a terminal
+    recipe: str = "paper"  # what the defaults came from (fss.train.recipes); these are the paper's
 
     def milestones(self) -> list[int]:
         if self.lr_milestones is not None:
@@ -117,6 +121,7 @@ class TrainResult:
     losses: list[tuple[float, float]] = field(default_factory=list)  # (query, align) of this run's steps
     val: dict | None = None
     rank: int = 0  # this process's rank under torchrun
+    seconds: float = 0.0  # wall-clock time of this run's steps (and their validations)
 
 
 def init_from_scratch(model: FewShotModel) -> None:
@@ -211,9 +216,12 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         total=config.iters,
         initial=run.result.step,
         desc="train",
-        disable=not (config.progress and world.is_main),
+        unit="step",
+        file=sys.stderr,
+        disable=not (show_progress(config.progress) and world.is_main),
         dynamic_ncols=True,
     )
+    started = time.perf_counter()
     try:
         while run.result.step < config.iters:
             step_loss, lr = run.iterate()
@@ -223,6 +231,7 @@ def train_in_world(config: TrainConfig, world: World) -> TrainResult:
         bar.close()
         if run.log is not None:
             run.log.close()
+    run.result.seconds = time.perf_counter() - started
     if run.data.val_classes and run.result.val is None:  # no iteration ran here (e.g. --iters 0)
         run.validate()
     if world.is_main:
@@ -271,12 +280,13 @@ class TrainRun:
             )
         self.losses_of = wrap_for_world(EpisodeLosses(model, config.align), world)
         self.result = TrainResult(model, step, data.train_classes, data.val_classes, rank=world.rank)
-        self.log = None
-        if world.is_main:
-            log = Path(config.log) if config.log else out / "log.csv"
-            self.log = CsvLog(log, append=config.resume is not None)
         self.started = time.perf_counter() - seconds
         self.last_saved = step if config.resume is not None else None
+        self.log = None
+        if world.is_main:  # every setting is checked: the log, and what the run is
+            log = Path(config.log) if config.log else out / "log.csv"
+            self.log = CsvLog(log, append=config.resume is not None)
+            tqdm.write(run_summary(config, data.train_classes, data.val_classes), file=sys.stderr)
 
     def meta(self) -> dict:
         return {
@@ -289,9 +299,9 @@ class TrainRun:
 
     def validate(self) -> dict:
         world, result = self.world, self.result
-        result.val = evaluate_held_out(
-            self.model, self.data, self.config, part=(world.rank, world.size), reduce=world.sum
-        )
+        shown = show_progress(self.config.progress) and world.is_main  # validating: a bar of its own
+        parts = dict(part=(world.rank, world.size), reduce=world.sum)
+        result.val = evaluate_held_out(self.model, self.data, self.config, progress=shown, **parts)
         result.val["step"] = result.step
         if world.is_main:
             summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
@@ -375,7 +385,7 @@ def evaluate_only(config: TrainConfig, ckpt: Path | None = None) -> dict:
     data = episode_data(config, model.meta["normalisation"])
     if not data.val_classes:
         raise SettingError("no validation classes to evaluate ({val_classes} none)", config.data)
-    return evaluate_held_out(model, data, config, progress=config.progress)
+    return evaluate_held_out(model, data, config, progress=show_progress(config.progress))
 
 
 def evaluate_held_out(model, data, config: TrainConfig, **options) -> dict:
