@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, REFINEMENTS
+from fss.constants import EDGES, MAX_INPUT_SIZE, MIN_INPUT_SIZE, REFINEMENTS
 from fss.errors import SettingError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -87,6 +87,25 @@ def add_refine_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"test-time refinement of the prototypes on the queries (default: the checkpoint's method's: "
         f"{defaults})",
+    )
+
+
+def add_presence_args(parser: argparse.ArgumentParser) -> None:
+    """``--min-score`` and ``--edges``: what is judged absent, and how labels reach the photo's size."""
+    parser.add_argument(
+        "--min-score",
+        type=share,
+        default=None,
+        metavar="S",
+        help="a class whose presence score (0..1) is below S paints no pixels (default: the checkpoint's "
+        "calibrated cut-off, else 0)",
+    )
+    parser.add_argument(
+        "--edges",
+        choices=EDGES,
+        default=None,
+        help="none: bilinear logits; guided: probabilities guided-filtered with the photo, so that "
+        "boundaries follow its edges (default: the checkpoint's, else none)",
     )
 
 

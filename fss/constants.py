@@ -32,3 +32,6 @@ MAX_INPUT_SIZE = 4096  # encoder input side: beyond this the activations need te
 
 # What a presence score is computed from (fss.models.presence), in the order of a calibration's weights.
 PRESENCE_FEATURES = ("area", "max_prob", "mean_prob", "confidence", "max_margin")
+# How labels are brought from the feature grid to the photo (fss.kernels.guided): bilinear logits, or
+# their probabilities guided-filtered with the photo as the guide.
+EDGES = ("none", "guided")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fss.constants import MAX_INPUT_SIZE, MIN_INPUT_SIZE, PRESENCE_FEATURES, REFINEMENTS
+from fss.constants import EDGES, MAX_INPUT_SIZE, MIN_INPUT_SIZE, PRESENCE_FEATURES, REFINEMENTS
 from fss.errors import CheckpointError, summary
 
 MAX_INFLATION = 16
@@ -140,8 +140,8 @@ def presence_calibration(value):
     return None
 
 
-def refinement(value):
-    return None if value in REFINEMENTS else f"must be one of {', '.join(REFINEMENTS)}"
+def one_of(choices):
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
 META_FIELDS = {
@@ -156,7 +156,8 @@ META_FIELDS = {
     "val": dict_or_none,
     "source": a_string,
     "presence": presence_calibration,
-    "refine": refinement,  # the test-time refinement the checkpoint is made for (default: its method's)
+    "refine": one_of(REFINEMENTS),  # the test-time refinement it is made for (default: its method's)
+    "edges": one_of(EDGES),  # how its labels reach the photo's size (default: none)
 }
 
 

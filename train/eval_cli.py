@@ -18,6 +18,7 @@ from fss.cli_args import (
     add_device_arg,
     add_memory_arg,
     add_negatives_arg,
+    add_presence_args,
     add_refine_arg,
     add_size_arg,
     add_way_shot_args,
@@ -30,7 +31,7 @@ from fss.errors import FssError
 from fss.io.outputs import check_output_file, write_json
 from fss.kernels.dispatch import resolve_impl
 from fss.memory import check_encoder_memory
-from fss.models.base import adapts, resolve_refine
+from fss.models.base import adapts, resolve_edges, resolve_min_score, resolve_refine
 from fss.runtime.encoder_call import PRECISIONS, check_encoder_settings, make_encoder
 from fss.runtime.encoder_path import CHOICES, choose_encoder_path
 from fss.train.benchmark import DATASETS, add_split_args, fold_classes, open_dataset
@@ -59,6 +60,8 @@ class EvalConfig:
     size: int | None = None  # None: the checkpoint's input size
     annotation: str = "dense"
     negatives: float = 0.0  # share of queries replaced by photos without their class
+    min_score: float | None = None  # presence cut-off; None: the checkpoint's
+    edges: str | None = None  # None: the checkpoint's
     batch_episodes: int = EVAL_BATCH
     impl: str = "auto"
     refine: str | None = None  # test-time refinement (fss.constants.REFINEMENTS); None: the method's
@@ -105,6 +108,7 @@ def run_eval(config: EvalConfig, note=print) -> dict:
     else:
         model = load_model(config.ckpt, device=device, impl=config.impl)
     refine = resolve_refine(config.refine, model)
+    min_score, edges = resolve_min_score(config.min_score, model), resolve_edges(config.edges, model)
     size = config.size or int(model.meta.get("input_size", PAPER_INPUT_SIZE))
     images_per_call = config.batch_episodes * config.ways * (config.shots + 1)
     check_encoder_memory(model, size, images_per_call, device, hint="--batch-episodes", size_name="--size")
@@ -153,6 +157,8 @@ def run_eval(config: EvalConfig, note=print) -> dict:
         batch_episodes=config.batch_episodes,
         annotation=config.annotation,
         negatives=config.negatives,
+        min_score=min_score,
+        edges=edges,
         impl=config.impl,
         refine=refine,
         encode=encode,
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="head kernels (fss.kernels; default auto)",
     )
     add_refine_arg(p)
+    add_presence_args(p)
     p.add_argument(
         "--precision",
         choices=sorted(PRECISIONS),
@@ -300,6 +307,8 @@ def main(argv=None) -> int:
         size=args.size,
         annotation=args.annotation,
         negatives=args.negatives,
+        min_score=args.min_score,
+        edges=args.edges,
         batch_episodes=args.batch_episodes,
         impl=args.impl,
         refine=args.refine,

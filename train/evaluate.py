@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from fss.constants import IGNORE_INDEX
 from fss.errors import SettingError
+from fss.kernels.guided import grey_of_normalised, guided_labels
 from fss.models.adaptation import adapted
 from fss.models.base import adapts
+from fss.models.presence import gate_logits
 from fss.train.data import EpisodeBatch, EpisodeDataset, EpisodeSampler
 
 EVAL_SEED = 1234  # the official test seed
@@ -142,12 +144,21 @@ class FeatureCache:
 
 
 def predict(
-    model, batch: EpisodeBatch, impl: str = "auto", encode=None, features=None, refine: str = "none"
+    model,
+    batch: EpisodeBatch,
+    impl: str = "auto",
+    encode=None,
+    features=None,
+    refine: str = "none",
+    min_score: float = 0.0,
+    edges: str = "none",
 ) -> torch.Tensor:
     """``B x Q x S x S`` uint8 labels of a batch of episodes: one encoder call (``encode``, default
     ``model.encode``; through ``features``, a :class:`FeatureCache`, where given), then the method's
     fused head with the test-time refinement ``refine``. Adaptation (``adapt+...``) fine-tunes the encoder
-    on each episode's supports in turn (restored after each), so its features are never cached."""
+    on each episode's supports in turn (restored after each), so its features are never cached.
+    ``min_score`` leaves out classes judged absent (:mod:`fss.models.presence`); ``edges="guided"``
+    filters the probabilities with each query as the guide (:mod:`fss.kernels.guided`)."""
     if adapts(refine):
         return predict_adapted(model, batch, impl, encode, refine)
     if features is not None:
@@ -159,7 +170,18 @@ def predict(
         encode = partial(features, keys)
     supp, qry_feats = model.episode_inputs(encode or model.encode, batch.supp_imgs, batch.qry_imgs)
     state = model.episode_state(supp, batch.supp_fg, batch.supp_bg, refine=refine, impl=impl)
-    return model.segment(qry_feats, state, batch.qry_imgs.shape[-2:], refine, impl=impl)
+    size = batch.qry_imgs.shape[-2:]
+    if min_score <= 0 and edges == "none":
+        return model.segment(qry_feats, state, size, refine, impl=impl)
+    logits = model.logits(qry_feats, state, size, refine, impl=impl)
+    if min_score > 0:
+        logits = gate_logits(logits, model.presence(qry_feats, state, refine, impl), min_score)
+    if edges == "none":
+        return logits.argmax(dim=2).to(torch.uint8)
+    grey = grey_of_normalised(batch.qry_imgs, model.meta["normalisation"])
+    return torch.stack(
+        [guided_labels(g, lg)[0] for g, lg in zip(grey.flatten(0, 1), logits.flatten(0, 1), strict=True)]
+    ).view(grey.shape)
 
 
 def predict_adapted(model, batch: EpisodeBatch, impl: str, encode, refine: str) -> torch.Tensor:
@@ -205,6 +227,8 @@ def evaluate(
     impl: str = "auto",
     refine: str = "none",
     negatives: float = 0.0,
+    min_score: float = 0.0,
+    edges: str = "none",
     encode=None,
     features: FeatureCache | None = None,
     part: tuple[int, int] = (0, 1),
@@ -243,7 +267,7 @@ def evaluate(
             batch = sampler.batch(size, part)
             if batch is not None:
                 batch = batch.to(device)
-                pred = predict(model, batch, impl, encode, features, refine)
+                pred = predict(model, batch, impl, encode, features, refine, min_score, edges)
                 counts.add(batch.classes, query_counts(pred, batch.qry_labels, ways))
                 absent.add(absent_shares(pred, batch.qry_labels, ways))
             bar.update(size)
@@ -260,6 +284,8 @@ def evaluate(
         "seed": seed,
         "annotation": annotation,
         "refine": refine,
+        "min_score": min_score,
+        "edges": edges,
     }
 
 
@@ -295,7 +321,7 @@ def evaluate_runs(
     class_iou = np.array([[r["class_iou"][c] for c in classes] for r in per_run])
     mean_iou = np.array([r["mean_iou"] for r in per_run])
     binary_iou = np.array([r["binary_iou"] for r in per_run])
-    keep = ("classes", "ways", "shots", "episodes", "annotation", "refine", "negatives")
+    keep = ("classes", "ways", "shots", "episodes", "annotation", "refine", "negatives", "min_score", "edges")
     absent = {key: float(np.mean([r["absent"][key] for r in per_run])) for key in per_run[0]["absent"]}
     return {
         **{key: per_run[0][key] for key in keep},
@@ -311,3 +337,12 @@ def evaluate_runs(
         "per_run": [{key: r[key] for key in (*PER_RUN_KEYS, "absent", "seconds")} for r in per_run],
         "seconds": sum(r["seconds"] for r in per_run),
     }
+
+
+def validation_line(step: int, val: dict) -> str:
+    """One log line of a validation during training (:func:`evaluate`'s result)."""
+    summary = ", ".join(f"{c} {iou:.3f}" for c, iou in val["class_iou"].items())
+    absent = val["absent"]  # photos without the class: with --negatives
+    painted = f"; {absent['mean_share']:.2%} painted without the class" if absent["queries"] else ""
+    scores = f"held-out mean-IoU {val['mean_iou']:.4f}, binary-IoU {val['binary_iou']:.4f}{painted}"
+    return f"step {step}: {scores} ({summary})"

@@ -33,7 +33,7 @@ from fss.errors import FssError, SettingError
 from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, resolve_refine
 from fss.train.data import EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
-from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate
+from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate, validation_line
 from fss.train.run_state import (
     CsvLog,
     check_finite,
@@ -304,15 +304,7 @@ class TrainRun:
         result.val = evaluate_held_out(self.model, self.data, self.config, progress=shown, **parts)
         result.val["step"] = result.step
         if world.is_main:
-            summary = ", ".join(f"{c} {iou:.3f}" for c, iou in result.val["class_iou"].items())
-            tqdm.write(
-                f"step {result.step}: held-out mean-IoU {result.val['mean_iou']:.4f}, "
-                f"binary-IoU {result.val['binary_iou']:.4f} ({summary})"
-            )
-            absent = result.val["absent"]
-            if absent["queries"]:
-                share = absent["mean_share"]
-                tqdm.write(f"step {result.step}: {share:.2%} of pixels painted on photos without the class")
+            tqdm.write(validation_line(result.step, result.val))
         return result.val
 
     def iterate(self) -> tuple[float, float]:

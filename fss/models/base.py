@@ -20,10 +20,10 @@ from importlib import import_module
 import torch
 from torch import nn
 
-from fss.constants import PAPER_INPUT_SIZE, PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
+from fss.constants import EDGES, PAPER_INPUT_SIZE, PROTOTYPE_REFINEMENTS, PROTOTYPE_SCALE, REFINEMENTS
 from fss.errors import CheckpointError, FssError
 from fss.models.encoders import get_encoder
-from fss.models.presence import gate_logits, presence_scores
+from fss.models.presence import default_min_score, gate_logits, presence_scores
 
 # The built-in methods' modules (imported on the first look-up) and the method of checkpoints written
 # before the registry (and of official PANet snapshots).
@@ -262,6 +262,19 @@ def resolve_refine(refine: str | None, model) -> str:
             f"{method.name} has no refinement {refine!r} (choose one of {', '.join(method.refinements)})"
         )
     return refine
+
+
+def resolve_edges(edges: str | None, model) -> str:
+    """``edges`` (None: the checkpoint's ``meta["edges"]``, else ``none``) checked against :data:`EDGES`."""
+    edges = edges or getattr(model, "meta", {}).get("edges") or "none"
+    if edges not in EDGES:
+        raise FssError(f"unknown edges {edges!r} (choose one of {', '.join(EDGES)})")
+    return edges
+
+
+def resolve_min_score(min_score: float | None, model) -> float:
+    """``min_score`` (None: the checkpoint's calibrated cut-off, else 0: nothing is judged absent)."""
+    return default_min_score(getattr(model, "meta", {})) if min_score is None else float(min_score)
 
 
 def adapts(refine: str) -> bool:
