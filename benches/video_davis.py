@@ -10,7 +10,10 @@ graph is cached; the first sequence exports it) (frames segmented over the time 
 over the clip: decoding, segmentation, masks and overlay video; start-up excluded). The clips, support
 folders and outputs go to a temporary folder (``--work`` to keep them): nothing is committed.
 
-    nice -n 10 python benches/video_davis.py [--data ../shared/data/davis] [--sequences a,b] [--every N]
+    nice -n 10 python benches/video_davis.py [--data DIR] [--sequences a,b] [--every N] [--throughput]
+
+``--throughput`` also times one clip of every frame of ``--data`` (all sequences one after the other)
+with and without the overlay video.
 """
 
 import argparse
@@ -59,22 +62,28 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
-def run_sequence(name: str, data: Path, work: Path, every: int, extra: list[str]) -> dict:
-    frames = sorted((data / name).glob("*.jpg"))
+def fss_run(name: str, frames: list[Path], work: Path, options: list[str]) -> tuple[Path, Path, float, float]:
+    """(clip, --out, frames per second logged, wall seconds) of fss-run on a clip of ``frames``, the
+    support being the clip's first frame and the mask of ``frames[0]``."""
     clip = work / f"{name}.mp4"
     make_clip(frames, clip)
     support = work / "support" / name / name
     support.mkdir(parents=True)
     first_frame(clip).save(support / "frame0.png")
-    Image.open(data / name / frames[0].with_suffix(".png").name).save(support / "frame0_mask.png")
+    Image.open(frames[0].with_suffix(".png")).save(support / "frame0_mask.png")
     out = work / f"out-{name}"
     command = ["fss-run", "--support", str(support.parent), "--query", str(clip), "--out", str(out)]
     start = time.perf_counter()
-    done = subprocess.run(command + ["--every", str(every), *extra], capture_output=True, text=True)
+    done = subprocess.run(command + options, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{name}: fss-run failed:\n{done.stderr}")
-    fps = float(re.search(r"\(([\d.]+) frames/s\)", done.stderr).group(1))
+    return clip, out, float(re.search(r"\(([\d.]+) frames/s\)", done.stderr).group(1)), wall
+
+
+def run_sequence(name: str, data: Path, work: Path, every: int, extra: list[str]) -> dict:
+    frames = sorted((data / name).glob("*.jpg"))
+    clip, out, fps, wall = fss_run(name, frames, work, ["--every", str(every), *extra])
     entries = [e for e in json.loads((out / "results.json").read_text())["queries"] if e["file"] == clip.name]
     scores = []
     for entry in entries:
@@ -92,9 +101,11 @@ def main() -> None:
     parser.add_argument("--sequences", default=",".join(HELD_OUT))
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None, help="keep clips and outputs here")
+    parser.add_argument("--throughput", action="store_true", help="also time one clip of every frame")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fss-run options")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
+    every_frame = sorted(args.data.glob("*/*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,12 @@ def main() -> None:
     seconds = sum(r["frames"] / r["fps"] for r in rows)
     j_mean = np.mean([r["J"] for r in rows])
     print(f"J mean over sequences {j_mean:.3f}; {frames / seconds:.2f} frames/s overall")
+    if args.throughput:
+        print(f"throughput, all {len(every_frame)} frames of {args.data} in one clip:")
+        for label, options in (("overlay video", []), ("--no-overlays", ["--no-overlays"])):
+            with tempfile.TemporaryDirectory() as tmp:
+                _, _, fps, wall = fss_run("all", every_frame, Path(tmp), [*extra, *options])
+            print(f"  {label:14s} {fps:.2f} frames/s (whole command {wall:.1f} s)")
 
 
 if __name__ == "__main__":

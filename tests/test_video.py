@@ -224,3 +224,24 @@ def test_odd_sized_video(tmp_path, support, ckpt, capsys):
     assert code == 0, err
     assert Image.open(out / "odd" / "000001.png").size == (W + 1, H - 1)
     assert decoded_frames(out / "odd.overlay.mp4")[0].shape == (H, W + 2, 3)
+
+
+def test_frames_are_read_as_displayed(tmp_path):
+    """A phone's portrait video stores landscape pixels and a display matrix turning them 90 degrees
+    clockwise (PyAV's rotation -90, counter-clockwise): frames, and so masks, come out portrait."""
+    from fss.io.video import FrameReader, probe_video
+
+    clip = tmp_path / "portrait.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.set_display_rotation(-90)
+        pixels = np.zeros((H, W, 3), np.uint8)
+        pixels[:16, :16] = 255  # top-left as stored: top-right once turned clockwise
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    info = probe_video(clip)
+    ((index, image),) = list(FrameReader(clip))
+    assert (info.width, info.height) == image.size == (H, W)
+    turned = np.asarray(image.convert("L"))
+    assert turned[:16, -16:].mean() > 200 and turned[:16, :16].mean() < 50 and turned[-16:, -16:].mean() < 50
