@@ -44,7 +44,7 @@ def is_video_name(path) -> bool:
 @dataclass(frozen=True)
 class VideoInfo:
     """What :func:`probe_video` read: the first frame's size as displayed, the stream's frame rate,
-    its frame count (0: the container does not record it) and codec."""
+    its frame count (recorded, else estimated from the duration; 0: neither is recorded) and codec."""
 
     path: Path
     width: int
@@ -106,10 +106,9 @@ def probe_video(path) -> VideoInfo:
             )
             raise ImageTooLargeError(detail, path, (first.width, first.height), limit)
         width, height = as_displayed(first).size
-        fps = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
-        return VideoInfo(
-            path, width, height, Fraction(fps), int(stream.frames or 0), stream.codec_context.name
-        )
+        fps = Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
+        frames = stream.frames or round(float(container.duration or 0) / 1e6 * fps)  # duration in us
+        return VideoInfo(path, width, height, fps, int(frames), stream.codec_context.name)
 
 
 class FrameReader:
