@@ -12,8 +12,9 @@ folders and outputs go to a temporary folder (``--work`` to keep them): nothing 
 
     nice -n 10 python benches/video_davis.py [--data DIR] [--sequences a,b] [--every N] [--throughput]
 
-``--throughput`` also times one clip of every frame of ``--data`` (all sequences one after the other)
-with and without the overlay video.
+``--throughput`` also times one clip of every frame of ``--data`` (all sequences one after the other,
+``--repeat`` times: 474 frames by default) with and without the overlay video; each run's peak resident
+memory shows that a long clip costs no more memory than a short one.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +64,16 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
-def fss_run(name: str, frames: list[Path], work: Path, options: list[str]) -> tuple[Path, Path, float, float]:
-    """(clip, --out, frames per second logged, wall seconds) of fss-run on a clip of ``frames``, the
-    support being the clip's first frame and the mask of ``frames[0]``."""
+@dataclass
+class Run:
+    fps: float  # as fss-run logs it
+    wall_s: float  # the whole command
+    peak_mib: float  # its peak resident memory
+
+
+def fss_run(name: str, frames: list[Path], work: Path, options: list[str]) -> tuple[Path, Path, Run]:
+    """(clip, --out, figures) of fss-run on a clip of ``frames``, the support being the clip's first
+    frame and the mask of ``frames[0]``."""
     clip = work / f"{name}.mp4"
     make_clip(frames, clip)
     support = work / "support" / name / name
@@ -74,16 +83,22 @@ def fss_run(name: str, frames: list[Path], work: Path, options: list[str]) -> tu
     out = work / f"out-{name}"
     command = ["fss-run", "--support", str(support.parent), "--query", str(clip), "--out", str(out)]
     start = time.perf_counter()
-    done = subprocess.run(command + options, capture_output=True, text=True)
+    with open(work / f"{name}.log", "w+") as log:
+        process = subprocess.Popen(command + options, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        stderr = log.read()
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{name}: fss-run failed:\n{done.stderr}")
-    return clip, out, float(re.search(r"\(([\d.]+) frames/s\)", done.stderr).group(1)), wall
+    if process.returncode != 0:
+        sys.exit(f"{name}: fss-run failed:\n{stderr}")
+    fps = float(re.search(r"\(([\d.]+) frames/s\)", stderr).group(1))
+    return clip, out, Run(fps, wall, usage.ru_maxrss / 1024)
 
 
 def run_sequence(name: str, data: Path, work: Path, every: int, extra: list[str]) -> dict:
     frames = sorted((data / name).glob("*.jpg"))
-    clip, out, fps, wall = fss_run(name, frames, work, ["--every", str(every), *extra])
+    clip, out, run = fss_run(name, frames, work, ["--every", str(every), *extra])
     entries = [e for e in json.loads((out / "results.json").read_text())["queries"] if e["file"] == clip.name]
     scores = []
     for entry in entries:
@@ -92,7 +107,7 @@ def run_sequence(name: str, data: Path, work: Path, every: int, extra: list[str]
         pred = np.asarray(Image.open(out / name / f"{entry['frame']:06d}.png")) == 1
         truth = np.asarray(Image.open(frames[entry["frame"]].with_suffix(".png")).convert("L")) > 0
         scores.append(iou(pred, truth))
-    return {"sequence": name, "frames": len(entries), "J": float(np.mean(scores)), "fps": fps, "wall_s": wall}
+    return {"sequence": name, "frames": len(entries), "J": float(np.mean(scores)), "run": run}
 
 
 def main() -> None:
@@ -102,10 +117,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None, help="keep clips and outputs here")
     parser.add_argument("--throughput", action="store_true", help="also time one clip of every frame")
+    parser.add_argument("--repeat", type=int, default=2, help="the throughput clip: every frame, N times")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fss-run options")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
-    every_frame = sorted(args.data.glob("*/*.jpg"))
+    every_frame = sorted(args.data.glob("*/*.jpg")) * args.repeat
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -114,17 +130,24 @@ def main() -> None:
             extra += ["--backend", "onnxruntime"]
         rows = [run_sequence(name, args.data, work, args.every, extra) for name in args.sequences.split(",")]
     for row in rows:
-        print(f"{row['sequence']:20s} frames {row['frames']:3d}  J {row['J']:.3f}  {row['fps']:.2f} frames/s")
+        run = row["run"]
+        print(
+            f"{row['sequence']:20s} frames {row['frames']:3d}  J {row['J']:.3f}  {run.fps:.2f} frames/s  "
+            f"peak {run.peak_mib:.0f} MiB"
+        )
     frames = sum(r["frames"] for r in rows)
-    seconds = sum(r["frames"] / r["fps"] for r in rows)
+    seconds = sum(r["frames"] / r["run"].fps for r in rows)
     j_mean = np.mean([r["J"] for r in rows])
     print(f"J mean over sequences {j_mean:.3f}; {frames / seconds:.2f} frames/s overall")
     if args.throughput:
-        print(f"throughput, all {len(every_frame)} frames of {args.data} in one clip:")
+        print(f"throughput, one clip of {len(every_frame)} frames ({args.data}, {args.repeat} times):")
         for label, options in (("overlay video", []), ("--no-overlays", ["--no-overlays"])):
             with tempfile.TemporaryDirectory() as tmp:
-                _, _, fps, wall = fss_run("all", every_frame, Path(tmp), [*extra, *options])
-            print(f"  {label:14s} {fps:.2f} frames/s (whole command {wall:.1f} s)")
+                _, _, run = fss_run("all", every_frame, Path(tmp), [*extra, *options])
+            figures = (
+                f"{run.fps:.2f} frames/s (whole command {run.wall_s:.1f} s), peak {run.peak_mib:.0f} MiB"
+            )
+            print(f"  {label:14s} {figures}")
 
 
 if __name__ == "__main__":

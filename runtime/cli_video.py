@@ -217,7 +217,11 @@ class VideoJob:
         from fss.io.video import VideoWriter
 
         self.writer = VideoWriter(file, self.info.fps / self.args.every, (self.info.width, self.info.height))
-        self.frames()
+        try:
+            self.frames()
+        except BaseException:
+            self.writer.abandon()  # the temporary is removed: the next run writes the video again
+            raise
         self.writer.close()
 
     def frames(self) -> None:

@@ -112,6 +112,28 @@ def test_every_and_resume(tmp_path, support, ckpt, capsys):
     assert code == 0 and "2 frames segmented" in err and "5 already done" in err
 
 
+def test_interrupted_run_resumes_at_the_first_unrecorded_frame(tmp_path, support, ckpt, capsys, monkeypatch):
+    from fss.runtime.cli_video import VideoJob
+
+    clip, out = make_clip(tmp_path / "clip.mp4", n=8), tmp_path / "out"
+    real_mask = VideoJob.write_mask
+
+    def write_mask(job, key, labels):
+        if key.endswith("000005"):
+            raise KeyboardInterrupt
+        return real_mask(job, key, labels)
+
+    monkeypatch.setattr(VideoJob, "write_mask", write_mask)
+    code, err = fss_run(capsys, support, clip, out, ckpt, "--batch", 2)
+    assert code == 130 and "interrupted" in err
+    assert not (out / "clip.overlay.mp4").exists() and not list(out.glob(".fss-partial*"))
+    assert [e["frame"] for e in json.loads((out / "results.json").read_text())["queries"]] == [0, 1, 2, 3]
+    monkeypatch.setattr(VideoJob, "write_mask", real_mask)
+    code, err = fss_run(capsys, support, clip, out, ckpt, "--batch", 2)
+    assert code == 0 and "4 frames segmented" in err and "4 already done" in err, err  # frame 4: unrecorded
+    assert len(decoded_frames(out / "clip.overlay.mp4")) == 8
+
+
 def test_changed_clip_is_recomputed_and_another_clip_refused(tmp_path, support, ckpt, capsys):
     clip, out = make_clip(tmp_path / "clip.mp4", n=4), tmp_path / "out"
     assert fss_run(capsys, support, clip, out, ckpt)[0] == 0

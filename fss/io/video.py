@@ -8,6 +8,7 @@ set, the frames before it kept. :class:`VideoWriter` encodes frames into an MP4 
 object (H.264 where the wheel has it).
 """
 
+import contextlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -164,6 +165,11 @@ class VideoWriter:
             img = padded
         for packet in self.stream.encode(self.av.VideoFrame.from_image(img)):
             self.container.mux(packet)
+
+    def abandon(self) -> None:
+        """Close without finishing the file (a run that stopped): nothing more is encoded."""
+        with contextlib.suppress(Exception):
+            self.container.close()
 
     def close(self) -> None:
         for packet in self.stream.encode():
