@@ -205,6 +205,13 @@ def test_unknown_container_and_folder_with_every(tmp_path, support, ckpt, capsys
     assert code == 2 and "--every N selects frames of a video" in err
 
 
+def test_frames_over_the_pixel_limit_are_refused(tmp_path, support, ckpt, capsys):
+    clip = make_clip(tmp_path / "clip.mp4", n=2)
+    code, err = fss_run(capsys, support, clip, tmp_path / "out", ckpt, "--max-pixels", 3000)
+    assert code == 2 and "64 x 48 = 3,072 pixels, more than the limit of 3,000 (--max-pixels" in err, err
+    assert "clip.mp4" in err and not (tmp_path / "out").exists()
+
+
 def test_partly_decodable_video_keeps_its_frames(tmp_path, support, ckpt, capsys):
     clip = make_clip(tmp_path / "clip.mp4", n=24, options={"movflags": "faststart"})  # index first
     truncated(clip, 0.9)

@@ -65,7 +65,7 @@ def open_video(av, path: Path):
     if not path.exists():
         raise VideoError("video not found", path)
     if path.suffix.lower() in IMAGE_EXTS:
-        raise VideoError("an image, not a video: give a folder of images as --query", path)
+        raise VideoError("an image, not a video (images are read from a folder)", path)
     try:
         container = av.open(str(path))
     except av.FFmpegError:
@@ -93,23 +93,26 @@ def probe_video(path) -> VideoInfo:
     av = import_av(path)
     container, stream = open_video(av, path)
     with container:
+        check_frame_size(stream.codec_context.width, stream.codec_context.height, path)  # before decoding
         try:
             first = next(container.decode(stream), None)
         except av.FFmpegError:
             first = None
         if first is None:
             raise VideoError("no frame of the video decodes (zero frames, corrupt or truncated)", path)
-        limit = max_pixels()
-        if first.width * first.height > limit:
-            detail = (
-                f"video frames have {first.width} x {first.height} = {first.width * first.height:,} pixels, "
-                f"more than the limit of {limit:,}"
-            )
-            raise ImageTooLargeError(detail, path, (first.width, first.height), limit)
+        check_frame_size(first.width, first.height, path)
         width, height = as_displayed(first).size
         fps = Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
         frames = stream.frames or round(float(container.duration or 0) / 1e6 * fps)  # duration in us
         return VideoInfo(path, width, height, fps, int(frames), stream.codec_context.name)
+
+
+def check_frame_size(width: int, height: int, path: Path) -> None:
+    limit = max_pixels()
+    if width * height > limit:
+        pixels = f"{width} x {height} = {width * height:,} pixels"
+        detail = f"video frames have {pixels}, more than the limit of {limit:,}"
+        raise ImageTooLargeError(detail, path, (width, height), limit)
 
 
 class FrameReader:
