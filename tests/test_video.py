@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -274,3 +275,10 @@ def test_frames_are_read_as_displayed(tmp_path):
     assert (info.width, info.height) == image.size == (H, W)
     turned = np.asarray(image.convert("L"))
     assert turned[:16, -16:].mean() > 200 and turned[:16, :16].mean() < 50 and turned[-16:, -16:].mean() < 50
+
+
+def test_without_pyav_the_error_names_the_extra(tmp_path, support, ckpt, capsys, monkeypatch):
+    clip = make_clip(tmp_path / "clip.mp4", n=1)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    code, err = fss_run(capsys, support, clip, tmp_path / "out", ckpt)
+    assert code == 2 and 'pip install "fss[video]"' in err and "clip.mp4" in err
