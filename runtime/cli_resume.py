@@ -5,28 +5,19 @@ supports, library versions) and, per query, the sha256 of the query file and of 
 ``--out`` that fss-run did not write is never replaced without ``--overwrite``.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from fss.errors import FssError
-from fss.io.outputs import journal_outputs
+from fss.io.outputs import file_sha256, journal_outputs
 
 RESULTS_FORMAT = "fss-run-results"
 RESULTS_VERSION = 2
 RESULTS_FILE = "results.json"
 OVERLAYS = "overlays"
 FRAME_DIGITS = 6  # a video's masks: <out>/<stem>/000123.png
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 SETTING_NAMES = {

@@ -64,7 +64,7 @@ def _atomic_write(path: Path, write, sha: str | None = None) -> str | None:
         with open(tmp, "xb") as f:
             write(f)
         if sha is HASH_WRITTEN:
-            sha = file_digest(tmp)
+            sha = file_sha256(tmp)
         if sha is not None:
             journal("output", path, sha)  # fss wrote it, even if killed before recording it elsewhere
         os.replace(tmp, path)
@@ -76,7 +76,7 @@ def _atomic_write(path: Path, write, sha: str | None = None) -> str | None:
         raise
 
 
-def file_digest(path) -> str:
+def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
