@@ -37,6 +37,7 @@ from fss.runtime.cli_resume import (
     RESULTS_VERSION,
     check_no_foreign_outputs,
     file_sha256,
+    kept_videos,
     library_versions,
     plan,
     read_previous,
@@ -59,7 +60,7 @@ def parse_args(argv):
         prog=PROG, description="Segment every image of --query with the classes of --support."
     )
     p.add_argument("--support", required=True, type=Path, help="support folder: <class>/<stem>.jpg + mask")
-    p.add_argument("--query", required=True, type=Path, help="folder of query images")
+    p.add_argument("--query", required=True, type=Path, help="folder of query images, or a video file")
     p.add_argument(
         "--out",
         type=Path,
@@ -102,6 +103,7 @@ def parse_args(argv):
         help="recompute queries already in --out, replacing any file at their output paths",
     )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
+    p.add_argument("--every", type=positive_int, default=1, metavar="N", help="a video: every N-th frame")
     args = p.parse_args(argv)
     check_input_size(p, args.size)
     if args.int8 and args.bundle is None:
@@ -208,9 +210,13 @@ def run(args) -> int:
         check_class_names(list(pairs), args.support)
         if args.box_supports == "grabcut" and box_files(pairs):
             import_cv2()  # missing OpenCV is refused before the model loads
+        from fss.runtime.cli_video import run_video, skip_reason
+
+        if args.query.is_file() or args.every != 1:
+            return run_video(args, pairs)
         queries, skipped = list_images(args.query)
         for path, reason in skipped:
-            warn_line(f"skipping {reason}", path)
+            warn_line(f"skipping {skip_reason(path, reason)}", path)
         if not queries:
             raise FssError("query folder has no images", args.query)
         stems = {}
@@ -300,8 +306,9 @@ def start_segmenter(args, pairs, queries, previous):
     return seg, settings, [len(shots) for shots in images]
 
 
-def results_document(args, settings: dict, shots: list[int], results: dict) -> dict:
-    """``results.json``: the run's classes, model and settings, and an entry per query."""
+def results_document(args, settings: dict, shots: list[int], results: dict, videos=()) -> dict:
+    """``results.json``: the run's classes, model and settings, an entry per query (a video's: per
+    frame), and one per video (:mod:`fss.runtime.cli_video`), if any."""
     classes = settings["classes"]
     return {
         "format": RESULTS_FORMAT,
@@ -312,6 +319,7 @@ def results_document(args, settings: dict, shots: list[int], results: dict) -> d
         "settings": settings,
         "support": {"folder": str(Path(args.support).resolve()), "classes": classes, "shots": shots},
         "queries": [results[stem] for stem in sorted(results)],
+        **({"videos": list(videos)} if videos else {}),
     }
 
 
@@ -363,9 +371,10 @@ def segment_folder(args, pairs, queries) -> int:
         this_run = {path.stem for path in queries}
         results = {stem: e for stem, e in entries.items() if stem not in this_run}  # other query folders
         results.update(done)
+        videos = kept_videos(previous, settings)
 
         def save_results():
-            write_json(results_path, results_document(args, settings, shots, results))
+            write_json(results_path, results_document(args, settings, shots, results, videos))
 
         save_results()  # the folder is claimed, with its settings, before any mask is written
         failures = segment_todo(seg, todo, hashes, results, save_results, args, settings["classes"])

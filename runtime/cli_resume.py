@@ -5,27 +5,19 @@ supports, library versions) and, per query, the sha256 of the query file and of 
 ``--out`` that fss-run did not write is never replaced without ``--overwrite``.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from fss.errors import FssError
-from fss.io.outputs import journal_outputs
+from fss.io.outputs import file_sha256, journal_outputs
 
 RESULTS_FORMAT = "fss-run-results"
 RESULTS_VERSION = 2
 RESULTS_FILE = "results.json"
 OVERLAYS = "overlays"
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+FRAME_DIGITS = 6  # a video's masks: <out>/<stem>/000123.png
 
 
 SETTING_NAMES = {
@@ -93,6 +85,13 @@ def version_changes(old: dict, new: dict) -> str:
     return ", ".join(f"{name} {old.get(name, 'none')} -> {new.get(name, 'none')}" for name in changed)
 
 
+def kept_videos(previous: dict | None, settings: dict) -> list:
+    """The ``videos`` entries (:mod:`fss.runtime.cli_video`) of a previous run of these settings."""
+    videos = previous.get("videos") if previous is not None else None
+    same = isinstance(videos, list) and settings_difference(previous, settings) is None
+    return [v for v in videos if isinstance(v, dict) and isinstance(v.get("file"), str)] if same else []
+
+
 def reusable_entries(previous, settings: dict, out: Path, overwrite: bool, results_path: Path) -> dict:
     """Previous entries made with these settings; other settings are refused, or with ``overwrite``
     their outputs removed."""
@@ -119,14 +118,27 @@ def valid_entries(previous: dict | None) -> dict[str, dict]:
             and isinstance(entry.get("file"), str)
             and isinstance(entry.get("path"), str)
         ):
-            entries[Path(entry["file"]).stem] = entry
+            entries[entry_key(entry)] = entry
     return entries
 
 
-def output_paths(stem: str, overlays: bool) -> list[tuple[str, str]]:
-    """(path relative to --out, key of its sha256 in a results entry) of a query's outputs."""
-    paths = [(f"{stem}.png", "mask_sha256")]
-    return paths + [(f"{OVERLAYS}/{stem}.jpg", "overlay_sha256")] if overlays else paths
+def frame_key(stem: str, index: int) -> str:
+    """The name of a video frame's outputs: ``<video stem>/<frame index, zero-padded>``."""
+    return f"{stem}/{index:0{FRAME_DIGITS}d}"
+
+
+def entry_key(entry: dict) -> str:
+    """The name of a results entry's outputs: a query's stem, or a video frame's :func:`frame_key`."""
+    stem = Path(entry["file"]).stem
+    frame = entry.get("frame")
+    return frame_key(stem, frame) if isinstance(frame, int) and frame >= 0 else stem
+
+
+def output_paths(key: str, overlays: bool) -> list[tuple[str, str]]:
+    """(path relative to --out, key of its sha256 in a results entry) of a query's outputs (a video
+    frame has its mask only: its overlay is a frame of the video's overlay)."""
+    paths = [(f"{key}.png", "mask_sha256")]
+    return paths + [(f"{OVERLAYS}/{key}.jpg", "overlay_sha256")] if overlays and "/" not in key else paths
 
 
 def check_no_foreign_outputs(out: Path, queries: list[Path], previous: dict | None, overlays: bool) -> None:
@@ -137,28 +149,34 @@ def check_no_foreign_outputs(out: Path, queries: list[Path], previous: dict | No
     for path in queries:
         entry = entries.get(path.stem, {})
         for name, key in output_paths(path.stem, overlays):
-            target = out / name
-            if not (target.exists() or target.is_symlink()):
-                continue
-            recorded = {sha for sha in (entry.get(key), written.get(name)) if isinstance(sha, str)}
-            if target.is_file() and not target.is_symlink() and file_sha256(target) in recorded:
-                continue
-            if recorded:
-                what = "which differs from the file fss-run wrote there (edited or damaged)"
-            else:
-                what = "which fss-run did not write"
-            raise FssError(
-                f"--out holds {name}, {what}: move it away (it is then recomputed), choose another --out, "
-                "or pass --overwrite",
-                target,
-            )
+            check_ours(out, name, {entry.get(key), written.get(name)})
+
+
+def check_ours(out: Path, name: str, recorded: set) -> None:
+    """Refuse ``out / name`` unless it is absent or a file whose sha256 is among ``recorded`` (the
+    hashes fss-run recorded for it; None entries are ignored)."""
+    target = out / name
+    if not (target.exists() or target.is_symlink()):
+        return
+    recorded = {sha for sha in recorded if isinstance(sha, str)}
+    if target.is_file() and not target.is_symlink() and file_sha256(target) in recorded:
+        return
+    if recorded:
+        what = "which differs from the file fss-run wrote there (edited or damaged)"
+    else:
+        what = "which fss-run did not write"
+    raise FssError(
+        f"--out holds {name}, {what}: move it away (it is then recomputed), choose another --out, "
+        "or pass --overwrite",
+        target,
+    )
 
 
 def outputs_intact(out: Path, entry: dict, overlays: bool) -> bool:
     """The outputs an entry records exist and hash as recorded."""
     if entry.get("error") or not isinstance(entry.get("mask_sha256"), str):
         return False
-    for name, key in output_paths(Path(entry["file"]).stem, overlays):
+    for name, key in output_paths(entry_key(entry), overlays):
         if not (out / name).is_file() or file_sha256(out / name) != entry.get(key):
             return False
     return True

@@ -33,11 +33,13 @@ LAYERS = [
     ("export", ["fss.export"]),
     ("runtime", ["fss.runtime"]),
     ("apps", ["fss.runtime.cli", "fss.export.cli", "fss.export.triton_repo", "fss.serve", "fss.demo"]),
+    ("apps", ["fss.runtime.cli_video"]),  # fss-run on a video
     ("apps", ["fss.train", "fss.command", "fss.cli", "fss.cli_args", "fss.entry"]),
 ]
 # Apps, as the groups whose imports of each other must not form a cycle.
 APPS = {
     "fss.runtime.cli": "fss-run",
+    "fss.runtime.cli_video": "fss-run",
     "fss.export.cli": "fss-export",
     "fss.export.triton_repo": "fss-export",
     "fss.serve": "fss-serve",

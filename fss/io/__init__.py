@@ -5,4 +5,5 @@
 - :mod:`fss.io.masks`: the one mask parser and the one shot check (:func:`~fss.io.masks.check_shot`).
 - :mod:`fss.io.tensors`: images and masks as the model's input tensors.
 - :mod:`fss.io.outputs`: atomic writes, folder locks and their journal, label PNGs, overlays.
+- :mod:`fss.io.video`: video files read frame by frame and written (PyAV, ``fss[video]``).
 """

@@ -22,6 +22,7 @@ from fss.errors import FssError
 TEMP_PREFIX = ".fss-partial."  # atomic_write's temporaries: .fss-partial.<name>.<random>.tmp
 TEMP_FILE = re.compile(r"^\.fss-partial\..+\.tmp$")
 LOCK_FILE = ".fss.lock"  # also the folder's journal: JSON lines, see folder_lock
+HASH_WRITTEN = object()  # _atomic_write's sha: hash the file once written
 
 _journals: dict[Path, int] = {}  # locked folder (resolved) -> its journal's file descriptor
 
@@ -49,21 +50,38 @@ def atomic_write_bytes(path, data: bytes) -> str:
     return sha
 
 
-def _atomic_write(path: Path, write, sha: str | None = None) -> None:
+def atomic_write_hashed(path, write) -> str:
+    """:func:`atomic_write` for a writer that streams (a video encoder): the sha256 of the file as
+    written, hashed from the temporary and recorded in the journal before it is renamed into place."""
+    return _atomic_write(Path(path), write, HASH_WRITTEN)
+
+
+def _atomic_write(path: Path, write, sha: str | None = None) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}.tmp"
     journal("temporary", tmp)  # recorded before it exists: a kill at any point leaves it known
     try:
         with open(tmp, "xb") as f:
             write(f)
+        if sha is HASH_WRITTEN:
+            sha = file_sha256(tmp)
         if sha is not None:
             journal("output", path, sha)  # fss wrote it, even if killed before recording it elsewhere
         os.replace(tmp, path)
+        return sha
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:  # write errors (disk full...) name no file
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def journal(kind: str, path: Path, sha: str | None = None) -> None:
