@@ -230,3 +230,16 @@ def test_a_checkpoint_names_its_own_default_refinement(tmp_path):
     fss.save_checkpoint(model, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="refine"):
         fss.load_model(tmp_path / "bad.pt")
+
+
+def test_fine_tuning_keeps_how_a_checkpoint_is_used_not_its_calibration(shapes, tmp_path):
+    from test_train import config
+
+    from fss.train.trainer import train
+
+    calibration = {"mean": [0] * 5, "std": [1] * 5, "weights": [1] * 5, "bias": 0.0, "min_score": 0.3}
+    meta = {"input_size": SIZE, "refine": "ssp", "edges": "guided", "presence": calibration}
+    fss.save_checkpoint(fss.PANet(width=0.125, meta=meta), tmp_path / "init.pt")
+    train(config(shapes, tmp_path / "run", val_classes=["bar"], init=tmp_path / "init.pt", iters=1))
+    tuned = fss.load_model(tmp_path / "run" / "final.pt").meta
+    assert tuned["refine"] == "ssp" and tuned["edges"] == "guided" and "presence" not in tuned

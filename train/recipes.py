@@ -72,6 +72,17 @@ def init_model(init) -> dict | None:
     return check_meta(ckpt.get("meta", {}), init)
 
 
+INHERITED_META = ("refine", "edges")  # how it is used; a presence calibration must be learned anew
+
+
+def initial_meta(init, method: str, method_options: dict) -> dict:
+    """A new model's metadata: the method's own options, and what a model fine-tuned from the fss
+    checkpoint ``init`` keeps of its metadata (same method only)."""
+    meta = init_model(init) or {}
+    kept = {k: meta[k] for k in INHERITED_META if k in meta} if meta.get("method") == method else {}
+    return {**kept, **({method: dict(method_options)} if method_options else {})}
+
+
 def recorded_recipe(path: Path) -> str:
     """The recipe of the run whose checkpoint ``path`` is (runs from before recipes: the paper's)."""
     ckpt = read_torch_file(path)

@@ -34,6 +34,7 @@ from fss.models.base import DEFAULT_METHOD, FewShotModel, build_model, resolve_r
 from fss.train.data import EpisodeSampler
 from fss.train.distributed import World, close_world, init_world, resolve_device
 from fss.train.evaluate import EVAL_BATCH, EVAL_SEED, FeatureCache, evaluate, validation_line
+from fss.train.recipes import initial_meta
 from fss.train.run_state import (
     CsvLog,
     check_finite,
@@ -147,7 +148,7 @@ def freeze_stages(model: FewShotModel, count: int) -> None:
 
 def new_model(config: TrainConfig) -> FewShotModel:
     torch.manual_seed(config.seed)
-    meta = {config.method: dict(config.method_options)} if config.method_options else None
+    meta = initial_meta(config.init, config.method, config.method_options)
     model = build_model(config.method, config.encoder, config.width, meta, impl=TRAIN_IMPL)
     if config.init is None:
         init_from_scratch(model)
