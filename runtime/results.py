@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fss.io.instances import Instance, find_instances
+from fss.io.instances import Instance, find_instances, instance_record
 from fss.models.presence import gate_logits
 
 
@@ -55,8 +55,23 @@ class Segmentation:
             return []
         return [name for name, score in zip(self.classes, self.scores, strict=True) if score < self.min_score]
 
+    def summary(self) -> dict:
+        """Everything but the pixel maps, JSON-ready: classes, scores, absent classes, cut-off, objects
+        (COCO records, without image ids)."""
+        summary = {
+            "classes": list(self.classes),
+            "score": self.class_scores(),
+            "absent": self.absent,
+            "min_score": self.min_score,
+        }
+        if self.instances is not None:
+            summary["instances"] = [instance_record(i, self.classes) for i in self.instances]
+        return summary
+
     def class_scores(self) -> dict[str, float]:
         """Class name -> presence score (rounded to 6 digits, JSON-ready)."""
+        if self.scores is None:
+            return {}
         return {name: round(float(s), 6) for name, s in zip(self.classes, self.scores, strict=True)}
 
 
