@@ -309,6 +309,13 @@ class Segmenter:
             protos = self.support(support).protos
             return self.segment_features(features[None], protos, tuple(out_size))[0].cpu().numpy()
 
+    def predict_features(self, features: torch.Tensor, out_size, support: str | None = None) -> Segmentation:
+        """:meth:`label_features`'s query as a :class:`Segmentation` (classes, presence scores)."""
+        with self._lock, torch.inference_mode():
+            s = self.support(support)
+            out = self.head(features[None], s.protos, tuple(out_size))
+            return Segmentation.of_tensors(*out, s.classes, self.min_score)
+
     def segment_encoded(
         self,
         imgs: list[Image.Image],
