@@ -27,6 +27,7 @@ from fss.cli_args import (
     demo_model_note,
     load_from_args,
     positive_int,
+    share,
 )
 from fss.errors import FssError, ImageTooLargeError
 from fss.io.outputs import LOCK_FILE
@@ -96,7 +97,7 @@ def parse_args(argv):
         help="recompute queries already in --out, replacing any file at their output paths",
     )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
-    cli_results.add_result_args(p)
+    cli_results.add_result_args(p, share, positive_int)
     args = p.parse_args(argv)
     check_input_size(p, args.size)
     if args.int8 and args.bundle is None:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fss.cli_args import positive_int, share
 from fss.errors import FssError
 from fss.io.instances import DEFAULT_MIN_AREA, coco_document, find_instances, instance_record
 
 INSTANCES_FILE = "instances.json"
 
 
-def add_result_args(p: argparse.ArgumentParser) -> None:
+def add_result_args(p: argparse.ArgumentParser, share, positive_int) -> None:
+    """The flags; ``share`` and ``positive_int``: the commands' argument types (0..1, 1 or more)."""
     p.add_argument(
         "--min-score",
         type=share,
