@@ -202,3 +202,17 @@ def test_run_writes_scores_and_coco_instances(tmp_path, model, capsys):
     # Another --min-score is another setting: refused without --overwrite.
     assert main([str(a) for a in [*args, "--min-score", 0.5]]) == 2
     assert "another --min-score" in capsys.readouterr().err
+
+
+def test_overlay_outlines_each_object():
+    from fss.io.outputs import outline
+
+    labels = np.zeros((12, 12), np.uint8)
+    labels[1:6, 1:6], labels[1:6, 6:11], labels[8:11, 8:11] = 1, 2, 1
+    objects = labels > 0
+    objects[8:11, 8:11] = False  # under min_area: not an object, not outlined
+    edge = outline(labels, objects)
+    ring = np.zeros((5, 5), bool)
+    ring[[0, -1]], ring[:, [0, -1]] = True, True
+    assert np.array_equal(edge[1:6, 1:6], ring) and np.array_equal(edge[1:6, 6:11], ring)
+    assert edge.sum() == 2 * ring.sum()
