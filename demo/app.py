@@ -209,7 +209,7 @@ def shots_view(session: Session) -> list[tuple[Image.Image, str]]:
 def results_view(ui, session: Session) -> dict:
     import pandas as pd
 
-    headers = ["file", *session.names, "ms (encode + match)"]
+    headers = ["file", *session.names, "presence score", "ms (encode + match)"]
     return {
         ui.gallery: outputs.overlays(session),
         ui.table: pd.DataFrame(outputs.table(session), columns=headers),

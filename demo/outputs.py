@@ -28,6 +28,7 @@ def results(session: Session) -> dict:
                     "file": query.name,
                     "size": [query.image.width, query.image.height],
                     "fractions": fractions(query.labels, session.names),
+                    "score": query.scores,
                     "time_s": round(query.encode_s + query.segment_s, 4),
                 }
             )
@@ -66,17 +67,18 @@ def overlays(session: Session) -> list[tuple[Image.Image, str]]:
 
 
 def table(session: Session) -> list[list]:
-    """One row per query: file, then the pixel fraction of each class, time in ms, or the error."""
+    """One row per query: file, each class's pixel fraction, presence scores, time in ms, or the error."""
     rows = []
     for query in session.queries.values():
         if query.error is not None:
-            rows.append([query.name, *[""] * len(session.names), f"error: {query.error}"])
+            rows.append([query.name, *[""] * len(session.names), "", f"error: {query.error}"])
         elif query.labels is not None:
             frac = fractions(query.labels, session.names)
             timing = f"{1000 * query.encode_s:.0f} + {1000 * query.segment_s:.0f}"
-            rows.append([query.name, *[f"{frac[n]:.3f}" for n in session.names], timing])
+            scores = ", ".join(f"{name} {score:.2f}" for name, score in (query.scores or {}).items())
+            rows.append([query.name, *[f"{frac[n]:.3f}" for n in session.names], scores, timing])
         else:
-            rows.append([query.name, *[""] * len(session.names), "waiting for a support shot"])
+            rows.append([query.name, *[""] * len(session.names), "", "waiting for a support shot"])
     return rows
 
 

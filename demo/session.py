@@ -101,6 +101,7 @@ class Query:
     labels: np.ndarray | None = None
     segment_s: float = 0.0
     error: str | None = None
+    scores: dict | None = None  # class -> presence score of the latest labels
 
 
 class Engine:
@@ -149,10 +150,10 @@ class Engine:
             self.encoded_images += len(images)
         return feats, seconds / len(images)
 
-    def label(self, features: torch.Tensor, size, support: str) -> np.ndarray:
-        """``C x h x w`` query features -> ``H x W`` uint8 labels at the query's ``size`` (W, H)."""
+    def label(self, features: torch.Tensor, size, support: str):
+        """``C x h x w`` query features -> the Segmentation (labels, presence scores) at ``size`` (W, H)."""
         with self.lock:
-            return self.segmenter.label_features(features, (size[1], size[0]), support)
+            return self.segmenter.predict_features(features, (size[1], size[0]), support)
 
     # The Segmenter's support edits, under the engine's lock, counting the shots encoded.
     def add_support(self, name: str, images, masks, classes) -> None:
@@ -318,9 +319,10 @@ class Session:
         if not self.shots:
             return None
         start = time.perf_counter()
-        labels = self.engine.label(features, query.image.size, self.id)
+        result = self.engine.label(features, query.image.size, self.id)
         query.segment_s = time.perf_counter() - start
-        return labels
+        query.scores = result.class_scores()
+        return result.labels
 
     def refresh(self) -> str:
         """Match every query with the current prototypes (features re-used where kept)."""

@@ -9,6 +9,7 @@ import torch
 from fss.errors import FssError
 from fss.models.adaptation import adapted_state, restore
 from fss.models.base import adapts
+from fss.runtime.supports import class_position
 
 
 class AdaptedEncoder:
@@ -58,11 +59,12 @@ def adaptation_for(model, refine: str, lock: threading.RLock) -> AdaptedEncoder 
 
 def edited_shots(support, class_name: str, add=None, keep=None) -> tuple[list[str], list]:
     """An adapted set's (classes, per-class shots) after adding shots ``add`` to a class (a new class is
-    appended last) or keeping only shots ``keep`` of it."""
+    inserted in name order) or keeping only shots ``keep`` of it."""
     classes, shots = list(support.classes), list(support.shots)
     if class_name not in classes:
-        classes.append(class_name)
-        shots.append(add)
+        n = class_position(classes, class_name)
+        classes.insert(n, class_name)
+        shots.insert(n, add)
     elif add is not None:
         n = classes.index(class_name)
         shots[n] = tuple(torch.cat([old, new]) for old, new in zip(shots[n], add, strict=True))

@@ -27,9 +27,11 @@ from fss.cli_args import (
     demo_model_note,
     load_from_args,
     positive_int,
+    share,
 )
 from fss.errors import FssError, ImageTooLargeError
 from fss.io.outputs import LOCK_FILE
+from fss.runtime import cli_results
 from fss.runtime.cli_resume import (
     OVERLAYS,
     RESULTS_FILE,
@@ -104,6 +106,7 @@ def parse_args(argv):
     )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
     p.add_argument("--every", type=positive_int, default=1, metavar="N", help="a video: every N-th frame")
+    cli_results.add_result_args(p, share, positive_int)
     args = p.parse_args(argv)
     check_input_size(p, args.size)
     if args.int8 and args.bundle is None:
@@ -148,7 +151,7 @@ def check_out_against_inputs(
             "another --out",
             out,
         )
-    outputs = {out_dirs[0] / RESULTS_FILE, out_dirs[0] / LOCK_FILE}
+    outputs = {out_dirs[0] / RESULTS_FILE, out_dirs[0] / LOCK_FILE, out_dirs[0] / cli_results.INSTANCES_FILE}
     resolved_files = {f.resolve(): f for f in queries + other_inputs}
     for path in queries:
         outputs |= {out_dirs[0] / f"{path.stem}.png", out_dirs[1] / f"{path.stem}.jpg"}
@@ -244,8 +247,9 @@ def encoder_backend(args) -> str:
     return "auto" if args.bundle is not None else args.backend
 
 
-def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict:
-    """A segmented query's mask (at its full size) and overlay; its results entry (without source)."""
+def write_outputs(out: Path, result, classes: list[str], overlays: bool, min_area: int | None = None) -> dict:
+    """A query's mask (at its full size) and overlay; its results entry (without source, with its objects
+    of ``min_area`` pixels or more where given)."""
     from fss.io.images import full_size
     from fss.io.outputs import write_label_png, write_overlay
 
@@ -253,10 +257,14 @@ def write_outputs(out: Path, result, classes: list[str], overlays: bool) -> dict
     width, height = full_size(result.image)
     labels = full_size_labels(result.labels, (width, height))
     entry = {"mask_sha256": write_label_png(out / f"{stem}.png", labels)}  # verified as written
+    instances, records = cli_results.query_instances(result, labels, min_area, classes)
     if overlays:
         overlay = out / OVERLAYS / f"{stem}.jpg"
-        entry["overlay_sha256"] = write_overlay(overlay, result.image, result.labels, classes)
-    return {**entry, "size": [width, height], "fractions": fractions(labels, ["background", *classes])}
+        objects = None if instances is None else cli_results.objects_mask(instances, result.image.size)
+        entry["overlay_sha256"] = write_overlay(overlay, result.image, result.labels, classes, objects)
+    entry |= {"size": [width, height], "fractions": fractions(labels, ["background", *classes])}
+    entry |= cli_results.presence_fields(result)
+    return entry if records is None else {**entry, "instances": records}
 
 
 def check_out(out: Path, queries: list[Path], overlays: bool) -> None:
@@ -288,6 +296,7 @@ def start_segmenter(args, pairs, queries, previous):
         refine=args.refine,
         precision=args.precision,
         backend=encoder_backend(args),
+        min_score=args.min_score,
         expected_images=len(queries) + sum(len(shots) for shots in images),
         continuing=resumed_backend(previous, args.overwrite),
     )
@@ -301,6 +310,7 @@ def start_segmenter(args, pairs, queries, previous):
         "classes": classes,
         "max_pixels": max_pixels(),
         "libraries": library_versions(seg.backend),
+        **cli_results.result_settings(args, seg),
     }
     seg.set_support(images, masks, classes)
     return seg, settings, [len(shots) for shots in images]
@@ -336,11 +346,12 @@ def segment_todo(seg, todo, hashes, results, save_results, args, classes) -> int
 
     failures = 0
     with tqdm(total=len(todo), desc=PROG, unit="img", disable=None, file=sys.stderr) as bar:
-        for count, result in enumerate(seg.segment_stream(todo), start=1):
+        for count, result in enumerate(seg.segment_stream(todo, return_prob=args.instances), start=1):
             path = result.query
             source = {"file": path.name, "path": str(path.resolve()), "sha256": hashes[path]}
             if result.error is None:
-                written = write_outputs(args.out, result, classes, not args.no_overlays)
+                area = args.min_area if args.instances else None
+                written = write_outputs(args.out, result, classes, not args.no_overlays, area)
                 results[path.stem] = {**source, **written, "time_s": round(result.seconds, 4)}
             else:
                 failures += 1
@@ -364,6 +375,7 @@ def segment_folder(args, pairs, queries) -> int:
         previous = read_previous(results_path, args.overwrite)
         if not args.overwrite:
             check_no_foreign_outputs(out, queries, previous, overlays)
+        cli_results.check_instances_file(out, args.overwrite or not args.instances)
         seg, settings, shots = start_segmenter(args, pairs, queries, previous)
         entries = reusable_entries(previous, settings, out, args.overwrite, results_path)
         hashes = {path: file_sha256(path) for path in queries}
@@ -375,6 +387,7 @@ def segment_folder(args, pairs, queries) -> int:
 
         def save_results():
             write_json(results_path, results_document(args, settings, shots, results, videos))
+            cli_results.write_instances(out, results, settings["classes"], args.instances)
 
         save_results()  # the folder is claimed, with its settings, before any mask is written
         failures = segment_todo(seg, todo, hashes, results, save_results, args, settings["classes"])

@@ -31,6 +31,8 @@ SETTING_NAMES = {
     "classes": "other classes",
     "max_pixels": "another pixel limit (--max-pixels or $FSS_MAX_PIXELS)",
     "libraries": "other versions of the libraries that decode, resize or run the model",
+    "min_score": "another --min-score",
+    "instances": "another --instances / --min-area",
 }
 
 

@@ -21,14 +21,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fss.errors import MissingSupportError
+from fss.errors import MissingSupportError, SettingError
 from fss.io.folders import find_support_pairs
 from fss.io.images import as_rgb
+from fss.io.instances import DEFAULT_MIN_AREA
 from fss.io.masks import read_support_shots
 from fss.io.tensors import image_tensor
 from fss.models.base import resolve_refine
+from fss.models.presence import default_min_score
 from fss.runtime.adapted_encoder import adaptation_for, edited_shots
 from fss.runtime.encoder_backend import build_backend, resolve_device
+from fss.runtime.results import Segmentation, head, sorted_classes
 from fss.runtime.streaming import StreamResult, stream
 from fss.runtime.supports import (
     SupportSet,
@@ -61,6 +64,10 @@ class Segmenter:
     >>> seg = Segmenter(fss.load_model(None))
     >>> seg.set_support([[img_a1, img_a2], [img_b1]], [[mask_a1, mask_a2], [mask_b1]], ["cat", "dog"])
     >>> labels = seg.segment([query1, query2])   # list of H x W uint8: 0 background, n class n
+    >>> result = seg.predict(query1)   # a Segmentation: labels, classes, presence scores (and more)
+
+    Label ``n`` is the ``n``-th class in name order (``classes[n - 1]``), however the set was built:
+    :mod:`fss.runtime.results` states the rule.
 
     Images are PIL images, ``H x W x 3`` arrays or paths; masks are arrays, PIL images or paths to
     mask files, read by ``fss.io.masks.parse_mask`` (0 background, other values foreground; palette 255
@@ -88,6 +95,9 @@ class Segmenter:
         continuing: for ``auto``, the encoder path of earlier results this job completes (kept).
         store: where support sets are kept by name (any ``MutableMapping``; a server passes its shared
             store so that every predictor segments every registered set); default: its own.
+        min_score: presence cut-off in ``[0, 1]``: a class scoring below it on a query is judged absent
+            there and gets no pixels (:mod:`fss.models.presence`); None: the checkpoint's calibrated
+            cut-off (0 without a calibration); 0: nothing is gated.
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -109,6 +119,7 @@ class Segmenter:
         expected_images: int | None = None,
         continuing: str | None = None,
         store: MutableMapping | None = None,
+        min_score: float | None = None,
     ):
         from fss.checkpoint import load_model
 
@@ -143,6 +154,9 @@ class Segmenter:
         self.model = self.encoder.model  # what runs the encoder: the network, or a bundle of its graph
         self.backend, self.backend_reason = self.encoder.name, self.encoder.reason
         self.store = SupportSets() if store is None else store
+        self.min_score = default_min_score(model.meta) if min_score is None else float(min_score)
+        if not 0 <= self.min_score <= 1:
+            raise SettingError(f"min_score must lie in [0, 1], got {min_score}")
 
     # -- supports -------------------------------------------------------------------------------
     @classmethod
@@ -172,8 +186,9 @@ class Segmenter:
             self.store[support_name(name)] = support
 
     def encode_support(self, images, masks, classes=None) -> SupportSet:
-        """A support set encoded for this predictor (not stored): ``images[n][k]``, ``masks[n][k]``."""
-        classes = class_names(images, masks, classes)
+        """A support set encoded for this predictor (not stored): ``images[n][k]``, ``masks[n][k]``; the
+        classes are kept in name order (label n is the n-th)."""
+        images, masks, classes = sorted_classes(images, masks, class_names(images, masks, classes))
         shots = [self.prepare_shots(list(i), list(m)) for i, m in zip(images, masks, strict=True)]
         if self.adaptation is not None:
             return self.adapted_support(classes, shots)
@@ -199,7 +214,7 @@ class Segmenter:
         return self.adaptation.swapped_in(support.encoder_state)
 
     def with_shot(self, support: SupportSet, class_name: str, image, mask) -> SupportSet:
-        """``support`` with one more annotated image of a class (a new class is appended last): only it
+        """``support`` with one more annotated image of a class (a new class in name order): only it
         is encoded (with adaptation, the encoder is adapted to the changed set again)."""
         return self.with_prepared_shot(support, class_name, self.prepare_shots([image], [mask]))
 
@@ -280,15 +295,16 @@ class Segmenter:
 
     def segment_features(self, feats: torch.Tensor, protos: torch.Tensor, out_size, return_prob=False):
         """``M x C x h x w`` query features, ``(1+N) x C`` prototypes -> ``M x H x W`` uint8 labels (+ max
-        probabilities): the method's fused head, each query its own episode (refinements per query)."""
-        refined = self.refine != "none"
-        qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
-        protos = protos[None].expand(len(qry), *protos.shape)
-        out = self.network.segment(
-            qry, protos, out_size, self.refine, return_prob, impl=self.impl, in_size=(self.size, self.size)
+        probabilities), absent classes gated (:meth:`head`)."""
+        labels, prob, _, _ = self.head(feats, protos, out_size, return_prob, scores=False)
+        return (labels, prob) if return_prob else labels
+
+    def head(self, feats, protos, out_size, return_prob=False, scores=True, return_probs=False):
+        """:func:`fss.runtime.results.head` with this predictor's method, refinement and cut-off."""
+        options = dict(refine=self.refine, impl=self.impl, in_size=(self.size, self.size))
+        return head(
+            self.network, feats, protos, out_size, self.min_score, options, return_prob, scores, return_probs
         )
-        flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
-        return (flat(out[0]), flat(out[1])) if return_prob else flat(out)
 
     def label_features(self, features: torch.Tensor, out_size, support: str | None = None):
         """One query's ``C x h x w`` features (from :meth:`encode`) -> ``H x W`` uint8 labels at
@@ -297,8 +313,25 @@ class Segmenter:
             protos = self.support(support).protos
             return self.segment_features(features[None], protos, tuple(out_size))[0].cpu().numpy()
 
-    def segment_encoded(self, imgs: list[Image.Image], batch: torch.Tensor, support, return_prob):
-        """Already decoded queries and their ``M x 3 x S x S`` tensor -> per-query results."""
+    def predict_features(self, features: torch.Tensor, out_size, support: str | None = None) -> Segmentation:
+        """:meth:`label_features`'s query as a :class:`Segmentation` (classes, presence scores)."""
+        with self._lock, torch.inference_mode():
+            s = self.support(support)
+            out = self.head(features[None], s.protos, tuple(out_size))
+            return Segmentation.of_tensors(*out, s.classes, self.min_score)
+
+    def segment_encoded(
+        self,
+        imgs: list[Image.Image],
+        batch: torch.Tensor,
+        support,
+        return_prob=False,
+        scores=True,
+        return_probs=False,
+        min_area: int | None = None,
+    ) -> list[Segmentation]:
+        """Already decoded queries and their ``M x 3 x S x S`` tensor -> one :class:`Segmentation` each
+        (objects of ``min_area`` pixels or more where ``min_area`` is given)."""
         results = []
         with self._lock:
             s = self.support(support)
@@ -307,47 +340,63 @@ class Segmenter:
             with torch.inference_mode():
                 for img, feat in zip(imgs, feats, strict=True):
                     # Logits go straight from feature resolution to the query's own size.
-                    out = self.segment_features(feat[None], s.protos, (img.height, img.width), return_prob)
-                    if return_prob:
-                        results.append((out[0][0].cpu().numpy(), out[1][0].float().cpu().numpy()))
-                    else:
-                        results.append(out[0].cpu().numpy())
+                    size, want_prob = (img.height, img.width), return_prob or min_area is not None
+                    out = self.head(feat[None], s.protos, size, want_prob, scores, return_probs)
+                    results.append(Segmentation.of_tensors(*out, s.classes, self.min_score))
+        for result in results:  # outside the device lock
+            result.add_instances(min_area, keep_prob=return_prob)
         return results
 
     def segment(self, queries, support: str | None = None, return_prob: bool = False):
-        """Label maps at each query's own size (``H x W`` uint8 numpy), and max probabilities if asked.
+        """Label maps (``H x W`` uint8 numpy at each query's size), and max probabilities if asked; one
+        image gives one map, an iterable a list. :meth:`predict` gives the whole result."""
+        out = self.predict(queries, support, scores=False, return_prob=return_prob)
+        if isinstance(out, Segmentation):
+            return (out.labels, out.prob) if return_prob else out.labels
+        labels = [r.labels for r in out]
+        return (labels, [r.prob for r in out]) if return_prob else labels
 
-        One image (a path, PIL image or ``H x W x 3`` array) gives one label map (and one probability
-        map); a list or other iterable of images gives a list of each.
-        """
+    def predict(
+        self, queries, support=None, return_probs=False, instances=False, min_area=DEFAULT_MIN_AREA,
+        return_prob=False, scores=True,
+    ):  # fmt: skip
+        """One image (a path, PIL image or ``H x W x 3`` array) -> its :class:`Segmentation`, an iterable
+        of images -> a list: labels, the set's classes (label n is ``classes[n - 1]``) and each class's
+        presence score; ``return_probs``: the ``(1 + N) x H x W`` probability maps; ``instances``: the
+        objects (:mod:`fss.io.instances`) of ``min_area`` pixels or more; ``return_prob``: the winner's
+        probability."""
         if is_one_image(queries):
-            out = self.segment([queries], support, return_prob)
-            return (out[0][0], out[1][0]) if return_prob else out[0]
+            return self.predict([queries], support, return_probs, instances, min_area, return_prob, scores)[0]
         imgs = [as_rgb(q) for q in queries]
         if not imgs:
-            return ([], []) if return_prob else []
-        results = self.segment_encoded(
-            imgs,
-            torch.stack([image_tensor(i, self.size, self.normalisation) for i in imgs]),
-            support,
-            return_prob,
-        )
-        return tuple(map(list, zip(*results, strict=True))) if return_prob else results
+            return []
+        batch = torch.stack([image_tensor(i, self.size, self.normalisation) for i in imgs])
+        area = min_area if instances else None
+        return self.segment_encoded(imgs, batch, support, return_prob, scores, return_probs, area)
 
     def load_query(self, query) -> tuple[Image.Image, torch.Tensor]:
         img = as_rgb(query)
         return img, image_tensor(img, self.size, self.normalisation)
 
     def segment_stream(
-        self, queries: Iterable, support: str | None = None, return_prob: bool = False
+        self,
+        queries: Iterable,
+        support: str | None = None,
+        return_prob: bool = False,
+        return_probs: bool = False,
+        instances: bool = False,
+        min_area: int = DEFAULT_MIN_AREA,
     ) -> Iterator[StreamResult]:
         """Segment a stream of queries in batches, decoding the next batch while the current one runs.
 
-        Yields one :class:`StreamResult` per query, in input order; a query that cannot be decoded
-        carries its ``error`` and the stream goes on.
+        Yields one :class:`StreamResult` per query, in input order, its ``result`` the
+        :class:`Segmentation` (options as :meth:`predict`'s); a query that cannot be decoded carries its
+        ``error`` and the stream goes on.
         """
 
         def segment(images, tensors):
-            return self.segment_encoded(images, torch.stack(tensors), support, return_prob)
+            area = min_area if instances else None
+            batch = torch.stack(tensors)
+            return self.segment_encoded(images, batch, support, return_prob, True, return_probs, area)
 
-        return stream(queries, self.batch, self.workers, self.load_query, segment, return_prob)
+        return stream(queries, self.batch, self.workers, self.load_query, segment)

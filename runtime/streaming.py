@@ -9,11 +9,13 @@ import numpy as np
 from PIL import Image
 
 from fss.errors import FssError
+from fss.runtime.results import Segmentation
 
 
 @dataclass
 class StreamResult:
-    """One query of :meth:`Segmenter.segment_stream`: its labels (and probabilities), or the error."""
+    """One query of :meth:`Segmenter.segment_stream`: its result (``labels`` and ``prob`` are the
+    result's, kept for older callers), or the error."""
 
     query: object
     image: Image.Image | None
@@ -21,14 +23,15 @@ class StreamResult:
     prob: np.ndarray | None = None
     error: Exception | None = None
     seconds: float = 0.0  # this query's share of its batch's device time
+    result: Segmentation | None = None
 
 
 def stream(
-    queries: Iterable, batch: int, workers: int, load: Callable, segment: Callable, return_prob: bool
+    queries: Iterable, batch: int, workers: int, load: Callable, segment: Callable
 ) -> Iterator[StreamResult]:
     """One :class:`StreamResult` per query, in input order. ``load(query)`` -> (image, tensor) runs on
-    ``workers`` threads; ``segment(images, tensors)`` -> per-query outputs, one batch at a time. A query
-    that cannot be decoded carries its ``error`` and the stream goes on."""
+    ``workers`` threads; ``segment(images, tensors)`` -> a :class:`Segmentation` per query, one batch at
+    a time. A query that cannot be decoded carries its ``error`` and the stream goes on."""
     queries = iter(queries)
 
     def next_batch(pool):
@@ -49,8 +52,8 @@ def stream(
                 if img is None:
                     yield StreamResult(item, None, error=payload)
                     continue
-                labels, prob = next(outputs) if return_prob else (next(outputs), None)
-                yield StreamResult(item, img, labels, prob, seconds=share)
+                result = next(outputs)
+                yield StreamResult(item, img, result.labels, result.prob, seconds=share, result=result)
 
 
 def decoded(items: list, futures: list) -> list[tuple]:

@@ -6,6 +6,7 @@ cached per-shot states (only the new shot is encoded), so a reader never sees ha
 predictor only reads, puts and deletes through :func:`find_support` and item access.
 """
 
+import bisect
 import threading
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, replace
@@ -38,15 +39,16 @@ class SupportSet:
         self.protos = self.combine(self.fg, self.bg)
 
     def with_shots(self, class_name: str, fg: torch.Tensor, bg: torch.Tensor) -> "SupportSet":
-        """A new set with per-shot states appended to a class (a new class is appended last)."""
+        """A new set with per-shot states appended to a class (a new class takes its place in name order)."""
         classes, fgs, bgs = list(self.classes), list(self.fg), list(self.bg)
         if class_name in classes:
             n = classes.index(class_name)
             fgs[n], bgs[n] = torch.cat([fgs[n], fg]), torch.cat([bgs[n], bg])
         else:
-            classes.append(class_name)
-            fgs.append(fg)
-            bgs.append(bg)
+            n = class_position(classes, class_name)
+            classes.insert(n, class_name)
+            fgs.insert(n, fg)
+            bgs.insert(n, bg)
         return replace(self, classes=classes, fg=fgs, bg=bgs, protos=self.combine(fgs, bgs))
 
     def without_shot(self, n: int, keep: list[int]) -> "SupportSet":
@@ -99,11 +101,20 @@ def find_support(store: MutableMapping, name: str | None) -> SupportSet:
         raise MissingSupportError(f"no support set named {name!r} (have {sorted(store)})") from None
 
 
+def class_position(classes: list[str], name: str) -> int:
+    """Where a new class goes in a set's classes: the label order is the classes' name order."""
+    return bisect.bisect(classes, name)
+
+
 def class_names(images, masks, classes) -> list[str]:
-    """The class names of a support set's per-class lists (``class1``... when not given), checked."""
+    """The class names of a support set's per-class lists, checked; when not given ``class1``...
+    (zero-padded from 10 classes on, so that name order is list order)."""
     if len(images) == 0 or len(images) != len(masks):
         raise SupportError("images and masks must be non-empty lists of per-class shot lists of equal length")
-    classes = list(classes) if classes is not None else [f"class{n + 1}" for n in range(len(images))]
+    digits = len(str(len(images)))
+    if classes is None:
+        classes = [f"class{n + 1:0{digits}d}" for n in range(len(images))]
+    classes = list(classes)
     if len(classes) != len(images) or len(set(classes)) != len(classes):
         raise SupportError(f"need {len(images)} distinct class names, got {classes}")
     for class_images, class_masks in zip(images, masks, strict=True):

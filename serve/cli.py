@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fss.cli_args import add_model_args, add_size_arg, check_input_size, count, port, positive_int
+from fss.cli_args import add_model_args, add_size_arg, check_input_size, count, port, positive_int, share
 from fss.errors import FssError
 
 PROG = "fss-serve"
@@ -71,6 +71,13 @@ def parse_args(argv):
         help="allow registering server-side support folders below this folder",
     )
     add_limit_args(p)
+    p.add_argument(
+        "--min-score",
+        type=share,
+        default=None,
+        metavar="S",
+        help="presence cut-off from 0 to 1: a class scoring below it gets no pixels (default: checkpoint's)",
+    )
     p.add_argument(
         "--exit-timeout",
         type=int,

@@ -3,6 +3,7 @@
 >>> client = Client("127.0.0.1:8000")            # HTTP; "grpc://127.0.0.1:8001" for gRPC
 >>> sid = client.register_support("examples/support")
 >>> labels = client.segment(sid, Path("query.jpg").read_bytes())   # H x W uint8, as fss-run writes
+>>> result = client.predict(sid, Path("query.jpg").read_bytes(), instances=True)   # + scores, objects
 
 Support ids are content hashes (:mod:`fss.serve.protocol`). The client keeps the encoded shots of the
 sets it registered, so when a request reaches a server that does not hold the set (another replica, a
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fss.io.instances import DEFAULT_MIN_AREA
 from fss.serve import protocol
 
 SUPPORT_HEADER = "fss-support-id"
@@ -261,13 +263,32 @@ class Client:
         """Several images in one request (at most the server's ``--max-batch``); a row that fails raises."""
         return self.with_support(support_id, lambda b: self.segment_on(b, support_id, images, with_prob))
 
-    def segment_on(self, backend: int, support_id: str, images: list[bytes], with_prob: bool) -> list:
+    def predict(
+        self, support_id: str, image: bytes, instances: bool = False, min_area: int = DEFAULT_MIN_AREA
+    ):
+        """One encoded image -> its :class:`fss.runtime.results.Segmentation`, as ``Segmenter.predict``
+        gives it: labels, classes, presence scores, and its objects (``instances``) of ``min_area``
+        pixels or more, their masks decoded from the server's COCO RLE."""
+        area = min_area if instances else 0
+
+        def request(backend):
+            return self.segment_on(backend, support_id, [image], False, area)
+
+        return self.with_support(support_id, request)[0]
+
+    def segment_on(
+        self, backend: int, support_id: str, images: list[bytes], with_prob: bool, min_area: int | None = None
+    ) -> list:
+        """Labels (and probabilities) per image; with ``min_area`` (0: no objects) a Segmentation each."""
         n = len(images)
         inputs = {
             "support_id": objects([support_id] * n).reshape(n, 1),
             "image": objects(images).reshape(n, 1),
         }
+        if min_area is not None:
+            inputs["min_area"] = np.full((n, 1), min_area, np.int32)
         outputs = ["labels", "size", "error"] + (["prob"] if with_prob else [])
+        outputs += ["result"] if min_area is not None else []
         out = self.infer(protocol.SEGMENT_MODEL, inputs, outputs, backend, support_id)
         results = []
         for k in range(n):
@@ -276,7 +297,12 @@ class Client:
                 raise ServeError(error)
             h, w = (int(v) for v in out["size"][k])
             labels = out["labels"][k, : h * w].reshape(h, w).copy()
-            results.append((labels, out["prob"][k, : h * w].reshape(h, w).copy()) if with_prob else labels)
+            if min_area is not None:
+                results.append(segmentation(labels, json.loads(out["result"][k, 0].decode())))
+            else:
+                results.append(
+                    (labels, out["prob"][k, : h * w].reshape(h, w).copy()) if with_prob else labels
+                )
         return results
 
     def close(self) -> None:
@@ -291,3 +317,27 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def segmentation(labels: np.ndarray, summary: dict):
+    """A row's labels and ``result`` JSON -> a Segmentation (objects' masks decoded from their RLE)."""
+    from pycocotools import mask as coco_mask
+
+    from fss.io.instances import Instance
+    from fss.runtime.results import Segmentation
+
+    classes = summary["classes"]
+    scores = np.array([summary["score"][name] for name in classes], np.float32)
+    instances = None
+    if "instances" in summary:
+        instances = [
+            Instance(
+                r["category_id"],
+                coco_mask.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}) > 0,
+                r["score"],
+                r["bbox"],
+                r["area"],
+            )
+            for r in summary["instances"]
+        ]
+    return Segmentation(labels, classes, scores, summary["min_score"], instances=instances)

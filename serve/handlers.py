@@ -30,6 +30,7 @@ from fss.io import images as image_io
 from fss.io.folders import check_class_names, find_support_pairs
 from fss.io.images import as_rgb
 from fss.io.masks import check_shot, parse_mask
+from fss.runtime.supports import class_position
 from fss.serve import protocol
 from fss.serve.support_store import SupportStore
 
@@ -120,11 +121,13 @@ def check_label_names(names: list[str]) -> None:
 
 
 def group_shots(classes: list[str], images: list[bytes], masks: list[bytes]):
-    """Per-shot lists -> class names in first-appearance order and per-class ``(image, mask)`` lists."""
+    """Per-shot lists -> class names in name order (the label order, :mod:`fss.runtime.results`) and
+    per-class ``(image, mask)`` lists, in the order sent."""
     grouped: dict[str, list[tuple[bytes, bytes]]] = {}
     for name, image, mask in zip(classes, images, masks, strict=True):
         grouped.setdefault(name, []).append((image, mask))
-    return list(grouped), list(grouped.values())
+    names = sorted(grouped)
+    return names, [grouped[name] for name in names]
 
 
 class SupportService:
@@ -154,7 +157,7 @@ class SupportService:
         return name
 
     def register(self, classes: list[str], images: list[bytes], masks: list[bytes]) -> dict:
-        """Shot i: ``images[i]`` / ``masks[i]`` of class ``classes[i]``; label k: the k-th distinct name."""
+        """Shot i: ``images[i]`` / ``masks[i]`` of class ``classes[i]``; label k: the k-th class by name."""
         if not images:
             raise RequestError("a support set needs at least one shot (image + mask + class name)")
         if not len(images) == len(masks) == len(classes):
@@ -239,7 +242,7 @@ class SupportService:
         return self.describe(new_id)
 
     def add_shot(self, base_id: str, class_name: str, image: bytes, mask: bytes) -> dict:
-        """One more shot of a class (a new class is appended last); only the new shot is encoded."""
+        """One more shot of a class (a new class takes its place in name order); only it is encoded."""
         self.check_class_name(class_name)
         base, base_shots = self.base(base_id)
         check_label_names(list(dict.fromkeys([*base.classes, class_name])))
@@ -250,8 +253,9 @@ class SupportService:
         if class_name in classes:
             shots[classes.index(class_name)].append(protocol.shot_digest(image, mask))
         else:
-            classes.append(class_name)
-            shots.append([protocol.shot_digest(image, mask)])
+            n = class_position(classes, class_name)
+            classes.insert(n, class_name)
+            shots.insert(n, [protocol.shot_digest(image, mask)])
 
         def edit(base):
             return (
@@ -285,17 +289,20 @@ class SupportService:
 
 @dataclass
 class Row:
-    """One query of a batch: its support, its image, and whether max probabilities were asked for."""
+    """One query of a batch: its support, its image, whether max probabilities were asked for, and the
+    smallest object where objects were (None: none)."""
 
     support_id: str
     image: bytes
     with_prob: bool
+    min_area: int | None = None
 
 
 @dataclass
 class RowResult:
     labels: np.ndarray | None = None  # H x W uint8, 0 background, k the k-th class
     prob: np.ndarray | None = None  # H x W float32, the winning class's probability
+    summary: dict | None = None  # classes, presence scores, absent classes, objects (Segmentation.summary)
     error: str = ""
 
 
@@ -323,32 +330,33 @@ class SegmentService:
                 results[i].error = str(err)
             except Exception as err:  # a server bug on this image: its batchmates go on
                 results[i].error = internal_error("fss_segment decoding", err)
-        groups: dict[tuple[str, bool], list[int]] = {}
+        groups: dict[tuple[str, bool, int | None], list[int]] = {}
         for i in loaded:
-            groups.setdefault((rows[i].support_id, rows[i].with_prob), []).append(i)
-        for (support_id, with_prob), members in groups.items():
+            groups.setdefault((rows[i].support_id, rows[i].with_prob, rows[i].min_area), []).append(i)
+        for (support_id, with_prob, min_area), members in groups.items():
             try:
-                outputs = self.run_group(support_id, with_prob, [loaded[i] for i in members])
+                outputs = self.run_group(support_id, with_prob, min_area, [loaded[i] for i in members])
             except Exception as err:  # e.g. out of memory for this group: the other groups go on
                 outputs = [internal_error("fss_segment", err)] * len(members)
             for i, out in zip(members, outputs, strict=True):
                 if isinstance(out, str):
                     results[i].error = out
-                elif with_prob:
-                    results[i].labels, results[i].prob = out
                 else:
-                    results[i].labels = out
+                    results[i].labels, results[i].prob, results[i].summary = (
+                        out.labels,
+                        out.prob,
+                        out.summary(),
+                    )
         return results
 
-    def run_group(self, support_id: str, with_prob: bool, loaded) -> list:
+    def run_group(self, support_id: str, with_prob: bool, min_area: int | None, loaded) -> list:
         import torch
 
         if not self.seg.has_support(support_id):
             return [str(unknown_support(support_id))] * len(loaded)
         try:
-            return self.seg.segment_encoded(
-                [img for img, _ in loaded], torch.stack([x for _, x in loaded]), support_id, with_prob
-            )
+            imgs, batch = [img for img, _ in loaded], torch.stack([x for _, x in loaded])
+            return self.seg.segment_encoded(imgs, batch, support_id, with_prob, min_area=min_area)
         except (MissingSupportError, NoSupportError):  # evicted between the check and the use
             if self.seg.has_support(support_id):
                 raise

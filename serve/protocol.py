@@ -2,8 +2,8 @@
 
 Kept free of heavy imports (no torch, no tritonclient) so both sides and the tests can use it.
 
-Support ids are content hashes: ``sha256`` over the class names in label order and, per shot, the
-sha256 of the encoded image bytes and of the encoded mask bytes, exactly as sent. The same support
+Support ids are content hashes: ``sha256`` over the class names in label order (name order) and, per
+shot, the sha256 of the encoded image bytes and of the encoded mask bytes, exactly as sent. The same support
 set therefore has the same id on every server, so a client that meets a server (an instance, a
 replica behind a load balancer) that never saw the set, or evicted it, re-registers it under the
 same id and retries; a client can compute the id without asking any server.
@@ -61,14 +61,19 @@ SUPPORT_OUTPUTS = [
     ("info", "BYTES", (1,), False),
     ("error", "BYTES", (1,), False),
 ]
+# ``min_area``: objects of at least that many pixels go into ``result`` (0 or not sent: no objects).
 SEGMENT_INPUTS = [
     ("support_id", "BYTES", (1,), False),
     ("image", "BYTES", (1,), False),
+    ("min_area", "INT32", (1,), True),
 ]
 # A row's labels / prob: its H x W values flattened (row-major), zero-padded to the request's largest row.
+# ``result``: JSON text, the row's classes (label k: classes[k - 1]), presence ``score`` per class, the
+# ``absent`` classes (no pixels), ``min_score``, and ``instances`` (COCO records) where asked for.
 SEGMENT_OUTPUTS = [
     ("labels", "UINT8", (-1,), False),
     ("size", "INT32", (2,), False),
     ("prob", "FP32", (-1,), False),
+    ("result", "BYTES", (1,), False),
     ("error", "BYTES", (1,), False),
 ]

@@ -6,7 +6,8 @@
 - ``fss_segment`` (dynamically batched across clients, ``instances`` copies): rows of ``support_id`` +
   ``image`` (encoded bytes) -> ``labels`` (``n x L`` uint8: row k is its ``H x W`` mask, row-major,
   padded with zeros to the request's largest pixel count ``L``), ``size`` (``n x 2``: H, W of each row),
-  ``prob`` (the same layout, float32, only when asked for) and ``error`` per row.
+  ``prob`` (the same layout, float32, only when asked for), ``result`` (JSON: classes, presence scores,
+  absent classes, objects where ``min_area`` asks for them) and ``error`` per row.
 
 A bad request never fails the batch it shares with other clients: its rows carry ``error`` (one line)
 and empty outputs, and no error text is a traceback (details go to the server's log). Protocol errors
@@ -57,6 +58,7 @@ class ServeConfig:
     triton_log: Path | None = None
     repository: Path | None = None  # run a model repository (fss-export --triton-repo) instead
     limits: Limits = field(default_factory=Limits)
+    min_score: float | None = None  # presence cut-off (None: the checkpoint's)
 
 
 def python_libdir_env(env: dict) -> dict:
@@ -90,7 +92,9 @@ class Services:
         batch = config.max_batch
 
         def segmenter(store=None):
-            return Segmenter(model, device=device, size=config.size, batch=batch, store=store)
+            return Segmenter(
+                model, device=device, size=config.size, batch=batch, store=store, min_score=config.min_score
+            )
 
         self.support = SupportService(segmenter(), self.store, config.limits, config.support_root)
         # Every instance segments every registered set: they share the store.
@@ -205,10 +209,16 @@ def request_rows(request) -> list[Row]:
     if len(ids) != len(images):
         raise RequestError(f"{len(ids)} support ids for {len(images)} images")
     with_prob = wants(request, "prob")
-    return [Row(i, image, with_prob) for i, image in zip(ids, images, strict=True)]
+    areas = request.data.get("min_area")
+    areas = [None] * len(ids) if areas is None else [int(a) or None for a in np.asarray(areas).reshape(-1)]
+    if len(areas) != len(ids) or any(a is not None and a < 0 for a in areas):
+        raise RequestError(f"min_area: one number of pixels (0 or more) per image, got {len(areas)}")
+    return [Row(i, image, with_prob, a) for i, image, a in zip(ids, images, areas, strict=True)]
 
 
-def segment_reply(results: list[RowResult], with_prob: bool, max_pixels: int) -> dict:
+def segment_reply(
+    results: list[RowResult], with_prob: bool, max_pixels: int, with_result: bool = False
+) -> dict:
     """Per-row results -> ``n x L`` labels (row k: its ``H x W`` mask flattened, then zeros), sizes, errors.
 
     Triton sends a request's rows as one tensor, so rows must be padded to a common length. Padding
@@ -240,6 +250,9 @@ def segment_reply(results: list[RowResult], with_prob: bool, max_pixels: int) ->
     }
     if with_prob:
         reply["prob"] = prob
+    if with_result:
+        summaries = [json.dumps(r.summary) if r.summary is not None else "" for r in rows]
+        reply["result"] = bytes_array(summaries).reshape(len(rows), 1)
     return reply
 
 
@@ -250,7 +263,8 @@ def request_size(request) -> int:
 
 def error_reply(request, message: str) -> dict:
     """Every row of ``request`` failed with ``message``."""
-    return segment_reply([RowResult(error=message)] * request_size(request), wants(request, "prob"), 1)
+    rows = [RowResult(error=message)] * request_size(request)
+    return segment_reply(rows, wants(request, "prob"), 1, wants(request, "result"))
 
 
 def make_segment_infer(service: SegmentService):
@@ -279,7 +293,8 @@ def make_segment_infer(service: SegmentService):
                 replies.append(error_reply(request, failed[k]))
                 continue
             try:
-                replies.append(segment_reply(results[start:stop], wants(request, "prob"), max_pixels))
+                wanted = wants(request, "prob"), max_pixels, wants(request, "result")
+                replies.append(segment_reply(results[start:stop], *wanted))
             except Exception as err:  # e.g. out of memory for this reply: the other requests still get theirs
                 replies.append(error_reply(request, internal_error("fss_segment reply", err)))
         return replies

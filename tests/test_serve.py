@@ -1,6 +1,7 @@
 """fss-serve: the handlers against Segmenter (no server), then two real Triton servers on loopback."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -156,6 +157,27 @@ def test_services_segment_as_the_segmenter(small_model, services):
         np.testing.assert_array_equal(result.prob, prob)
 
 
+def test_rows_carry_classes_presence_scores_and_objects(small_model, services):
+    """A row's summary (the ``result`` output) is Segmenter.predict's: classes by name, scores, objects."""
+    from fss.serve.server import RowResult, segment_reply
+
+    support, segment = services
+    classes, images, masks = support_files()
+    order = [2, 3, 0, 1]  # pizza shots first: labels still follow name order
+    described = support.register(*([x[k] for k in order] for x in (classes, images, masks)))
+    assert described["classes"] == ["bus", "pizza"]
+    reference = reference_segmenter(small_model, classes, images, masks)
+    rows = [Row(described["support_id"], q.read_bytes(), False, min_area=4) for q in queries()]
+    results = segment.segment(rows)
+    for result, query in zip(results, queries(), strict=True):
+        expected = reference.predict(query, instances=True, min_area=4)
+        np.testing.assert_array_equal(result.labels, expected.labels)
+        assert result.summary == expected.summary() and result.summary["score"].keys() == {"bus", "pizza"}
+    reply = segment_reply([*results, RowResult(error="x")], False, 10**8, with_result=True)
+    assert json.loads(reply["result"][0, 0].decode()) == results[0].summary
+    assert reply["result"][len(results), 0] == b""  # a failed row has no summary
+
+
 def test_shot_edits_make_new_ids_and_match_the_segmenter(small_model, services):
     support, segment = services
     classes, images, masks = support_files()
@@ -177,7 +199,7 @@ def test_shot_edits_make_new_ids_and_match_the_segmenter(small_model, services):
     removed = support.remove_shot(added["support_id"], "bus", -1)
     assert removed["support_id"] == base
     new_class = support.add_shot(base, "bus2", images[0], masks[0])
-    assert new_class["classes"] == ["bus", "pizza", "bus2"]
+    assert new_class["classes"] == ["bus", "bus2", "pizza"]  # label order: name order
     with pytest.raises(RequestError, match="only shot"):
         support.remove_shot(new_class["support_id"], "bus2", 0)
     with pytest.raises(RequestError, match="no class"):
@@ -461,6 +483,12 @@ def test_serve_segments_as_fss_run_over_http_and_grpc(servers, tmp_path):
             np.testing.assert_array_equal(labels, expected[query.name])
         labels, prob = client.segment(sid, queries()[0].read_bytes(), with_prob=True)
         assert prob.shape == labels.shape and prob.dtype == np.float32 and 0 < prob.min() <= prob.max() <= 1
+        result = client.predict(sid, queries()[0].read_bytes(), instances=True, min_area=4)
+        np.testing.assert_array_equal(result.labels, expected[queries()[0].name])
+        assert result.classes == ["bus", "pizza"] and result.scores.shape == (2,)
+        for instance in result.instances:  # masks decoded from the server's RLE
+            assert (result.labels[instance.mask] == instance.label).all()
+            assert instance.mask.sum() == instance.area
         batch = client.segment_batch(sid, [q.read_bytes() for q in queries()])  # padded, then cropped
         for labels, query in zip(batch, queries(), strict=True):
             np.testing.assert_array_equal(labels, expected[query.name])

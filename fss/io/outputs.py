@@ -222,15 +222,31 @@ def write_label_png(path, labels: np.ndarray) -> str:
     return atomic_write_bytes(path, encoded(img, format="PNG"))
 
 
+def outline(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """The pixels of ``objects`` (``H x W`` bool) with a 4-neighbour of another label or outside them:
+    each object's edge."""
+    inner = objects.copy()
+    for region in (labels, objects):
+        inner[1:] &= region[1:] == region[:-1]
+        inner[:-1] &= region[:-1] == region[1:]
+        inner[:, 1:] &= region[:, 1:] == region[:, :-1]
+        inner[:, :-1] &= region[:, :-1] == region[:, 1:]
+    return objects & ~inner
+
+
 def overlay_image(
-    img: Image.Image, labels: np.ndarray, class_names: list[str], alpha: float = 0.5
+    img: Image.Image, labels: np.ndarray, class_names: list[str], alpha: float = 0.5, objects=None
 ) -> Image.Image:
-    """The image with each class coloured (VOC palette) and a legend of the classes present."""
+    """The image with each class coloured (VOC palette) and a legend of the classes present; where
+    ``objects`` (``H x W`` bool, the union of the objects' masks) is given, each object outlined."""
     palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
     base = np.asarray(img.convert("RGB"), dtype=np.float32)
     fg = labels > 0
     blended = base.copy()
     blended[fg] = (1 - alpha) * base[fg] + alpha * palette[labels[fg]]
+    if objects is not None:
+        edge = outline(labels, objects)
+        blended[edge] = palette[labels[edge]]
     out = Image.fromarray(blended.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
@@ -245,7 +261,7 @@ def overlay_image(
     return out
 
 
-def write_overlay(path, img: Image.Image, labels: np.ndarray, class_names: list[str]) -> str:
-    """The overlay as a JPEG; its sha256."""
-    out = overlay_image(img, labels, class_names)
+def write_overlay(path, img: Image.Image, labels: np.ndarray, class_names: list[str], objects=None) -> str:
+    """The overlay as a JPEG (objects outlined, see :func:`overlay_image`); its sha256."""
+    out = overlay_image(img, labels, class_names, objects=objects)
     return atomic_write_bytes(path, encoded(out, format="JPEG", quality=90))
