@@ -90,16 +90,18 @@ def add_refine_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_presence_args(parser: argparse.ArgumentParser) -> None:
-    """``--min-score`` and ``--edges``: what is judged absent, and how labels reach the photo's size."""
+def add_min_score_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-score",
         type=share,
         default=None,
         metavar="S",
-        help="a class whose presence score (0..1) is below S paints no pixels (default: the checkpoint's "
-        "calibrated cut-off, else 0)",
+        help="presence cut-off from 0 to 1: a class scoring below it on a query gets no pixels there "
+        "(default: the checkpoint's calibrated cut-off, 0 without one: nothing is gated)",
     )
+
+
+def add_edges_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--edges",
         choices=EDGES,

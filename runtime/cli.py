@@ -11,8 +11,6 @@ without ``--overwrite``.
 """
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import numpy as np
 
 from fss.cli_args import (
     add_batch_arg,
+    add_edges_arg,
+    add_min_score_arg,
     add_model_args,
     add_refine_arg,
     add_size_arg,
@@ -27,11 +27,10 @@ from fss.cli_args import (
     demo_model_note,
     load_from_args,
     positive_int,
-    share,
 )
 from fss.errors import FssError, ImageTooLargeError
-from fss.io.outputs import LOCK_FILE
 from fss.runtime import cli_results
+from fss.runtime.cli_inputs import check_out_against_inputs, load_supports
 from fss.runtime.cli_resume import (
     OVERLAYS,
     RESULTS_FILE,
@@ -106,7 +105,9 @@ def parse_args(argv):
     )
     p.add_argument("--no-overlays", action="store_true", help="write only the label PNGs and results.json")
     p.add_argument("--every", type=positive_int, default=1, metavar="N", help="a video: every N-th frame")
-    cli_results.add_result_args(p, share, positive_int)
+    add_min_score_arg(p)
+    add_edges_arg(p)
+    cli_results.add_result_args(p, positive_int)
     args = p.parse_args(argv)
     check_input_size(p, args.size)
     if args.int8 and args.bundle is None:
@@ -122,56 +123,6 @@ def parse_args(argv):
 
 def warn_line(message: str, path) -> None:
     print(" ".join(f"{PROG}: warning: {message} ({path})".split()), file=sys.stderr)
-
-
-# -- inputs --------------------------------------------------------------------------------------------
-def check_out_against_inputs(
-    out: Path, support: Path, folders: list[Path], queries: list[Path], other_inputs: list[Path]
-) -> None:
-    """Outputs never overwrite or mix with inputs (symbolic links resolved).
-
-    Refused: ``out`` or ``out/overlays`` being an input folder (the query folder, the support folder
-    or a class folder), an input folder inside ``out/overlays``, ``out`` directly in the support
-    folder (a later run would read it as a class), and any output path that is an input file.
-    Allowed: ``out`` deeper inside an input folder (e.g. ``--query . --out fss-out``): folders are
-    read one level deep, so a subfolder of the query folder is never read as a query.
-    """
-    out_dirs = [out.resolve(), out.resolve() / OVERLAYS]
-    for folder in folders:
-        resolved = folder.resolve()
-        if resolved in out_dirs or out_dirs[1] in resolved.parents:
-            raise FssError(
-                f"--out would write into the input folder {folder}: outputs would overwrite or mix with "
-                "inputs; choose another --out",
-                out,
-            )
-    if out_dirs[0].parent == support.resolve():
-        raise FssError(
-            f"--out lies in the support folder {support}: a later run would read it as a class; choose "
-            "another --out",
-            out,
-        )
-    outputs = {out_dirs[0] / RESULTS_FILE, out_dirs[0] / LOCK_FILE, out_dirs[0] / cli_results.INSTANCES_FILE}
-    resolved_files = {f.resolve(): f for f in queries + other_inputs}
-    for path in queries:
-        outputs |= {out_dirs[0] / f"{path.stem}.png", out_dirs[1] / f"{path.stem}.jpg"}
-    clash = sorted(set(resolved_files) & outputs)
-    if clash:
-        raise FssError(f"an output would overwrite the input {resolved_files[clash[0]]}", out)
-
-
-def load_supports(pairs, box_supports: str = "mask"):
-    """Class names, their (image, parsed mask) shots and the content hash of the support set."""
-    from fss.io.boxes import box_files
-    from fss.io.masks import read_support_shots
-
-    classes, images, masks = read_support_shots(pairs, box_supports)
-    hashes = [  # prototypes are means: the shot order is irrelevant
-        [name, sorted([file_sha256(image), file_sha256(mask)] for image, mask in class_pairs)]
-        for name, class_pairs in pairs.items()
-    ] + ([["box_supports", box_supports]] if box_files(pairs) else [])  # boxes' masks depend on it
-    support_sha = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()
-    return classes, images, masks, support_sha
 
 
 def model_identity(args, model, backend: str) -> dict:
@@ -297,6 +248,7 @@ def start_segmenter(args, pairs, queries, previous):
         precision=args.precision,
         backend=encoder_backend(args),
         min_score=args.min_score,
+        edges=args.edges,
         expected_images=len(queries) + sum(len(shots) for shots in images),
         continuing=resumed_backend(previous, args.overwrite),
     )

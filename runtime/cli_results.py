@@ -12,16 +12,8 @@ from fss.io.instances import DEFAULT_MIN_AREA, coco_document, find_instances, in
 INSTANCES_FILE = "instances.json"
 
 
-def add_result_args(p: argparse.ArgumentParser, share, positive_int) -> None:
-    """The flags; ``share`` and ``positive_int``: the commands' argument types (0..1, 1 or more)."""
-    p.add_argument(
-        "--min-score",
-        type=share,
-        default=None,
-        metavar="S",
-        help="presence cut-off from 0 to 1: a class scoring below it on a query gets no pixels there "
-        "(default: the checkpoint's calibrated cut-off, 0 without one: nothing is gated)",
-    )
+def add_result_args(p: argparse.ArgumentParser, positive_int) -> None:
+    """The flags; ``positive_int``: the commands' argument type (1 or more)."""
     p.add_argument(
         "--instances",
         action="store_true",
@@ -39,7 +31,8 @@ def add_result_args(p: argparse.ArgumentParser, share, positive_int) -> None:
 
 def result_settings(args, seg) -> dict:
     """What these flags add to the run's settings (a resumed run must match them)."""
-    return {"min_score": seg.min_score, "instances": args.min_area if args.instances else None}
+    instances = args.min_area if args.instances else None
+    return {"min_score": seg.min_score, "edges": seg.edges, "instances": instances}
 
 
 def full_size_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:

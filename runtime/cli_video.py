@@ -29,12 +29,12 @@ from fss.errors import FssError
 from fss.runtime.cli import (
     OUTPUT_BYTES_PER_QUERY,
     PROG,
-    check_out_against_inputs,
     fractions,
     results_document,
     start_segmenter,
     worded,
 )
+from fss.runtime.cli_inputs import check_out_against_inputs
 from fss.runtime.cli_resume import (
     RESULTS_FILE,
     check_ours,

@@ -8,8 +8,11 @@ support set are kept sorted by name, and label ``n`` is the ``n``-th of them (``
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from fss.io.instances import Instance, find_instances, instance_record
+from fss.kernels.guided import guided_filter
 from fss.models.presence import gate_logits
 
 
@@ -81,16 +84,26 @@ def sorted_classes(images, masks, classes) -> tuple[list, list, list[str]]:
     return [images[n] for n in order], [masks[n] for n in order], [classes[n] for n in order]
 
 
-def head(network, feats, protos, out_size, min_score, options, return_prob, scores, return_probs):
+def head(
+    network, feats, protos, out_size, min_score, options, return_prob, scores, return_probs, guides=None
+):
     """A method's fused head, each query its own episode where it refines per query: ``M x C x h x w``
     features and ``(1+N) x ...`` state -> ``M x H x W`` uint8 labels, the winner's probability
     (``return_prob``), ``M x N`` presence scores (where asked, or needed to gate: they cost the logits at
     feature resolution once more) and ``M x (1+N) x H x W`` probabilities (``return_probs``); classes
-    scoring below ``min_score`` get no pixels. ``options``: the head's refine, impl and in_size."""
+    scoring below ``min_score`` get no pixels. ``options``: the head's refine, impl and in_size.
+    ``guides``: ``M x S x S`` grey queries at the encoder's input size for guided edges (:func:`guided`)."""
     refined = options["refine"] != "none"
     qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
     protos = protos[None].expand(len(qry), *protos.shape)
     flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
+    if guides is not None:
+        presence = network.presence(qry, protos, **options) if scores or min_score > 0 else None
+        logits = network.logits(qry, protos, guides.shape[-2:], **options)
+        if presence is not None:
+            logits = gate_logits(logits, presence, min_score)
+        labels, prob, probs = guided(guides, flat(logits), out_size, return_prob, return_probs)
+        return labels, prob, presence if presence is None else flat(presence), probs
     presence = None
     if scores or min_score > 0:
         out, presence = network.segment_present(
@@ -110,4 +123,24 @@ def head(network, feats, protos, out_size, min_score, options, return_prob, scor
         prob if prob is None else flat(prob),
         presence if presence is None else flat(presence),
         probs,
+    )
+
+
+def guided(guides, logits, out_size, return_prob: bool, return_probs: bool):
+    """``M x S x S`` grey guides and ``M x P x S x S`` logits at the encoder's input size -> labels (and
+    the winner's / every label's probability) at ``out_size``: the softmax guided-filtered with each
+    query as its guide (:mod:`fss.kernels.guided`), then bilinearly resized."""
+    labels, prob, probs = [], [], []
+    for guide, query_logits in zip(guides, logits, strict=True):
+        filtered = guided_filter(guide, query_logits.float().softmax(dim=0))
+        resized = F.interpolate(filtered[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        best, label = resized.max(dim=0)
+        labels.append(label.to(torch.uint8))
+        prob.append(best.clamp(0, 1))
+        if return_probs:
+            probs.append(resized.clamp(0, 1))
+    return (
+        torch.stack(labels),
+        torch.stack(prob) if return_prob else None,
+        torch.stack(probs) if return_probs else None,
     )

@@ -17,17 +17,15 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from fss.errors import MissingSupportError, SettingError
-from fss.io.folders import find_support_pairs
-from fss.io.images import as_rgb
+from fss.io.images import as_rgb, is_one_image
 from fss.io.instances import DEFAULT_MIN_AREA
-from fss.io.masks import read_support_shots
 from fss.io.tensors import image_tensor
-from fss.models.base import resolve_refine
+from fss.kernels.guided import grey_of_normalised
+from fss.models.base import resolve_edges, resolve_refine
 from fss.models.presence import default_min_score
 from fss.runtime.adapted_encoder import adaptation_for, edited_shots
 from fss.runtime.encoder_backend import build_backend, resolve_device
@@ -38,24 +36,11 @@ from fss.runtime.supports import (
     SupportSets,
     class_names,
     find_support,
+    folder_shots,
     kept_shots,
     shot_tensors,
     support_name,
 )
-
-
-def is_one_image(query) -> bool:
-    """A single image (path, PIL image, ``H x W (x 3)`` array), not a collection of them."""
-    return isinstance(query, (str, os.PathLike, Image.Image)) or (
-        isinstance(query, np.ndarray) and query.ndim <= 3
-    )
-
-
-def folder_shots(folder, box_supports: str = "mask") -> tuple[list, list, list[str]]:
-    """A support folder's images, masks (per class) and classes, read and ordered as fss-run reads them
-    (box files as ``fss-run --box-supports`` reads them)."""
-    classes, images, masks = read_support_shots(find_support_pairs(folder, boxes=True), box_supports)
-    return images, masks, classes
 
 
 class Segmenter:
@@ -98,6 +83,8 @@ class Segmenter:
         min_score: presence cut-off in ``[0, 1]``: a class scoring below it on a query is judged absent
             there and gets no pixels (:mod:`fss.models.presence`); None: the checkpoint's calibrated
             cut-off (0 without a calibration); 0: nothing is gated.
+        edges: ``none`` (bilinear logits) or ``guided`` (the probabilities guided-filtered with each
+            query, :mod:`fss.kernels.guided`); None: the checkpoint's ``meta["edges"]``, else ``none``.
 
     The device work of every call is serialised by an internal lock, so one Segmenter may be shared
     by threads; decoding happens outside the lock.
@@ -120,6 +107,7 @@ class Segmenter:
         continuing: str | None = None,
         store: MutableMapping | None = None,
         min_score: float | None = None,
+        edges: str | None = None,
     ):
         from fss.checkpoint import load_model
 
@@ -155,6 +143,7 @@ class Segmenter:
         self.backend, self.backend_reason = self.encoder.name, self.encoder.reason
         self.store = SupportSets() if store is None else store
         self.min_score = default_min_score(model.meta) if min_score is None else float(min_score)
+        self.edges = resolve_edges(edges, model)
         if not 0 <= self.min_score <= 1:
             raise SettingError(f"min_score must lie in [0, 1], got {min_score}")
 
@@ -291,33 +280,40 @@ class Segmenter:
             with self.encoder_of(s):
                 feats = self.encode(qry_imgs)
             with torch.inference_mode():
-                return self.segment_features(feats, s.protos, tuple(out_size), return_prob)
+                guides = self.guides(qry_imgs)
+                labels, prob, _, _ = self.head(
+                    feats, s.protos, tuple(out_size), return_prob, False, guides=guides
+                )
+                return (labels, prob) if return_prob else labels
 
-    def segment_features(self, feats: torch.Tensor, protos: torch.Tensor, out_size, return_prob=False):
-        """``M x C x h x w`` query features, ``(1+N) x C`` prototypes -> ``M x H x W`` uint8 labels (+ max
-        probabilities), absent classes gated (:meth:`head`)."""
-        labels, prob, _, _ = self.head(feats, protos, out_size, return_prob, scores=False)
-        return (labels, prob) if return_prob else labels
+    def guides(self, qry_imgs: torch.Tensor) -> torch.Tensor | None:
+        """``M x 3 x S x S`` normalised queries -> ``M x S x S`` grey guides where edges are guided."""
+        return grey_of_normalised(qry_imgs, self.normalisation) if self.edges == "guided" else None
 
-    def head(self, feats, protos, out_size, return_prob=False, scores=True, return_probs=False):
+    def head(self, feats, protos, out_size, return_prob=False, scores=True, return_probs=False, guides=None):
         """:func:`fss.runtime.results.head` with this predictor's method, refinement and cut-off."""
         options = dict(refine=self.refine, impl=self.impl, in_size=(self.size, self.size))
         return head(
-            self.network, feats, protos, out_size, self.min_score, options, return_prob, scores, return_probs
+            self.network,
+            feats,
+            protos,
+            out_size,
+            self.min_score,
+            options,
+            return_prob,
+            scores,
+            return_probs,
+            guides,
         )
 
-    def label_features(self, features: torch.Tensor, out_size, support: str | None = None):
-        """One query's ``C x h x w`` features (from :meth:`encode`) -> ``H x W`` uint8 labels at
-        ``out_size`` (H, W) with a stored set's state: queries encoded once, labelled per support set."""
-        with self._lock, torch.inference_mode():
-            protos = self.support(support).protos
-            return self.segment_features(features[None], protos, tuple(out_size))[0].cpu().numpy()
-
-    def predict_features(self, features: torch.Tensor, out_size, support: str | None = None) -> Segmentation:
-        """:meth:`label_features`'s query as a :class:`Segmentation` (classes, presence scores)."""
+    def predict_features(self, features, out_size, support: str | None = None, image=None) -> Segmentation:
+        """One query's ``C x h x w`` features (from :meth:`encode`) -> its :class:`Segmentation` at
+        ``out_size`` (H, W) with a stored set's state: queries encoded once, labelled per support set;
+        ``image`` (its ``3 x S x S`` normalised tensor) where edges are guided."""
         with self._lock, torch.inference_mode():
             s = self.support(support)
-            out = self.head(features[None], s.protos, tuple(out_size))
+            guides = None if image is None else self.guides(image[None])
+            out = self.head(features[None], s.protos, tuple(out_size), guides=guides)
             return Segmentation.of_tensors(*out, s.classes, self.min_score)
 
     def segment_encoded(
@@ -338,10 +334,12 @@ class Segmenter:
             with self.encoder_of(s):
                 feats = self.encode(batch)
             with torch.inference_mode():
-                for img, feat in zip(imgs, feats, strict=True):
+                guides = self.guides(batch)
+                for i, (img, feat) in enumerate(zip(imgs, feats, strict=True)):
                     # Logits go straight from feature resolution to the query's own size.
                     size, want_prob = (img.height, img.width), return_prob or min_area is not None
-                    out = self.head(feat[None], s.protos, size, want_prob, scores, return_probs)
+                    guide = None if guides is None else guides[i : i + 1]
+                    out = self.head(feat[None], s.protos, size, want_prob, scores, return_probs, guide)
                     results.append(Segmentation.of_tensors(*out, s.classes, self.min_score))
         for result in results:  # outside the device lock
             result.add_instances(min_area, keep_prob=return_prob)
@@ -379,14 +377,9 @@ class Segmenter:
         return img, image_tensor(img, self.size, self.normalisation)
 
     def segment_stream(
-        self,
-        queries: Iterable,
-        support: str | None = None,
-        return_prob: bool = False,
-        return_probs: bool = False,
-        instances: bool = False,
-        min_area: int = DEFAULT_MIN_AREA,
-    ) -> Iterator[StreamResult]:
+        self, queries: Iterable, support: str | None = None, return_prob: bool = False,
+        return_probs: bool = False, instances: bool = False, min_area: int = DEFAULT_MIN_AREA,
+    ) -> Iterator[StreamResult]:  # fmt: skip
         """Segment a stream of queries in batches, decoding the next batch while the current one runs.
 
         Yields one :class:`StreamResult` per query, in input order, its ``result`` the

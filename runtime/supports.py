@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from fss.errors import MissingSupportError, NoSupportError, ShotIndexError, SupportError
+from fss.io.folders import find_support_pairs
 from fss.io.images import as_rgb
-from fss.io.masks import check_shot, parse_mask
+from fss.io.masks import check_shot, parse_mask, read_support_shots
 from fss.io.tensors import image_tensor, mask_tensor
 
 DEFAULT_SUPPORT = "default"
@@ -147,3 +148,10 @@ def shot_tensors(images, masks, size: int, normalisation) -> tuple[torch.Tensor,
         fgs.append(resized == 1)
         bgs.append(resized == 0)
     return torch.stack(imgs), torch.stack(fgs).float(), torch.stack(bgs).float()
+
+
+def folder_shots(folder, box_supports: str = "mask") -> tuple[list, list, list[str]]:
+    """A support folder's images, masks (per class) and classes, read and ordered as fss-run reads them
+    (box files as ``fss-run --box-supports`` reads them)."""
+    classes, images, masks = read_support_shots(find_support_pairs(folder, boxes=True), box_supports)
+    return images, masks, classes

@@ -16,9 +16,10 @@ import torch
 from fss.checkpoint import load_model
 from fss.cli_args import (
     add_device_arg,
+    add_edges_arg,
     add_memory_arg,
+    add_min_score_arg,
     add_negatives_arg,
-    add_presence_args,
     add_refine_arg,
     add_size_arg,
     add_way_shot_args,
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="head kernels (fss.kernels; default auto)",
     )
     add_refine_arg(p)
-    add_presence_args(p)
+    add_min_score_arg(p)
+    add_edges_arg(p)
     p.add_argument(
         "--precision",
         choices=sorted(PRECISIONS),

@@ -212,3 +212,10 @@ def as_rgb(image) -> Image.Image:
             image = image.astype(np.uint8) * 255
         return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     return read_image(image)
+
+
+def is_one_image(query) -> bool:
+    """A single image (path, PIL image, ``H x W (x 3)`` array), not a collection of them."""
+    return isinstance(query, (str, os.PathLike, Image.Image)) or (
+        isinstance(query, np.ndarray) and query.ndim <= 3
+    )
