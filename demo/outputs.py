@@ -34,7 +34,7 @@ def results(session: Session) -> dict:
     return {
         "classes": {str(k): name for k, name in enumerate(session.names)},
         "model": session.engine.model_name,
-        "input_size": session.engine.segmenter.size,
+        "input_size": session.engine.size,
         "support": {
             "folder": "support",
             "classes": session.classes,

@@ -84,6 +84,11 @@ def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) ->
     return mask
 
 
+def feature_bytes(features) -> int:
+    """What a query's kept features cost: a tensor, or an encoded image where the server encodes."""
+    return len(features) if isinstance(features, bytes) else features.numel() * features.element_size()
+
+
 @dataclass(eq=False)
 class Shot:
     image: Image.Image
@@ -123,10 +128,14 @@ class Engine:
         feature_budget_mb: float = 512,
         max_pixels: int = MAX_PIXELS,
         max_query_pixels: int = MAX_QUERY_PIXELS,
+        refine: str | None = None,
     ):
         from fss.runtime.segmenter import Segmenter
 
-        self.segmenter = Segmenter(model, device=device, batch=batch)
+        self.segmenter = Segmenter(model, device=device, batch=batch, refine=refine)
+        # An adapting refinement encodes queries with an encoder tuned to each support set: the page
+        # keeps their preprocessed inputs instead of features and encodes them at every change.
+        self.adapts = self.segmenter.adaptation is not None
         self.model_name = model_name
         self.feature_budget = feature_budget_mb * 2**20
         self.max_pixels = max_pixels
@@ -138,10 +147,25 @@ class Engine:
     def meta(self) -> dict:
         return self.segmenter.model.meta
 
+    @property
+    def size(self) -> int:
+        return self.segmenter.size
+
+    @property
+    def batch(self) -> int:
+        return self.segmenter.batch
+
+    @property
+    def where(self) -> str:
+        """Where the model runs, for the page's model line."""
+        return f"{self.segmenter.device}, refinement {self.segmenter.refine}"
+
     def encode_queries(self, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
         """Queries -> ``M x C x h x w`` features (Segmenter's preprocessing) and seconds per query."""
         seg = self.segmenter
         batch = torch.stack([seg.load_query(img)[1] for img in images])
+        if self.adapts:
+            return batch, 0.0
         with self.lock:
             start = time.perf_counter()
             feats = seg.encode(batch)
@@ -151,8 +175,12 @@ class Engine:
 
     def label(self, features: torch.Tensor, size, support: str) -> np.ndarray:
         """``C x h x w`` query features -> ``H x W`` uint8 labels at the query's ``size`` (W, H)."""
+        seg = self.segmenter
         with self.lock:
-            return self.segmenter.label_features(features, (size[1], size[0]), support)
+            if self.adapts:  # ``features`` are the query's input: encoded with the set's adapted encoder
+                with seg.encoder_of(seg.support(support)):
+                    features = seg.encode(features[None])[0]
+            return seg.label_features(features, (size[1], size[0]), support)
 
     # The Segmenter's support edits, under the engine's lock, counting the shots encoded.
     def add_support(self, name: str, images, masks, classes) -> None:
@@ -187,6 +215,7 @@ class Session:
         self.pending: Image.Image | None = None  # the support image in the editor
         self.pending_mask: np.ndarray | None = None  # its mask file, if one was loaded
         self.selected: tuple[str, int] | None = None  # (class, shot index) picked in the shot list
+        self.editor_stale = False  # a shot was added from the editor's paint: show the image unpainted
         self.lock = threading.Lock()  # one tab's events may arrive together
         self.tmp = tempfile.TemporaryDirectory(prefix="fss-demo-")
 
@@ -290,13 +319,13 @@ class Session:
         return messages
 
     def encode(self, queries: list[Query]) -> None:
-        batch = self.engine.segmenter.batch
+        batch = self.engine.batch
         for start in range(0, len(queries), batch):
             chunk = queries[start : start + batch]
             feats, seconds = self.engine.encode_queries([q.image for q in chunk])
             for query, feat in zip(chunk, feats, strict=True):
                 query.encode_s = seconds
-                size = feat.numel() * feat.element_size()
+                size = feature_bytes(feat)
                 if self.feature_bytes + size <= self.engine.feature_budget:
                     query.features = feat
                     self.feature_bytes += size
@@ -306,7 +335,7 @@ class Session:
 
     def forget_features(self, query: Query) -> None:
         if query.features is not None:
-            self.feature_bytes -= query.features.numel() * query.features.element_size()
+            self.feature_bytes -= feature_bytes(query.features)
             query.features = None
 
     def clear_queries(self) -> None:
