@@ -47,7 +47,10 @@ class RemoteEngine:
         max_query_pixels: int = MAX_QUERY_PIXELS,
         timeout_s: float = 120.0,
     ):
-        from fss.serve.client import Client, ServeError
+        try:
+            from fss.serve.client import Client, ServeError
+        except ImportError:
+            raise FssError("--server needs the fss-serve client: pip install 'fss[serve]'") from None
 
         self.serve_error = ServeError
         self.client = Client(url, timeout_s=timeout_s)

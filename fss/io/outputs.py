@@ -215,15 +215,24 @@ def overlay_image(
     blended[fg] = (1 - alpha) * base[fg] + alpha * palette[labels[fg]]
     out = Image.fromarray(blended.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    y = 4
+    s = max(1.0, max(img.size) / 640)  # the legend grows with photos over 640 px, to stay readable
+    font = ImageFont.load_default() if s == 1 else ImageFont.load_default(size=round(10 * s))
+    y = round(4 * s)
     for k, name in enumerate(class_names, start=1):
         if not (labels == k).any():
             continue
         colour = tuple(int(c) for c in palette[k])
-        draw.rectangle([4, y, 18, y + 12], fill=colour, outline=(255, 255, 255))
-        draw.text((23, y), name, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-        y += 16
+        box = [round(4 * s), y, round(18 * s), y + round(12 * s)]
+        draw.rectangle(box, fill=colour, outline=(255, 255, 255), width=round(s))
+        draw.text(
+            (round(23 * s), y),
+            name,
+            fill=(255, 255, 255),
+            font=font,
+            stroke_width=round(s),
+            stroke_fill=(0, 0, 0),
+        )
+        y += round(16 * s)
     return out
 
 
