@@ -111,6 +111,7 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             height=110,
             elem_id="support-file",
         ),
+        support_message=message(gr, "support-message"),
         example_gallery=gr.Gallery(
             value=[(p, n) for p, n in supports],
             label="Examples (click one)",
@@ -121,7 +122,6 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             visible=bool(supports),
             elem_id="example-supports",
         ),
-        support_message=message(gr, "support-message"),
         editor=gr.ImageEditor(
             label="Paint the object",
             type="numpy",
@@ -314,7 +314,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         message = session.add_shot(name, image, mask)
         session.pending_mask, session.editor_stale = None, True  # the same shot is not added twice
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
-        return {**results_view(ui, session), ui.status: f"{added} {message}"}
+        return {**results_view(ui, session), ui.status: f"{added} {message}", ui.mask_message: ""}
 
     def on_added(session):
         """After **Add shot**: the editor shows the image unpainted (another object may be painted on it)."""
@@ -412,7 +412,8 @@ def connect(ui, on: dict) -> None:
     )
     # The editor is no output of the click (its loading overlay would swallow the next brush stroke):
     # it is reset afterwards, without the overlay.
-    ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], [*results, ui.add_message]).then(
+    added = [*results, ui.add_message, ui.mask_message]
+    ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], added).then(
         on["added"], [ui.state], [ui.editor], show_progress="hidden"
     )
     ui.shots.select(on["select_shot"], [ui.state], [ui.state, ui.status, ui.shots_message])
