@@ -2,8 +2,7 @@
 
 Every handler takes the tab's :class:`Session` (a ``gr.State``, freed by Gradio's session clean-up
 after the tab closes) and returns updates for the components it changes; a bad input becomes a
-message in the status line and next to the control that caused it (the status line is off-screen
-while the user works at the bottom of the left column).
+message in the status line and under the control that caused it, where the user is looking.
 """
 
 import logging
@@ -28,7 +27,6 @@ from fss.demo.session import (
 from fss.errors import FssError
 from fss.io.folders import find_support_pairs, scan_folder
 from fss.io.outputs import overlay_image
-from fss.models.base import method_of
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -62,7 +60,7 @@ def build_app(engine: Engine, examples: Path | None = None):
     )
     with gr.Blocks(title="fss demo", analytics_enabled=False) as app:
         state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
-        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{model_line(engine)}")
+        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{outputs.model_line(engine)}")
         status = gr.Markdown("Start with a support image.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
@@ -78,25 +76,7 @@ def build_app(engine: Engine, examples: Path | None = None):
     return app
 
 
-def rounded(values) -> str:
-    """A normalisation's mean or std as people write it (0.485, not 0.48500001430511475)."""
-    if not isinstance(values, (list, tuple)):
-        return "?"
-    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
-
-
-def model_line(engine: Engine) -> str:
-    meta = engine.meta
-    norm = meta.get("normalisation") or {}
-    return (
-        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
-        f"input {engine.size} px, mean {rounded(norm.get('mean'))}, std {rounded(norm.get('std'))}) "
-        f"on {engine.where}."
-    )
-
-
 def message(gr, elem_id: str):
-    """The line under a control where its handler's message appears."""
     return gr.Markdown("", elem_id=elem_id, elem_classes=["fss-message"])
 
 
@@ -184,7 +164,6 @@ def query_column(gr, example_queries: list[str]) -> dict:
         fit_columns=False,
         elem_id="results",
     )
-    # Hidden until there is a query: an empty table would show Gradio's placeholder headers "1 2 3".
     components["table"] = gr.Dataframe(
         label="Pixel fraction per class", interactive=False, visible=False, elem_id="table"
     )
@@ -196,11 +175,8 @@ def query_column(gr, example_queries: list[str]) -> dict:
 
 
 def guarded(engine: Engine, ui):
-    """A decorator: run a handler with the tab's session; a user error (or a bug) becomes a status message.
-
-    ``@guard(near=component)``: the status message also goes to ``component``, a line under the control
-    that triggers the handler, where the user is looking.
-    """
+    """A decorator: run a handler with the tab's session; a user error (or a bug) becomes a status message,
+    also shown in the ``near`` component (``@guard(near=...)``: the line under the handler's control)."""
 
     def guard(handler=None, *, near=None):
         if handler is None:
@@ -243,7 +219,7 @@ def results_view(ui, session: Session) -> dict:
     rows = outputs.table(session)
     return {
         ui.gallery: outputs.overlays(session),
-        ui.table: gr.update(value=pd.DataFrame(rows, columns=headers), visible=bool(rows)),
+        ui.table: gr.update(value=pd.DataFrame(rows, columns=headers), visible=bool(rows)),  # hidden: empty
         ui.shots: shots_view(session),
         ui.zip_file: None,  # a zip of the previous state would be stale
     }
@@ -318,10 +294,8 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
 
     def on_added(session):
         """After **Add shot**: the editor shows the image unpainted (another object may be painted on it)."""
-        if session is None or not session.editor_stale or session.pending is None:
-            return gr.skip()
-        session.editor_stale = False
-        return editor_value(session.pending)
+        stale, session.editor_stale = session.editor_stale, False
+        return editor_value(session.pending) if stale else gr.skip()
 
     return {
         "support_file": on_support_file,

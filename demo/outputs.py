@@ -11,9 +11,27 @@ from PIL import Image
 
 from fss.demo.session import DemoError, Session
 from fss.io.outputs import overlay_image, write_json, write_label_png, write_overlay
+from fss.models.base import method_of
 from fss.runtime.cli import fractions
 
 DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
+
+
+def rounded(values) -> str:
+    """A normalisation's mean or std as people write it (0.485, not 0.48500001430511475)."""
+    if not isinstance(values, (list, tuple)):
+        return "?"
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def model_line(engine) -> str:
+    meta = engine.meta
+    norm = meta.get("normalisation") or {}
+    return (
+        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
+        f"input {engine.size} px, mean {rounded(norm.get('mean'))}, std {rounded(norm.get('std'))}) "
+        f"on {engine.where}."
+    )
 
 
 def results(session: Session) -> dict:

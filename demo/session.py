@@ -315,7 +315,7 @@ class Session:
                 self.queries[stem] = query
             fresh = [q for q in decoded if q.image is not None]
             self.encode(fresh)
-            self.segment(fresh)
+            messages += self.segment(fresh)
         return messages
 
     def encode(self, queries: list[Query]) -> None:
@@ -357,16 +357,25 @@ class Session:
         uncached = [q for q in good if q.features is None]
         if uncached and self.shots:
             self.encode(uncached)  # over the feature budget: encoded (and labelled) again
-        self.segment(good)  # the queries over the budget were labelled while encoded
+        failed = self.segment(good)  # the queries over the budget were labelled while encoded
         if not self.shots:
             for query in good:
                 query.labels = None
-        return f"{len(good)} queries segmented" if self.shots and good else ""
+        done = f"{len(good) - len(failed)} queries segmented" if self.shots and good else ""
+        return "; ".join([done, *failed]) if failed else done
 
-    def segment(self, queries: list[Query]) -> None:
+    def segment(self, queries: list[Query]) -> list[str]:
+        """Label the queries whose features are kept; a query that fails (a server's refusal) keeps
+        its error, shown in its row, and the others go on. Returns a message per failed query."""
+        failed = []
         for query in queries:
             if query.features is not None:
-                query.labels = self.label(query, query.features)
+                try:
+                    query.labels, query.error = self.label(query, query.features), None
+                except DemoError as err:
+                    query.labels, query.error = None, err.message
+                    failed.append(f"{query.name} not segmented: {err.message}")
+        return failed
 
     # -- results --------------------------------------------------------------------------------
     @property
