@@ -216,10 +216,10 @@ def results_view(ui, session: Session) -> dict:
     import pandas as pd
 
     headers = ["file", *session.names, "ms (encode + match)"]
-    rows = outputs.table(session)
+    table = pd.DataFrame(outputs.table(session), columns=headers)
     return {
         ui.gallery: outputs.overlays(session),
-        ui.table: gr.update(value=pd.DataFrame(rows, columns=headers), visible=bool(rows)),  # hidden: empty
+        ui.table: gr.update(value=table, visible=not table.empty),  # an empty one shows headers "1 2 3"
         ui.shots: shots_view(session),
         ui.zip_file: None,  # a zip of the previous state would be stale
     }
