@@ -15,6 +15,7 @@ from fss.models.base import method_of
 from fss.runtime.cli import fractions
 
 DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
+GALLERY_SIDE = 200  # about the side of a cell of the page's gallery: legends are drawn to be read there
 
 
 def rounded(values) -> str:
@@ -66,7 +67,8 @@ def overlays(session: Session) -> list[tuple[Image.Image, str]]:
     """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them.
 
     Photos larger than ``DISPLAY_SIDE`` are shown scaled down (image bilinear, labels nearest)
-    before drawing, so that the legend stays readable and the page light; the zip has full size.
+    before drawing, to keep the page light, and the legend is drawn to be read at the gallery's size;
+    the zip has full size, drawn as ``fss-run`` draws it.
     """
     out = []
     for query in session.queries.values():
@@ -79,7 +81,8 @@ def overlays(session: Session) -> list[tuple[Image.Image, str]]:
             image = image.resize(size, Image.BILINEAR)
             labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
         caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
-        out.append((overlay_image(image, labels, session.classes), caption))
+        legend_scale = max(1.0, max(image.size) / GALLERY_SIDE)
+        out.append((overlay_image(image, labels, session.classes, legend_scale=legend_scale), caption))
     return out
 
 

@@ -381,6 +381,10 @@ def test_the_legend_grows_with_the_photo():
         labels_[150:, width // 2 :] = 1
         overlay = overlay_image(Image.new("RGB", (width, 200), grey), labels_, ["bus"])
         assert overlay.getpixel((30, 26)) == legend_pixel, width  # inside the legend's box at 2x
+    # The page draws it for its gallery's cells (at least twice as large at 640 px).
+    labels_ = labels_[:, -640:]
+    on_page = overlay_image(Image.new("RGB", (640, 200), grey), labels_, ["bus"], legend_scale=640 / 320)
+    assert on_page.getpixel((30, 26)) == (128, 0, 0)
 
 
 def test_painted_layers_become_the_mask():

@@ -205,9 +205,10 @@ def write_label_png(path, labels: np.ndarray) -> str:
 
 
 def overlay_image(
-    img: Image.Image, labels: np.ndarray, class_names: list[str], alpha: float = 0.5
+    img: Image.Image, labels: np.ndarray, class_names: list[str], alpha: float = 0.5, legend_scale=None
 ) -> Image.Image:
-    """The image with each class coloured (VOC palette) and a legend of the classes present."""
+    """The image with each class coloured (VOC palette) and a legend of the classes present, drawn
+    ``legend_scale`` times its size at 640 px (default: larger on photos over 640 px)."""
     palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
     base = np.asarray(img.convert("RGB"), dtype=np.float32)
     fg = labels > 0
@@ -215,7 +216,7 @@ def overlay_image(
     blended[fg] = (1 - alpha) * base[fg] + alpha * palette[labels[fg]]
     out = Image.fromarray(blended.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    s = max(1.0, max(img.size) / 640)  # the legend grows with photos over 640 px, to stay readable
+    s = legend_scale or max(1.0, max(img.size) / 640)  # grows with photos over 640 px, to stay readable
     font = ImageFont.load_default() if s == 1 else ImageFont.load_default(size=round(10 * s))
     y = round(4 * s)
     for k, name in enumerate(class_names, start=1):
