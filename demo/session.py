@@ -314,12 +314,14 @@ class Session:
                     messages.append(f"{query.name} replaces the earlier {old.name} (same name)")
                 self.queries[stem] = query
             fresh = [q for q in decoded if q.image is not None]
-            self.encode(fresh)
+            messages += self.encode(fresh)
             messages += self.segment(fresh)
         return messages
 
-    def encode(self, queries: list[Query]) -> None:
-        batch = self.engine.batch
+    def encode(self, queries: list[Query]) -> list[str]:
+        """Encode queries, keeping their features within the budget (the others are labelled now);
+        returns a message per query that failed to be labelled."""
+        failed, batch = [], self.engine.batch
         for start in range(0, len(queries), batch):
             chunk = queries[start : start + batch]
             feats, seconds = self.engine.encode_queries([q.image for q in chunk])
@@ -331,7 +333,8 @@ class Session:
                     self.feature_bytes += size
                 else:
                     query.features = None  # over the budget: encoded again when the supports change
-                    query.labels = self.label(query, feat)
+                    failed += self.labelled(query, feat)
+        return failed
 
     def forget_features(self, query: Query) -> None:
         if query.features is not None:
@@ -355,9 +358,10 @@ class Session:
         """Match every query with the current prototypes (features re-used where kept)."""
         good = [q for q in self.queries.values() if q.image is not None]
         uncached = [q for q in good if q.features is None]
+        failed = []
         if uncached and self.shots:
-            self.encode(uncached)  # over the feature budget: encoded (and labelled) again
-        failed = self.segment(good)  # the queries over the budget were labelled while encoded
+            failed += self.encode(uncached)  # over the feature budget: encoded (and labelled) again
+        failed += self.segment(good)  # the queries over the budget were labelled while encoded
         if not self.shots:
             for query in good:
                 query.labels = None
@@ -365,17 +369,18 @@ class Session:
         return "; ".join([done, *failed]) if failed else done
 
     def segment(self, queries: list[Query]) -> list[str]:
-        """Label the queries whose features are kept; a query that fails (a server's refusal) keeps
-        its error, shown in its row, and the others go on. Returns a message per failed query."""
-        failed = []
-        for query in queries:
-            if query.features is not None:
-                try:
-                    query.labels, query.error = self.label(query, query.features), None
-                except DemoError as err:
-                    query.labels, query.error = None, err.message
-                    failed.append(f"{query.name} not segmented: {err.message}")
-        return failed
+        """Label the queries whose features are kept; a message per query that failed."""
+        return [m for q in queries if q.features is not None for m in self.labelled(q, q.features)]
+
+    def labelled(self, query: Query, features) -> list[str]:
+        """Label one query; one that fails (a server's refusal) keeps its error, shown in its row, and
+        the others go on. Returns its message, if it failed."""
+        try:
+            query.labels, query.error = self.label(query, features), None
+        except DemoError as err:
+            query.labels, query.error = None, err.message
+            return [f"{query.name} not segmented: {err.message}"]
+        return []
 
     # -- results --------------------------------------------------------------------------------
     @property

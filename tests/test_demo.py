@@ -322,9 +322,10 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
         outputs.write_zip(session)
 
 
-def test_a_query_that_fails_to_segment_shows_its_error_and_the_others_go_on(model, tmp_path):
+@pytest.mark.parametrize("budget_mb", [512, 0])  # features kept, or labelled as they are encoded
+def test_a_query_that_fails_to_segment_shows_its_error_and_the_others_go_on(model, budget_mb, tmp_path):
     """A server's refusal of one query (``fss-demo --server``) fails that query's row only."""
-    engine = Engine(model, "test model", device="cpu")
+    engine = Engine(model, "test model", device="cpu", feature_budget_mb=budget_mb)
     working = engine.label
 
     def refuse_the_second(features, size, support):
