@@ -58,7 +58,7 @@ class RemoteEngine:
             raise FssError(f"no fss-serve ready at {url} (start one with fss-serve, or check --server)")
         self.info = self.call(self.client.info)
         self.url = url
-        self.model_name = f"{self.info['model']} on fss-serve {url}"
+        self.model_name = self.info["model"]  # the server's checkpoint, as results.json names it
         self.batch = batch
         self.feature_budget = feature_budget_mb * 2**20
         self.max_pixels = max_pixels

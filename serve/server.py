@@ -103,7 +103,7 @@ class Services:
         c = self.config
         return {
             "model": str(c.bundle or c.ckpt or "bundled demo model"),
-            "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, list))},
+            "meta": {k: v for k, v in self.meta.items() if json_safe(v)},
             "input_size": self.input_size,
             "max_batch": c.max_batch,
             "instances": c.instances,
@@ -114,6 +114,15 @@ class Services:
             "server_side_folders": c.support_root is not None,
             "limits": asdict(c.limits),
         }
+
+
+def json_safe(value) -> bool:
+    """Whether a meta entry travels in ``info``'s JSON (the normalisation does, tensors would not)."""
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def support_reply(described: dict | None = None, info: dict | None = None, error: str = "") -> dict:

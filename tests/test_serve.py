@@ -607,6 +607,7 @@ def test_the_documented_curl_requests_register_and_segment(servers, tmp_path):
 
 def test_the_page_segments_through_fss_serve(servers, tmp_path):
     """``fss-demo --server``: the page's session on a RemoteEngine gives fss-run's masks."""
+    from fss.demo.outputs import model_line
     from fss.demo.remote import RemoteEngine
     from fss.demo.session import Session, read_mask_file, read_uploaded_image
     from fss.io.folders import find_support_pairs
@@ -614,6 +615,7 @@ def test_the_page_segments_through_fss_serve(servers, tmp_path):
     ckpt, (server, _) = servers
     engine = RemoteEngine(server.url, batch=2)
     assert engine.size == 65 and server.url in engine.where
+    assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in model_line(engine)
     session = Session(engine)
     session.add_queries(queries())
     pairs = find_support_pairs(EXAMPLES / "support")
