@@ -9,11 +9,11 @@ from fss.cli_args import (
     add_batch_arg,
     add_memory_arg,
     add_model_args,
-    add_refine_arg,
     demo_model_note,
     load_from_args,
     port,
 )
+from fss.constants import REFINEMENTS
 from fss.errors import FssError
 
 PROG = "fss-demo"
@@ -27,7 +27,14 @@ def parse_args(argv):
         description="A web page to paint support masks and see query images segmented (Gradio).",
     )
     add_model_args(p)
-    add_refine_arg(p)
+    # fss-run's --refine (fss.cli_args.add_refine_arg), its help without the methods' defaults, whose
+    # registry imports torch: fss-demo --help stays light.
+    p.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default=None,
+        help="test-time refinement, as fss-run --refine (default: the checkpoint's method's)",
+    )
     p.add_argument(
         "--server",
         metavar="URL",
