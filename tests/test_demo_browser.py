@@ -133,11 +133,6 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     assert "no foreground" in wait_status(browser, lambda t: "Error" in t, "the empty-mask error")
     message_near(browser, "add-shot-message", "add-shot", "no foreground")
 
-    small_mask = tmp_path / "small_mask.png"
-    Image.new("L", (10, 10), 255).save(small_mask)
-    browser.find_element(By.CSS_SELECTOR, "#mask-file input[type=file]").send_keys(str(small_mask))
-    message_near(browser, "mask-message", "mask-file", "differs from image size")
-
     paint_stroke(browser)
     time.sleep(0.5)  # the editor commits the stroke on pointer-up
     browser.find_element(By.ID, "add-shot").click()
@@ -147,12 +142,20 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     time.sleep(1)  # the editor is reset after the click's own update
     browser.find_element(By.ID, "add-shot").click()
     message_near(browser, "add-shot-message", "add-shot", "no foreground")
+    # (The mask file is tried once the shot is in: its event updates the editor, which may redraw
+    # its canvas under a brush stroke that follows at once.)
+    small_mask = tmp_path / "small_mask.png"
+    Image.new("L", (10, 10), 255).save(small_mask)
+    browser.find_element(By.CSS_SELECTOR, "#mask-file input[type=file]").send_keys(str(small_mask))
+    message_near(browser, "mask-message", "mask-file", "differs from image size")
 
     browser.find_element(By.CSS_SELECTOR, "#queries input[type=file]").send_keys(f"{QUERY}\n{corrupt}")
     status = wait_status(browser, lambda t: "file(s) added" in t, "the queries added")
     assert "unreadable or corrupt image (corrupt.jpg)" in status
     message_near(browser, "queries-message", "queries", "unreadable or corrupt image (corrupt.jpg)")
-    table = browser.find_element(By.ID, "table").text
+    table = WebDriverWait(browser, TIMEOUT).until(  # the table, hidden while empty, is shown now
+        lambda d: [t.text for t in d.find_elements(By.ID, "table") if QUERY.name in t.text]
+    )[0]
     assert QUERY.name in table and "error" in table
 
     browser.find_element(By.ID, "zip").click()
