@@ -2,7 +2,7 @@
 
 Every handler takes the tab's :class:`Session` (a ``gr.State``, freed by Gradio's session clean-up
 after the tab closes) and returns updates for the components it changes; a bad input becomes a
-message in the status line.
+message in the status line and under the control that caused it, where the user is looking.
 """
 
 import logging
@@ -26,8 +26,6 @@ from fss.demo.session import (
 )
 from fss.errors import FssError
 from fss.io.folders import find_support_pairs, scan_folder
-from fss.io.outputs import overlay_image
-from fss.models.base import method_of
 
 SESSION_TTL_S = 6 * 3600  # an idle tab's shots and features are freed after this
 log = logging.getLogger("fss.demo")
@@ -62,7 +60,7 @@ def build_app(engine: Engine, examples: Path | None = None):
     )
     with gr.Blocks(title="fss demo", analytics_enabled=False) as app:
         state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=lambda s: s and s.close())
-        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{model_line(engine)}")
+        gr.Markdown(f"## fss: few-shot segmentation\n{HELP}\n\n{outputs.model_line(engine)}")
         status = gr.Markdown("Start with a support image.", elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
@@ -78,14 +76,8 @@ def build_app(engine: Engine, examples: Path | None = None):
     return app
 
 
-def model_line(engine: Engine) -> str:
-    meta = engine.meta
-    norm = meta.get("normalisation") or {}
-    return (
-        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
-        f"input {engine.segmenter.size} px, mean {norm.get('mean', '?')}, std {norm.get('std', '?')}) "
-        f"on {engine.segmenter.device}."
-    )
+def message(gr, elem_id: str):
+    return gr.Markdown("", elem_id=elem_id, elem_classes=["fss-message"])
 
 
 def support_column(gr, supports: list[tuple[str, str]]) -> dict:
@@ -99,6 +91,7 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             height=110,
             elem_id="support-file",
         ),
+        support_message=message(gr, "support-message"),
         example_gallery=gr.Gallery(
             value=[(p, n) for p, n in supports],
             label="Examples (click one)",
@@ -129,8 +122,10 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             elem_id="mask-file",
         ),
         **box_tool.components(gr),
+        mask_message=message(gr, "mask-message"),
         class_name=gr.Textbox(label="Class", placeholder="e.g. bus", elem_id="class-name"),
         add=gr.Button("Add shot", variant="primary", elem_id="add-shot"),
+        add_message=message(gr, "add-shot-message"),
         shots=gr.Gallery(
             label="Shots (click one to select)",
             columns=4,
@@ -141,6 +136,7 @@ def support_column(gr, supports: list[tuple[str, str]]) -> dict:
             elem_id="shots",
         ),
         remove=gr.Button("Remove selected shot", elem_id="remove-shot"),
+        shots_message=message(gr, "shots-message"),
     )
 
 
@@ -160,6 +156,7 @@ def query_column(gr, example_queries: list[str]) -> dict:
     with gr.Row():
         components["add_examples"] = gr.Button("Add the example queries", visible=bool(example_queries))
         components["clear"] = gr.Button("Clear queries", elem_id="clear-queries")
+    components["queries_message"] = message(gr, "queries-message")
     components["gallery"] = gr.Gallery(
         label="Segmented queries",
         columns=3,
@@ -168,17 +165,24 @@ def query_column(gr, example_queries: list[str]) -> dict:
         fit_columns=False,
         elem_id="results",
     )
-    components["table"] = gr.Dataframe(label="Pixel fraction per class", interactive=False, elem_id="table")
+    components["table"] = gr.Dataframe(
+        label="Pixel fraction per class", interactive=False, visible=False, elem_id="table"
+    )
     with gr.Row():
         components["zip_button"] = gr.Button("Download masks + results.json (zip)", elem_id="zip")
         components["zip_file"] = gr.File(label="Results zip", interactive=False, elem_id="zip-file")
+    components["zip_message"] = message(gr, "zip-message")
     return components
 
 
 def guarded(engine: Engine, ui):
-    """A decorator: run a handler with the tab's session; a user error (or a bug) becomes a status message."""
+    """A decorator: run a handler with the tab's session; a user error (or a bug) becomes a status message,
+    also shown in the ``near`` component (``@guard(near=...)``: the line under the handler's control)."""
 
-    def guard(handler):
+    def guard(handler=None, *, near=None):
+        if handler is None:
+            return lambda handler: guard(handler, near=near)
+
         @wraps(handler)
         def run(session, *args):
             session = session or Session(engine)
@@ -189,6 +193,8 @@ def guarded(engine: Engine, ui):
             except Exception as err:  # never a dead page: say what failed, keep the session
                 log.exception("fss-demo handler %s failed", handler.__name__)
                 updates = {ui.status: f"**Error:** internal error in {handler.__name__}: {err}"}
+            if near is not None and ui.status in updates:
+                updates[near] = updates[ui.status]
             return {ui.state: session, **updates}
 
         return run
@@ -196,24 +202,16 @@ def guarded(engine: Engine, ui):
     return guard
 
 
-def shots_view(session: Session) -> list[tuple[Image.Image, str]]:
-    items = []
-    for name in session.classes:
-        for k, shot in enumerate(session.shots[name], start=1):
-            thumb = overlay_image(shot.image, shot.mask.clip(0, 1), [name])
-            thumb.thumbnail((256, 256))
-            items.append((thumb, f"{name} #{k}"))
-    return items
-
-
 def results_view(ui, session: Session) -> dict:
+    import gradio as gr
     import pandas as pd
 
     headers = ["file", *session.names, "presence score", "ms (encode + match)"]
+    table = pd.DataFrame(outputs.table(session), columns=headers)
     return {
         ui.gallery: outputs.overlays(session),
-        ui.table: pd.DataFrame(outputs.table(session), columns=headers),
-        ui.shots: shots_view(session),
+        ui.table: gr.update(value=table, visible=not table.empty),  # an empty one shows headers "1 2 3"
+        ui.shots: outputs.shots_view(session),
         ui.zip_file: None,  # a zip of the previous state would be stale
     }
 
@@ -237,9 +235,11 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         return {
             ui.editor: editor_value(image),
             ui.status: f"Loaded {source} ({size}): paint the object, then **Add shot**.",
+            ui.mask_message: "",  # the messages of the previous image
+            ui.add_message: "",
         }
 
-    @guard
+    @guard(near=ui.support_message)
     def on_support_file(session, path):
         if not path:
             return {}
@@ -248,7 +248,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
             ui.support_file: None,
         }
 
-    @guard
+    @guard(near=ui.support_message)
     def on_example(session, evt: gr.SelectData):
         path, name = supports[evt.index]
         return {
@@ -256,7 +256,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
             ui.class_name: name,
         }
 
-    @guard
+    @guard(near=ui.mask_message)
     def on_mask_file(session, path):
         if not path:
             return {}
@@ -271,7 +271,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
             ui.status: "Mask loaded: paint to add to it, or **Add shot**.",
         }
 
-    @guard
+    @guard(near=ui.add_message)
     def on_add_shot(session, value, name):
         image = session.pending
         if image is None:
@@ -279,8 +279,14 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         name = check_class_name(name)
         mask = mask_from_layers((value or {}).get("layers") or [], image.size, session.pending_mask)
         message = session.add_shot(name, image, mask)
+        session.pending_mask, session.editor_stale = None, True  # the same shot is not added twice
         added = f"Added shot {len(session.shots[name])} of **{name}** ({int((mask == 1).sum())} pixels)."
-        return {**results_view(ui, session), ui.status: f"{added} {message}"}
+        return {**results_view(ui, session), ui.status: f"{added} {message}", ui.mask_message: ""}
+
+    def on_added(session):
+        """After **Add shot**: the editor shows the image unpainted (another object may be painted on it)."""
+        stale, session.editor_stale = session.editor_stale, False
+        return editor_value(session.pending) if stale else gr.skip()
 
     return {
         "support_file": on_support_file,
@@ -288,6 +294,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
         "mask_file": on_mask_file,
         "add_shot": on_add_shot,
         "box": box_tool.handler(guard, ui, editor_value),
+        "added": on_added,
         **shot_list_handlers(gr, guard, ui),
     }
 
@@ -295,7 +302,7 @@ def support_handlers(gr, engine: Engine, ui, supports: list[tuple[str, str]]) ->
 def shot_list_handlers(gr, guard, ui) -> dict:
     """Handlers of the shot list: select a shot, remove it."""
 
-    @guard
+    @guard(near=ui.shots_message)
     def on_select_shot(session, evt: gr.SelectData):
         index = 0
         for name in session.classes:
@@ -306,7 +313,7 @@ def shot_list_handlers(gr, guard, ui) -> dict:
                 index += 1
         return {}
 
-    @guard
+    @guard(near=ui.shots_message)
     def on_remove_shot(session):
         selected = session.selected
         if selected is None:
@@ -325,7 +332,7 @@ def query_handlers(engine: Engine, ui, example_queries: list[str]) -> dict:
     """Handlers of the queries: add (files or the examples), clear, download the zip."""
     guard = guarded(engine, ui)
 
-    @guard
+    @guard(near=ui.queries_message)
     def on_queries(session, paths):
         if not paths:
             return {}
@@ -334,16 +341,16 @@ def query_handlers(engine: Engine, ui, example_queries: list[str]) -> dict:
         lines = [f"{len(paths)} file(s) added.{waiting}", *[f"- {p}" for p in problems]]
         return {**results_view(ui, session), ui.queries: None, ui.status: "\n".join(lines)}
 
-    @guard
+    @guard(near=ui.queries_message)
     def on_example_queries(session):
         return on_queries.__wrapped__(session, example_queries)
 
-    @guard
+    @guard(near=ui.queries_message)
     def on_clear_queries(session):
         session.clear_queries()
         return {**results_view(ui, session), ui.status: "Queries cleared."}
 
-    @guard
+    @guard(near=ui.zip_message)
     def on_zip(session):
         return {
             ui.zip_file: str(outputs.write_zip(session)),
@@ -361,19 +368,25 @@ def query_handlers(engine: Engine, ui, example_queries: list[str]) -> dict:
 def connect(ui, on: dict) -> None:
     """Each component's event to its handler, with the components the handler reads and updates."""
     results = [ui.state, ui.status, ui.shots, ui.gallery, ui.table, ui.zip_file]
-    ui.support_file.upload(
-        on["support_file"], [ui.state, ui.support_file], [ui.state, ui.status, ui.editor, ui.support_file]
-    )
-    ui.example_gallery.select(on["example"], [ui.state], [ui.state, ui.status, ui.editor, ui.class_name])
+    loaded = [ui.state, ui.status, ui.editor, ui.support_message, ui.mask_message, ui.add_message]
+    ui.support_file.upload(on["support_file"], [ui.state, ui.support_file], [*loaded, ui.support_file])
+    ui.example_gallery.select(on["example"], [ui.state], [*loaded, ui.class_name])
     ui.mask_input.upload(
-        on["mask_file"], [ui.state, ui.mask_input], [ui.state, ui.status, ui.editor, ui.mask_input]
+        on["mask_file"],
+        [ui.state, ui.mask_input],
+        [ui.state, ui.status, ui.editor, ui.mask_input, ui.mask_message],
     )
-    # The editor is no output here: its loading overlay would swallow the next brush stroke.
-    ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], results)
+    # The editor is no output of the click (its loading overlay would swallow the next brush stroke):
+    # it is reset afterwards, without the overlay.
+    added = [*results, ui.add_message, ui.mask_message]
+    ui.add.click(on["add_shot"], [ui.state, ui.editor, ui.class_name], added).then(
+        on["added"], [ui.state], [ui.editor], show_progress="hidden"
+    )
     box_tool.connect(ui, on["box"])
-    ui.shots.select(on["select_shot"], [ui.state], [ui.state, ui.status])
-    ui.remove.click(on["remove_shot"], [ui.state], results)
-    ui.queries.upload(on["queries"], [ui.state, ui.queries], [*results, ui.queries])
-    ui.add_examples.click(on["example_queries"], [ui.state], [*results, ui.queries])
-    ui.clear.click(on["clear_queries"], [ui.state], results)
-    ui.zip_button.click(on["zip"], [ui.state], [ui.state, ui.status, ui.zip_file])
+    ui.shots.select(on["select_shot"], [ui.state], [ui.state, ui.status, ui.shots_message])
+    ui.remove.click(on["remove_shot"], [ui.state], [*results, ui.shots_message])
+    query_results = [*results, ui.queries, ui.queries_message]
+    ui.queries.upload(on["queries"], [ui.state, ui.queries], query_results)
+    ui.add_examples.click(on["example_queries"], [ui.state], query_results)
+    ui.clear.click(on["clear_queries"], [ui.state], [*results, ui.queries_message])
+    ui.zip_button.click(on["zip"], [ui.state], [ui.state, ui.status, ui.zip_file, ui.zip_message])

@@ -5,7 +5,15 @@ import os
 import sys
 from pathlib import Path
 
-from fss.cli_args import add_batch_arg, add_memory_arg, add_model_args, demo_model_note, load_from_args, port
+from fss.cli_args import (
+    add_batch_arg,
+    add_memory_arg,
+    add_model_args,
+    demo_model_note,
+    load_from_args,
+    port,
+)
+from fss.constants import REFINEMENTS
 from fss.errors import FssError
 
 PROG = "fss-demo"
@@ -19,6 +27,19 @@ def parse_args(argv):
         description="A web page to paint support masks and see query images segmented (Gradio).",
     )
     add_model_args(p)
+    # fss-run's --refine (fss.cli_args.add_refine_arg), its help without the methods' defaults, whose
+    # registry imports torch: fss-demo --help stays light.
+    p.add_argument(
+        "--refine",
+        choices=REFINEMENTS,
+        default=None,
+        help="test-time refinement, as fss-run --refine (default: the checkpoint's method's)",
+    )
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="segment on a running fss-serve (host:port or grpc://host:port) instead of a local model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
     add_batch_arg(p)
@@ -32,16 +53,33 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.bundle is None and args.backend not in ("auto", "torch"):
         p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
+    if args.server is not None:
+        local = {"--ckpt": args.ckpt, "--bundle": args.bundle, "--refine": args.refine}
+        for flag, value in local.items():
+            if value is not None:
+                p.error(f"{flag} is for a local model: with --server, the server's model and refinement run")
     return args
 
 
 def load_engine(args):
-    """The model of ``--ckpt`` / ``--bundle`` (or the bundled one) in an Engine; errors are FssError."""
+    """The model of ``--ckpt`` / ``--bundle`` (or the bundled one) in an Engine, or the client of
+    ``--server``; errors are FssError."""
+    if args.server is not None:
+        from fss.demo.remote import RemoteEngine
+
+        return RemoteEngine(args.server, batch=args.batch, feature_budget_mb=args.feature_budget_mb)
     from fss.demo.session import Engine
 
     model, device = load_from_args(args, demo_model_note(PROG))
     name = str(args.bundle or args.ckpt or "bundled demo model")
-    return Engine(model, name, device=device, batch=args.batch, feature_budget_mb=args.feature_budget_mb)
+    return Engine(
+        model,
+        name,
+        device=device,
+        batch=args.batch,
+        feature_budget_mb=args.feature_budget_mb,
+        refine=args.refine,
+    )
 
 
 def serve(args, block: bool = True):

@@ -11,9 +11,28 @@ from PIL import Image
 
 from fss.demo.session import DemoError, Session
 from fss.io.outputs import overlay_image, write_json, write_label_png, write_overlay
+from fss.models.base import method_of
 from fss.runtime.cli import fractions
 
 DISPLAY_SIDE = 1024  # overlays on the page are drawn at most this large (the zip keeps full size)
+GALLERY_SIDE = 200  # about the side of a cell of the page's gallery: legends are drawn to be read there
+
+
+def rounded(values) -> str:
+    """A normalisation's mean or std as people write it (0.485, not 0.48500001430511475)."""
+    if not isinstance(values, (list, tuple)):
+        return "?"
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def model_line(engine) -> str:
+    meta = engine.meta
+    norm = meta.get("normalisation") or {}
+    return (
+        f"Model: `{engine.model_name}` ({method_of(meta).name}, {meta.get('encoder', '?')}, "
+        f"input {engine.size} px, mean {rounded(norm.get('mean'))}, std {rounded(norm.get('std'))}) "
+        f"on {engine.where}."
+    )
 
 
 def results(session: Session) -> dict:
@@ -35,7 +54,7 @@ def results(session: Session) -> dict:
     return {
         "classes": {str(k): name for k, name in enumerate(session.names)},
         "model": session.engine.model_name,
-        "input_size": session.engine.segmenter.size,
+        "input_size": session.engine.size,
         "support": {
             "folder": "support",
             "classes": session.classes,
@@ -49,7 +68,8 @@ def overlays(session: Session) -> list[tuple[Image.Image, str]]:
     """(overlay, caption) per segmented query, drawn as ``fss-run`` draws them.
 
     Photos larger than ``DISPLAY_SIDE`` are shown scaled down (image bilinear, labels nearest)
-    before drawing, so that the legend stays readable and the page light; the zip has full size.
+    before drawing, to keep the page light, and the legend is drawn to be read at the gallery's size;
+    the zip has full size, drawn as ``fss-run`` draws it.
     """
     out = []
     for query in session.queries.values():
@@ -62,7 +82,8 @@ def overlays(session: Session) -> list[tuple[Image.Image, str]]:
             image = image.resize(size, Image.BILINEAR)
             labels = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
         caption = f"{query.name}: {1000 * (query.encode_s + query.segment_s):.0f} ms"
-        out.append((overlay_image(image, labels, session.classes), caption))
+        legend_scale = max(1.0, max(image.size) / GALLERY_SIDE)
+        out.append((overlay_image(image, labels, session.classes, legend_scale=legend_scale), caption))
     return out
 
 
@@ -107,3 +128,14 @@ def write_zip(session: Session) -> Path:
                 if file.is_file():
                     zf.write(file, file.relative_to(root).as_posix())
         return path
+
+
+def shots_view(session: Session) -> list[tuple[Image.Image, str]]:
+    """Thumbnails of the shots, each with its class and number."""
+    items = []
+    for name in session.classes:
+        for k, shot in enumerate(session.shots[name], start=1):
+            thumb = overlay_image(shot.image, shot.mask.clip(0, 1), [name])
+            thumb.thumbnail((256, 256))
+            items.append((thumb, f"{name} #{k}"))
+    return items

@@ -84,6 +84,11 @@ def read_mask_file(path, size: tuple[int, int], max_pixels: int = MAX_PIXELS) ->
     return mask
 
 
+def feature_bytes(features) -> int:
+    """What a query's kept features cost: a tensor, or an encoded image where the server encodes."""
+    return len(features) if isinstance(features, bytes) else features.numel() * features.element_size()
+
+
 @dataclass(eq=False)
 class Shot:
     image: Image.Image
@@ -124,10 +129,14 @@ class Engine:
         feature_budget_mb: float = 512,
         max_pixels: int = MAX_PIXELS,
         max_query_pixels: int = MAX_QUERY_PIXELS,
+        refine: str | None = None,
     ):
         from fss.runtime.segmenter import Segmenter
 
-        self.segmenter = Segmenter(model, device=device, batch=batch)
+        self.segmenter = Segmenter(model, device=device, batch=batch, refine=refine)
+        # An adapting refinement encodes queries with an encoder tuned to each support set: the page
+        # keeps their preprocessed inputs instead of features and encodes them at every change.
+        self.adapts = self.segmenter.adaptation is not None
         self.model_name = model_name
         self.feature_budget = feature_budget_mb * 2**20
         self.max_pixels = max_pixels
@@ -139,10 +148,25 @@ class Engine:
     def meta(self) -> dict:
         return self.segmenter.model.meta
 
+    @property
+    def size(self) -> int:
+        return self.segmenter.size
+
+    @property
+    def batch(self) -> int:
+        return self.segmenter.batch
+
+    @property
+    def where(self) -> str:
+        """Where the model runs, for the page's model line."""
+        return f"{self.segmenter.device}, refinement {self.segmenter.refine}"
+
     def encode_queries(self, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
         """Queries -> ``M x C x h x w`` features (Segmenter's preprocessing) and seconds per query."""
         seg = self.segmenter
         batch = torch.stack([seg.load_query(img)[1] for img in images])
+        if self.adapts:
+            return batch, 0.0
         with self.lock:
             start = time.perf_counter()
             feats = seg.encode(batch)
@@ -150,10 +174,16 @@ class Engine:
             self.encoded_images += len(images)
         return feats, seconds / len(images)
 
-    def label(self, features: torch.Tensor, size, support: str):
-        """``C x h x w`` query features -> the Segmentation (labels, presence scores) at ``size`` (W, H)."""
+    def label(self, features: torch.Tensor, image: Image.Image, support: str):
+        """``C x h x w`` query features -> the Segmentation (labels, presence scores) at the image's size;
+        the image guides the edges where the model's are guided."""
+        seg = self.segmenter
         with self.lock:
-            return self.segmenter.predict_features(features, (size[1], size[0]), support)
+            if self.adapts:  # ``features`` are the query's input: encoded with the set's adapted encoder
+                with seg.encoder_of(seg.support(support)):
+                    features = seg.encode(features[None])[0]
+            guide = seg.load_query(image)[1] if seg.edges == "guided" else None
+            return seg.predict_features(features, (image.height, image.width), support, guide)
 
     # The Segmenter's support edits, under the engine's lock, counting the shots encoded.
     def add_support(self, name: str, images, masks, classes) -> None:
@@ -188,6 +218,7 @@ class Session:
         self.pending: Image.Image | None = None  # the support image in the editor
         self.pending_mask: np.ndarray | None = None  # its mask file, if one was loaded
         self.selected: tuple[str, int] | None = None  # (class, shot index) picked in the shot list
+        self.editor_stale = False  # a shot was added from the editor's paint: show the image unpainted
         self.lock = threading.Lock()  # one tab's events may arrive together
         self.tmp = tempfile.TemporaryDirectory(prefix="fss-demo-")
 
@@ -286,28 +317,31 @@ class Session:
                     messages.append(f"{query.name} replaces the earlier {old.name} (same name)")
                 self.queries[stem] = query
             fresh = [q for q in decoded if q.image is not None]
-            self.encode(fresh)
-            self.segment(fresh)
+            messages += self.encode(fresh)
+            messages += self.segment(fresh)
         return messages
 
-    def encode(self, queries: list[Query]) -> None:
-        batch = self.engine.segmenter.batch
+    def encode(self, queries: list[Query]) -> list[str]:
+        """Encode queries, keeping their features within the budget (the others are labelled now);
+        returns a message per query that failed to be labelled."""
+        failed, batch = [], self.engine.batch
         for start in range(0, len(queries), batch):
             chunk = queries[start : start + batch]
             feats, seconds = self.engine.encode_queries([q.image for q in chunk])
             for query, feat in zip(chunk, feats, strict=True):
                 query.encode_s = seconds
-                size = feat.numel() * feat.element_size()
+                size = feature_bytes(feat)
                 if self.feature_bytes + size <= self.engine.feature_budget:
                     query.features = feat
                     self.feature_bytes += size
                 else:
                     query.features = None  # over the budget: encoded again when the supports change
-                    query.labels = self.label(query, feat)
+                    failed += self.labelled(query, feat)
+        return failed
 
     def forget_features(self, query: Query) -> None:
         if query.features is not None:
-            self.feature_bytes -= query.features.numel() * query.features.element_size()
+            self.feature_bytes -= feature_bytes(query.features)
             query.features = None
 
     def clear_queries(self) -> None:
@@ -319,7 +353,7 @@ class Session:
         if not self.shots:
             return None
         start = time.perf_counter()
-        result = self.engine.label(features, query.image.size, self.id)
+        result = self.engine.label(features, query.image, self.id)
         query.segment_s = time.perf_counter() - start
         query.scores = result.class_scores()
         return result.labels
@@ -328,18 +362,29 @@ class Session:
         """Match every query with the current prototypes (features re-used where kept)."""
         good = [q for q in self.queries.values() if q.image is not None]
         uncached = [q for q in good if q.features is None]
+        failed = []
         if uncached and self.shots:
-            self.encode(uncached)  # over the feature budget: encoded (and labelled) again
-        self.segment(good)  # the queries over the budget were labelled while encoded
+            failed += self.encode(uncached)  # over the feature budget: encoded (and labelled) again
+        failed += self.segment(good)  # the queries over the budget were labelled while encoded
         if not self.shots:
             for query in good:
                 query.labels = None
-        return f"{len(good)} queries segmented" if self.shots and good else ""
+        done = f"{len(good) - len(failed)} queries segmented" if self.shots and good else ""
+        return "; ".join([done, *failed]) if failed else done
 
-    def segment(self, queries: list[Query]) -> None:
-        for query in queries:
-            if query.features is not None:
-                query.labels = self.label(query, query.features)
+    def segment(self, queries: list[Query]) -> list[str]:
+        """Label the queries whose features are kept; a message per query that failed."""
+        return [m for q in queries if q.features is not None for m in self.labelled(q, q.features)]
+
+    def labelled(self, query: Query, features) -> list[str]:
+        """Label one query; one that fails (a server's refusal) keeps its error, shown in its row, and
+        the others go on. Returns its message, if it failed."""
+        try:
+            query.labels, query.error = self.label(query, features), None
+        except DemoError as err:
+            query.labels, query.error = None, err.message
+            return [f"{query.name} not segmented: {err.message}"]
+        return []
 
     # -- results --------------------------------------------------------------------------------
     @property

@@ -107,7 +107,7 @@ class Services:
         c = self.config
         return {
             "model": str(c.bundle or c.ckpt or "bundled demo model"),
-            "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, list))},
+            "meta": {k: v for k, v in self.meta.items() if json_safe(v)},
             "input_size": self.input_size,
             "max_batch": c.max_batch,
             "instances": c.instances,
@@ -118,6 +118,15 @@ class Services:
             "server_side_folders": c.support_root is not None,
             "limits": asdict(c.limits),
         }
+
+
+def json_safe(value) -> bool:
+    """Whether a meta entry travels in ``info``'s JSON (the normalisation does, tensors would not)."""
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def support_reply(described: dict | None = None, info: dict | None = None, error: str = "") -> dict:
@@ -325,10 +334,26 @@ def bind_models(triton, services: Services) -> None:
     )
 
 
-def triton_config(config: ServeConfig):
+def nvml_available() -> bool:
+    """Whether NVIDIA's management library loads and finds a driver, as Triton's GPU metrics (DCGM)
+    need; without it, DCGM prints "Error: Failed to initialize NVML" at start-up."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return False
+        nvml.nvmlShutdown()
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def triton_config(config: ServeConfig, gpu_metrics: bool = True):
     from pytriton.triton import TritonConfig
 
     return TritonConfig(
+        allow_gpu_metrics=gpu_metrics,
         http_address=config.address,
         http_port=config.http_port,
         grpc_address=config.address,
@@ -361,7 +386,10 @@ def serve(config: ServeConfig, log=print) -> None:
     services = None if config.repository is not None else Services(config)
     os.environ.update(python_libdir_env(dict(os.environ)))
     stop_on_sigterm()
-    with Triton(config=triton_config(config)) as triton:
+    gpu_metrics = nvml_available()
+    if not gpu_metrics:
+        log("fss-serve: no NVIDIA driver (NVML): Triton's GPU metrics are off, CPU metrics stay on")
+    with Triton(config=triton_config(config, gpu_metrics)) as triton:
         if services is not None:
             bind_models(triton, services)
         triton.connect()  # waits until the models are loaded

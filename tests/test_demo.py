@@ -1,6 +1,9 @@
 """The demo without a browser: masks as Segmenter and fss-run make them, re-use, isolation, bad input."""
 
+import importlib.util
 import json
+import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -19,7 +22,14 @@ from fss.demo.cli import main as demo_main
 from fss.demo.editor import mask_from_layers, mask_layer
 from fss.demo.session import DemoError, Engine, Session, read_uploaded_image
 from fss.io.images import read_image
+from fss.io.outputs import overlay_image
 from fss.runtime.cli import main as fss_run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +62,9 @@ def labels(session):
     return {q.name: q.labels for q in session.queries.values() if q.labels is not None}
 
 
-def reference(model, shots: dict, paths) -> dict:
+def reference(model, shots: dict, paths, refine=None) -> dict:
     """Segmenter with the same shots, classes in fss-run's order (sorted names)."""
-    seg = fss.Segmenter(model, device="cpu")
+    seg = fss.Segmenter(model, device="cpu", refine=refine)
     names = sorted(shots)
     seg.set_support(
         [[s[0] for s in shots[n]] for n in names], [[s[1] for s in shots[n]] for n in names], names
@@ -192,6 +202,25 @@ def test_shot_changes_match_cached_query_features_without_re_encoding(engine, mo
     assert not labels(session) and not engine.segmenter.has_support(session.id)
 
 
+@pytest.mark.parametrize("refine", ["fusion", "adapt+fusion"])
+def test_refine_matches_the_segmenter_through_shot_changes(model, refine, tmp_path):
+    """``--refine``: an adapting refinement tunes the encoder to each support set, so the page keeps
+    the queries' inputs and encodes them again at every change; masks equal Segmenter's."""
+    engine = Engine(model, "test model", device="cpu", batch=2, refine=refine)
+    assert engine.adapts == (refine == "adapt+fusion") and f"refinement {refine}" in engine.where
+    rng = np.random.default_rng(3)
+    first, second = shot(rng), shot(rng, box=(2, 2, 25, 35))
+    session = Session(engine)
+    paths = queries(tmp_path, n=1)  # added first: segmented when the set is registered
+    session.add_queries(paths)
+    shots = [first] if engine.adapts else [first, second]  # adapting costs seconds per change
+    for image, mask in shots:
+        session.add_shot("cat", image, mask)  # each change: queries encoded with the set's encoder
+    expected = reference(model, {"cat": shots}, paths, refine=refine)
+    assert np.array_equal(labels(session)["q0.jpg"], expected["q0.jpg"])
+    session.close()
+
+
 def test_feature_budget_re_encodes_queries_it_could_not_keep(model, tmp_path):
     engine = Engine(model, "test model", device="cpu", batch=2, feature_budget_mb=0)
     rng = np.random.default_rng(2)
@@ -294,6 +323,33 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(engine, tmp_path):
         outputs.write_zip(session)
 
 
+@pytest.mark.parametrize("budget_mb", [512, 0])  # features kept, or labelled as they are encoded
+def test_a_query_that_fails_to_segment_shows_its_error_and_the_others_go_on(model, budget_mb, tmp_path):
+    """A server's refusal of one query (``fss-demo --server``) fails that query's row only."""
+    engine = Engine(model, "test model", device="cpu", feature_budget_mb=budget_mb)
+    working = engine.label
+
+    def refuse_the_second(features, size, support):
+        if size == (45, 39):
+            raise DemoError("fss-serve: query image: more than the limit of 1000 pixels")
+        return working(features, size, support)
+
+    engine.label = refuse_the_second
+    rng = np.random.default_rng(6)
+    session = Session(engine)
+    session.add_queries(queries(tmp_path, n=2))  # 40 x 36 and 45 x 39
+    message = session.add_shot("cat", *shot(rng))
+    refused = "q1.jpg not segmented: fss-serve: query image: more than the limit of 1000 pixels"
+    assert message == f"1 queries segmented; {refused}"
+    assert set(labels(session)) == {"q0.jpg"}
+    assert outputs.table(session)[1][-1].startswith("error: fss-serve: query image")
+    engine.label = working
+    session.add_shot("cat", *shot(rng))
+    assert set(labels(session)) == {"q0.jpg", "q1.jpg"} and all(
+        q.error is None for q in session.queries.values()
+    )
+
+
 def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_path):
     engine = Engine(model, "test model", device="cpu", max_query_pixels=3300)
     session = Session(engine)
@@ -310,6 +366,27 @@ def test_query_memory_is_bounded_and_large_photos_are_shown_scaled(model, tmp_pa
     shown = dict((caption.split(":")[0], image) for image, caption in outputs.overlays(session))
     assert shown["big.jpg"].size == (1024, 51) and shown["q0.jpg"].size == (40, 36)
     assert session.queries["big"].labels.shape == (100, 2000)  # full size for the zip
+
+
+def test_model_line_rounds_the_normalisation(engine):
+    from fss.demo.outputs import model_line
+
+    line = model_line(engine)
+    assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in line, line
+    assert not re.search(r"\d\.\d{5,}", line), line
+
+
+def test_the_legend_grows_with_the_photo():
+    grey = (90, 90, 90)
+    for width, legend_pixel in ((640, grey), (1280, (128, 0, 0))):  # class 1's colour, VOC palette
+        labels_ = np.zeros((200, width), np.uint8)
+        labels_[150:, width // 2 :] = 1
+        overlay = overlay_image(Image.new("RGB", (width, 200), grey), labels_, ["bus"])
+        assert overlay.getpixel((30, 26)) == legend_pixel, width  # inside the legend's box at 2x
+    # The page draws it for its gallery's cells (at least twice as large at 640 px).
+    labels_ = labels_[:, -640:]
+    on_page = overlay_image(Image.new("RGB", (640, 200), grey), labels_, ["bus"], legend_scale=640 / 320)
+    assert on_page.getpixel((30, 26)) == (128, 0, 0)
 
 
 def test_painted_layers_become_the_mask():
@@ -340,3 +417,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo_main(["--port", "0"])
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    for argv, message in [
+        (["--server", "127.0.0.1:9", "--refine", "fusion"], "--refine is for a local model"),
+        (["--refine", "sharpen"], "invalid choice"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            demo_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert demo_main(["--server", f"127.0.0.1:{free_port()}"]) == 2  # nothing listens there
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "no fss-serve ready at" if importlib.util.find_spec("tritonclient") else "pip install"
+    assert len(err) == 1 and expected in err[0], err

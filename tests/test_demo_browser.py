@@ -81,6 +81,21 @@ def wait_status(driver, predicate, what: str) -> str:
     return driver.find_element(By.ID, "status").text
 
 
+def message_near(driver, message_id: str, control_id: str, text: str) -> str:
+    """The message under a control once it shows ``text``: visible, and right below the control (the
+    status line at the top is off-screen while the user works at the bottom of the page)."""
+    WebDriverWait(driver, TIMEOUT).until(
+        lambda d: text in d.find_element(By.ID, message_id).text, message=f"#{message_id} never showed {text}"
+    )
+    message, control = driver.find_element(By.ID, message_id), driver.find_element(By.ID, control_id)
+    assert message.is_displayed()
+    gap = message.rect["y"] - (control.rect["y"] + control.rect["height"])
+    assert 0 <= gap < 80, f"#{message_id} is {gap}px below #{control_id}"
+    overlap = min(message.rect["x"] + message.rect["width"], control.rect["x"] + control.rect["width"])
+    assert overlap - max(message.rect["x"], control.rect["x"]) > 50, "not in the control's column"
+    return message.text
+
+
 def paint_stroke(driver) -> None:
     """Select the brush and drag it across the middle of the editor's canvas."""
     editor = driver.find_element(By.ID, "editor")
@@ -97,6 +112,13 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     WebDriverWait(browser, TIMEOUT).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "#example-supports button")
     )
+    # No queries: no results table (an empty one showed Gradio's placeholder headers "1 2 3").
+    assert not any(table.is_displayed() for table in browser.find_elements(By.ID, "table"))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a photo")
+    browser.find_element(By.CSS_SELECTOR, "#support-file input[type=file]").send_keys(str(corrupt))
+    message_near(browser, "support-message", "support-file", "unreadable or corrupt image (corrupt.jpg)")
+
     browser.find_elements(By.CSS_SELECTOR, "#example-supports .thumbnail-item")[0].click()
     wait_status(browser, lambda t: SUPPORT.name in t, "the example loaded")
     assert (
@@ -109,18 +131,31 @@ def test_paint_support_segment_query_equals_fss_run(server, browser, tmp_path):
     # Adding before painting is refused with a message; the page stays usable.
     browser.find_element(By.ID, "add-shot").click()
     assert "no foreground" in wait_status(browser, lambda t: "Error" in t, "the empty-mask error")
+    message_near(browser, "add-shot-message", "add-shot", "no foreground")
 
     paint_stroke(browser)
     time.sleep(0.5)  # the editor commits the stroke on pointer-up
     browser.find_element(By.ID, "add-shot").click()
     wait_status(browser, lambda t: "Added shot 1 of bus" in t, "the shot added")
+    message_near(browser, "add-shot-message", "add-shot", "Added shot 1 of bus")
+    # The paint is gone from the editor: a second click cannot add the same shot again.
+    time.sleep(1)  # the editor is reset after the click's own update
+    browser.find_element(By.ID, "add-shot").click()
+    message_near(browser, "add-shot-message", "add-shot", "no foreground")
+    # (The mask file is tried once the shot is in: its event updates the editor, which may redraw
+    # its canvas under a brush stroke that follows at once.)
+    small_mask = tmp_path / "small_mask.png"
+    Image.new("L", (10, 10), 255).save(small_mask)
+    browser.find_element(By.CSS_SELECTOR, "#mask-file input[type=file]").send_keys(str(small_mask))
+    message_near(browser, "mask-message", "mask-file", "differs from image size")
 
-    corrupt = tmp_path / "corrupt.jpg"
-    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a photo")
     browser.find_element(By.CSS_SELECTOR, "#queries input[type=file]").send_keys(f"{QUERY}\n{corrupt}")
     status = wait_status(browser, lambda t: "file(s) added" in t, "the queries added")
     assert "unreadable or corrupt image (corrupt.jpg)" in status
-    table = browser.find_element(By.ID, "table").text
+    message_near(browser, "queries-message", "queries", "unreadable or corrupt image (corrupt.jpg)")
+    table = WebDriverWait(browser, TIMEOUT).until(  # the table, hidden while empty, is shown now
+        lambda d: [t.text for t in d.find_elements(By.ID, "table") if QUERY.name in t.text]
+    )[0]
     assert QUERY.name in table and "error" in table
 
     browser.find_element(By.ID, "zip").click()

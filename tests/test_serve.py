@@ -575,6 +575,97 @@ def test_a_replica_that_never_saw_the_set_gets_it_transparently(servers):
     assert Client(a.url).register([*classes, "bus"], [*images, images[2]], [*masks, masks[2]]) == added
 
 
+def doc_block(marker: str) -> list[str]:
+    """The lines of docs/serving.md's bash block that holds ``marker``."""
+    text = (ROOT / "docs" / "serving.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    return [b for b in blocks if marker in b][0].splitlines()
+
+
+def post_doc_request(server, block: list[str], workdir: Path, before: list[str]) -> dict:
+    """A documented curl request: its shell lines run in ``sh`` as written, the body they build is
+    POSTed with urllib to the documented path on ``server``; the JSON reply."""
+    import json
+    import re
+    import urllib.request
+
+    first_curl = next(k for k, line in enumerate(block) if line.startswith("curl "))
+    curl = " ".join(block[first_curl:])
+    script = [*before, *block[:first_curl], 'printf "%s" "${#HEADER}" > header.length']
+    subprocess.run(["sh", "-ec", "\n".join(script)], cwd=workdir, check=True)
+    assert '-H "Inference-Header-Content-Length: ${#HEADER}"' in curl
+    body = (workdir / re.search(r"--data-binary @(\S+)", curl)[1]).read_bytes()
+    path = re.search(r"127\.0\.0\.1:8000(/v2/\S+/infer)", curl)[1]
+    request = urllib.request.Request(
+        f"http://{server.url}{path}",
+        data=body,
+        headers={"Inference-Header-Content-Length": (workdir / "header.length").read_text()},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return {o["name"]: o["data"] for o in json.loads(reply.read())["outputs"]}
+
+
+def test_the_documented_curl_requests_register_and_segment(servers, tmp_path):
+    """docs/serving.md's requests without Python (images and masks as BYTES) against a real server."""
+    from fss.serve import Client
+    from fss.serve.server import nvml_available
+
+    ckpt, (server, _) = servers
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    register, segment = doc_block("register.bin"), doc_block("request.bin")
+    reply = post_doc_request(server, register, tmp_path, [])
+    client, support = Client(server.url), EXAMPLES / "support"
+    stems = {"bus": "bus/000000423617", "pizza": "pizza/000000121647"}
+    sid = client.register(
+        ["bus", "pizza"],
+        [(support / f"{stem}.jpg").read_bytes() for stem in stems.values()],
+        [(support / f"{stem}.png").read_bytes() for stem in stems.values()],
+    )
+    assert reply == {"support_id": [sid], "classes": ["bus", "pizza"], "shots": [1, 1], "error": [""]}
+    shell = [line for line in register if not line.startswith(("curl ", "  127."))]
+    reply = post_doc_request(server, segment, tmp_path, [*shell, f"SID={sid}"])
+    height, width = reply["size"]
+    labels = np.array(reply["labels"][: height * width], np.uint8).reshape(height, width)
+    np.testing.assert_array_equal(labels, client.segment(sid, queries()[0].read_bytes()))
+    assert reply["error"] == [""] and 0 < (labels > 0).mean() < 1
+    log = server.log.read_text()
+    if not nvml_available():  # a CPU machine: no "Failed to initialize NVML" from Triton's GPU metrics
+        assert "NVML" not in log.replace("no NVIDIA driver (NVML)", ""), log[:3000]
+
+
+def test_the_page_segments_through_fss_serve(servers, tmp_path):
+    """``fss-demo --server``: the page's session on a RemoteEngine gives fss-run's masks."""
+    from fss.demo.outputs import model_line
+    from fss.demo.remote import RemoteEngine
+    from fss.demo.session import Session, read_mask_file, read_uploaded_image
+    from fss.io.folders import find_support_pairs
+
+    ckpt, (server, _) = servers
+    engine = RemoteEngine(server.url, batch=2)
+    assert engine.size == 65 and server.url in engine.where
+    assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in model_line(engine)
+    session = Session(engine)
+    session.add_queries(queries())
+    pairs = find_support_pairs(EXAMPLES / "support")
+    shots = {}
+    for name in ("pizza", "bus"):  # bus sorts first: the set is registered again in fss-run's order
+        for image_path, mask_path in pairs[name]:
+            image = read_uploaded_image(image_path)
+            shots.setdefault(name, []).append((image, read_mask_file(mask_path, image.size)))
+            session.add_shot(name, *shots[name][-1])
+    expected = fss_run_masks(ckpt, tmp_path / "out")
+    for query in queries():
+        np.testing.assert_array_equal(session.queries[query.stem].labels, expected[query.name])
+    session.remove_shot("bus", 0)
+    seg = fss.Segmenter(fss.load_model(ckpt), device="cpu")
+    kept = {"bus": shots["bus"][1:], "pizza": shots["pizza"]}
+    images, masks = ([[shot[k] for shot in kept[n]] for n in kept] for k in (0, 1))
+    seg.set_support(images, masks, list(kept))
+    for query, labels in zip(queries(), seg.segment(queries()), strict=True):
+        np.testing.assert_array_equal(session.queries[query.stem].labels, labels)
+    session.close()
+
+
 def test_fss_serve_refuses_bad_arguments_in_one_line(tmp_path):
     from fss.serve.cli import main
 

@@ -235,10 +235,16 @@ def outline(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
 
 
 def overlay_image(
-    img: Image.Image, labels: np.ndarray, class_names: list[str], alpha: float = 0.5, objects=None
+    img: Image.Image,
+    labels: np.ndarray,
+    class_names: list[str],
+    alpha: float = 0.5,
+    objects=None,
+    legend_scale=None,
 ) -> Image.Image:
-    """The image with each class coloured (VOC palette) and a legend of the classes present; where
-    ``objects`` (``H x W`` bool, the union of the objects' masks) is given, each object outlined."""
+    """The image with each class coloured (VOC palette) and a legend of the classes present, drawn
+    ``legend_scale`` times its size at 640 px (default: larger on photos over 640 px); where ``objects``
+    (``H x W`` bool, the union of the objects' masks) is given, each object outlined."""
     palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
     base = np.asarray(img.convert("RGB"), dtype=np.float32)
     fg = labels > 0
@@ -249,15 +255,24 @@ def overlay_image(
         blended[edge] = palette[labels[edge]]
     out = Image.fromarray(blended.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    y = 4
+    s = legend_scale or max(1.0, max(img.size) / 640)  # grows with photos over 640 px, to stay readable
+    font = ImageFont.load_default() if s == 1 else ImageFont.load_default(size=round(10 * s))
+    y = round(4 * s)
     for k, name in enumerate(class_names, start=1):
         if not (labels == k).any():
             continue
         colour = tuple(int(c) for c in palette[k])
-        draw.rectangle([4, y, 18, y + 12], fill=colour, outline=(255, 255, 255))
-        draw.text((23, y), name, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-        y += 16
+        box = [round(4 * s), y, round(18 * s), y + round(12 * s)]
+        draw.rectangle(box, fill=colour, outline=(255, 255, 255), width=round(s))
+        draw.text(
+            (round(23 * s), y),
+            name,
+            fill=(255, 255, 255),
+            font=font,
+            stroke_width=round(s),
+            stroke_fill=(0, 0, 0),
+        )
+        y += round(16 * s)
     return out
 
 
