@@ -7,7 +7,9 @@ from pathlib import Path
 
 from fss.cli_args import (
     add_batch_arg,
+    add_edges_arg,
     add_memory_arg,
+    add_min_score_arg,
     add_model_args,
     demo_model_note,
     load_from_args,
@@ -35,6 +37,8 @@ def parse_args(argv):
         default=None,
         help="test-time refinement, as fss-run --refine (default: the checkpoint's method's)",
     )
+    add_min_score_arg(p)
+    add_edges_arg(p)
     p.add_argument(
         "--server",
         metavar="URL",
@@ -55,6 +59,7 @@ def parse_args(argv):
         p.error(f"--backend {args.backend} runs an exported bundle: give --bundle DIR (see fss-export)")
     if args.server is not None:
         local = {"--ckpt": args.ckpt, "--bundle": args.bundle, "--refine": args.refine}
+        local.update({"--min-score": args.min_score, "--edges": args.edges})
         for flag, value in local.items():
             if value is not None:
                 p.error(f"{flag} is for a local model: with --server, the server's model and refinement run")
@@ -79,6 +84,8 @@ def load_engine(args):
         batch=args.batch,
         feature_budget_mb=args.feature_budget_mb,
         refine=args.refine,
+        min_score=args.min_score,
+        edges=args.edges,
     )
 
 

@@ -130,10 +130,13 @@ class Engine:
         max_pixels: int = MAX_PIXELS,
         max_query_pixels: int = MAX_QUERY_PIXELS,
         refine: str | None = None,
+        min_score: float | None = None,
+        edges: str | None = None,
     ):
         from fss.runtime.segmenter import Segmenter
 
-        self.segmenter = Segmenter(model, device=device, batch=batch, refine=refine)
+        options = dict(refine=refine, min_score=min_score, edges=edges)
+        self.segmenter = Segmenter(model, device=device, batch=batch, **options)
         # An adapting refinement encodes queries with an encoder tuned to each support set: the page
         # keeps their preprocessed inputs instead of features and encodes them at every change.
         self.adapts = self.segmenter.adaptation is not None

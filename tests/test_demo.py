@@ -329,10 +329,10 @@ def test_a_query_that_fails_to_segment_shows_its_error_and_the_others_go_on(mode
     engine = Engine(model, "test model", device="cpu", feature_budget_mb=budget_mb)
     working = engine.label
 
-    def refuse_the_second(features, size, support):
-        if size == (45, 39):
+    def refuse_the_second(features, image, support):
+        if image.size == (45, 39):
             raise DemoError("fss-serve: query image: more than the limit of 1000 pixels")
-        return working(features, size, support)
+        return working(features, image, support)
 
     engine.label = refuse_the_second
     rng = np.random.default_rng(6)
