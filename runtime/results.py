@@ -97,6 +97,8 @@ def head(
     qry = feats[:, None] if refined else feats[None]  # M episodes of 1 query, or 1 episode of M
     protos = protos[None].expand(len(qry), *protos.shape)
     flat = (lambda t: t[:, 0]) if refined else (lambda t: t[0])
+    protos, refine = network.refine_state(qry, protos, options["refine"])  # once for scores, labels, maps
+    options = {**options, "refine": refine}
     if guides is not None:
         presence = network.presence(qry, protos, **options) if scores or min_score > 0 else None
         logits = network.logits(qry, protos, guides.shape[-2:], **options)

@@ -25,8 +25,7 @@ from fss.io.images import as_rgb, is_one_image
 from fss.io.instances import DEFAULT_MIN_AREA
 from fss.io.tensors import image_tensor
 from fss.kernels.guided import grey_of_normalised
-from fss.models.base import resolve_edges, resolve_refine
-from fss.models.presence import default_min_score
+from fss.models.base import resolve_edges, resolve_min_score, resolve_refine
 from fss.runtime.adapted_encoder import adaptation_for, edited_shots
 from fss.runtime.encoder_backend import build_backend, resolve_device
 from fss.runtime.results import Segmentation, head, sorted_classes
@@ -142,7 +141,7 @@ class Segmenter:
         self.model = self.encoder.model  # what runs the encoder: the network, or a bundle of its graph
         self.backend, self.backend_reason = self.encoder.name, self.encoder.reason
         self.store = SupportSets() if store is None else store
-        self.min_score = default_min_score(model.meta) if min_score is None else float(min_score)
+        self.min_score = resolve_min_score(min_score, model)
         self.edges = resolve_edges(edges, model)
         if not 0 <= self.min_score <= 1:
             raise SettingError(f"min_score must lie in [0, 1], got {min_score}")

@@ -173,6 +173,7 @@ def predict(
     size = batch.qry_imgs.shape[-2:]
     if min_score <= 0 and edges == "none":
         return model.segment(qry_feats, state, size, refine, impl=impl)
+    state, refine = model.refine_state(qry_feats, state, refine)  # once for the scores and the labels
     logits = model.logits(qry_feats, state, size, refine, impl=impl)
     if min_score > 0:
         logits = gate_logits(logits, model.presence(qry_feats, state, refine, impl), min_score)

@@ -125,6 +125,12 @@ class FewShotModel(nn.Module):
         class's probability where ``return_prob``)."""
         raise NotImplementedError
 
+    def refine_state(self, qry_feats, state, refine="none"):
+        """``(state, refine)`` with the test-time refinement applied once to the episodes' state where the
+        method's refinement is a function of it (what is left to do is then ``"none"``), so that scores,
+        labels and maps of the same queries share it."""
+        return state, refine
+
     def presence(self, qry_feats, state, refine="none", impl=None, in_size=None) -> torch.Tensor:
         """``B x N`` episode states' classes on ``B x Q`` queries -> ``B x Q x N`` presence scores in
         ``[0, 1]``, from the logits at feature resolution (:mod:`fss.models.presence`)."""
@@ -136,6 +142,7 @@ class FewShotModel(nn.Module):
     ):
         """:meth:`segment` with absent classes (presence below ``min_score``) left out of the argmax:
         ``(labels or (labels, prob), scores)``; the fused path where no class is absent."""
+        state, refine = self.refine_state(qry_feats, state, refine)
         scores = self.presence(qry_feats, state, refine, impl, in_size)
         if not (scores < min_score).any():
             return self.segment(qry_feats, state, out_size, refine, return_prob, impl, in_size), scores

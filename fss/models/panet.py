@@ -95,10 +95,9 @@ class PANet(FewShotModel):
             qry_feats, protos, tuple(out_size), self.scale, return_prob=return_prob, impl=impl or self.impl
         )
 
-    def segment_present(self, qry_feats, protos, out_size, min_score, refine="none", return_prob=False, **kw):
-        """:meth:`FewShotModel.segment_present`, the prototypes refined once for the scores and labels."""
-        protos = refine_prototypes(qry_feats, protos, refine, self.scale)
-        return super().segment_present(qry_feats, protos, out_size, min_score, "none", return_prob, **kw)
+    def refine_state(self, qry_feats, protos, refine="none"):
+        """The prototypes refined on the queries (:func:`refine_prototypes`), nothing left to refine."""
+        return refine_prototypes(qry_feats, protos, refine, self.scale), "none"
 
     # -- training --------------------------------------------------------------------------------------
     def losses(self, supp_imgs, supp_fg, supp_bg, qry_imgs, qry_labels, shot_mask=None, second=True):
