@@ -63,6 +63,10 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -72,7 +76,7 @@ def non_empty_string(value):
 
 
 def positive_width(value):
-    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= MAX_WIDTH:
+    if not _finite(value) or not 0 < value <= MAX_WIDTH:
         return f"must be a finite number in (0, {MAX_WIDTH:g}]"
     return None
 
@@ -90,7 +94,7 @@ def normalisation(value):
         numbers_ = value.get(key)
         if not isinstance(numbers_, (list, tuple)) or len(numbers_) != 3:
             return f"{key} must be a list of 3 numbers"
-        if not all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in numbers_):
+        if not all(_finite(v) and (v > 0 or not positive) for v in numbers_):
             return f"{key} must hold 3 finite{' positive' if positive else ''} numbers"
     return None
 
@@ -114,10 +118,6 @@ def count(value):
 
 def a_string(value):
     return None if isinstance(value, str) else "must be a string"
-
-
-def _finite(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
 
 
 def presence_calibration(value):
