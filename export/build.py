@@ -12,6 +12,7 @@ from fss.backends.bundle_format import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     CONDITIONING_FILE,
+    DECISION_HEAD_FILE,
     ENGINE_FILE,
     ONNX_FILE,
     sha256_file,
@@ -141,6 +142,9 @@ def export_model_bundle(
             extra["conditioning"] = export_conditioning(
                 model, modules["conditioning"], staging, ops, opset, log
             )
+        if "decision_head" in modules:  # small: its weights, run in PyTorch beside the encoder
+            torch.save(modules["decision_head"].state_dict(), staging / DECISION_HEAD_FILE)
+            extra["decision_head"] = {"weights": DECISION_HEAD_FILE}
         manifest = {
             **extra,
             "format": BUNDLE_FORMAT,

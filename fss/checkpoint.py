@@ -132,8 +132,11 @@ def init_encoder(model: FewShotModel, path) -> None:
                 raise CheckpointError(
                     f"checkpoint has encoder {source.meta['encoder']}, the model {entry.name}", path
                 )
-            if method_of(source) is method_of(model):  # the whole model too
-                load_state_strict(model, source.state_dict(), path)
+            if method_of(source) is method_of(model):  # the whole model too, but a decision head:
+                state = source.state_dict()  # that one is learned anew on the tuned encoder
+                load_state_strict(
+                    model, {k: v for k, v in state.items() if not k.startswith("decision_head.")}, path
+                )
             else:  # another method's model (a PANet for an SST): its query trunk starts every trunk
                 for trunk in model.trunks():
                     load_state_strict(trunk, source.trunks()[0].state_dict(), path)

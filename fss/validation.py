@@ -140,6 +140,18 @@ def presence_calibration(value):
     return None
 
 
+def decision_head(value):
+    """``meta["decision_head"]`` (:mod:`fss.models.decision_head`): ``width``, a positive integer up to
+    1024; ``threshold``, the finite logit a class must exceed."""
+    if not isinstance(value, dict):
+        return "must be a dict"
+    if not _is_int(value.get("width")) or not 1 <= value["width"] <= 1024:
+        return "width must be an integer from 1 to 1024"
+    if not _finite(value.get("threshold")):
+        return "threshold must be a finite number"
+    return None
+
+
 def one_of(choices):
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
@@ -156,6 +168,7 @@ META_FIELDS = {
     "val": dict_or_none,
     "source": a_string,
     "presence": presence_calibration,
+    "decision_head": decision_head,
     "refine": one_of(REFINEMENTS),  # the test-time refinement it is made for (default: its method's)
     "edges": one_of(EDGES),  # how its labels reach the photo's size (default: none)
 }

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fss.io.instances import Instance, find_instances, instance_record
-from fss.kernels.guided import guided_filter
+from fss.kernels.guided import GUIDED_SUBSAMPLE, guided_filter
 from fss.models.presence import gate_logits
 
 
@@ -134,7 +134,7 @@ def guided(guides, logits, out_size, return_prob: bool, return_probs: bool):
     query as its guide (:mod:`fss.kernels.guided`), then bilinearly resized."""
     labels, prob, probs = [], [], []
     for guide, query_logits in zip(guides, logits, strict=True):
-        filtered = guided_filter(guide, query_logits.float().softmax(dim=0))
+        filtered = guided_filter(guide, query_logits.float().softmax(dim=0), subsample=GUIDED_SUBSAMPLE)
         resized = F.interpolate(filtered[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
         best, label = resized.max(dim=0)
         labels.append(label.to(torch.uint8))

@@ -49,3 +49,22 @@ def test_float32_integral_images_stay_accurate_at_the_input_size():
     torch.manual_seed(1)
     x = torch.rand(2, 321, 321)
     torch.testing.assert_close(box_mean(x, 8), box_reference(x, 8), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape, s", [((2, 13, 19), 2), ((1, 17, 17), 2), ((3, 20, 9), 4)])
+def test_the_fast_filter_fits_coefficients_on_resized_inputs(shape, s):
+    torch.manual_seed(sum(shape) + s)
+    guide, src, r, eps = (
+        torch.rand(shape[1:], dtype=torch.float64),
+        torch.rand(shape, dtype=torch.float64),
+        4,
+        1e-2,
+    )
+    small = [-(-n // s) for n in shape[1:]]
+    size = lambda t, hw: F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False)[0]  # noqa: E731
+    g, p = size(guide[None], small), size(src, small)
+    m = lambda t: box_reference(t, r // s)  # noqa: E731
+    a = (m(g * p) - m(g) * m(p)) / (m(g * g) - m(g) ** 2 + eps)
+    b = m(p) - a * m(g)
+    want = size(m(a), shape[1:]) * guide + size(m(b), shape[1:])
+    torch.testing.assert_close(guided_filter(guide, src, r, eps, subsample=s), want)

@@ -51,7 +51,7 @@ def test_demo_model_is_bundled_small_and_described():
     model = fss.load_model(None)
     meta = model.meta
     assert meta["method"] == "panet" and meta["classes"], meta
-    assert meta["encoder"] in encoder_names() and meta["input_size"] < 417
+    assert meta["encoder"] in encoder_names() and meta["input_size"] <= 417  # no larger than the paper's
     assert meta["encoder"] in (ROOT / "docs" / "demo-model.md").read_text()
     assert not {"coco-bus", "coco-pizza"} & set(meta["classes"])  # the examples' classes are held out
 

@@ -80,6 +80,8 @@ def initial_meta(init, method: str, method_options: dict) -> dict:
     checkpoint ``init`` keeps of its metadata (same method only)."""
     meta = init_model(init) or {}
     kept = {k: meta[k] for k in INHERITED_META if k in meta} if meta.get("method") == method else {}
+    if kept.get("refine") == "learned":  # its decision head, like a presence calibration, is learned anew
+        kept["refine"] = "ssp"
     return {**kept, **({method: dict(method_options)} if method_options else {})}
 
 

@@ -24,6 +24,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "encoder.onnx"
 ENGINE_FILE = "encoder.engine"
 CONDITIONING_FILE = "conditioning.onnx"  # OSLSM: the support branch (manifest["conditioning"])
+DECISION_HEAD_FILE = "decision_head.pt"  # PANet / PRNet's learned decision head (manifest["decision_head"])
 
 
 def sha256_file(path) -> str:

@@ -150,6 +150,8 @@ def bundle_model(bundle_dir: Path, manifest: dict, encoder, backend: str, impl="
     if conditioning is not None:  # a support branch beside the encoder (OSLSM's)
         conditioning = OnnxRuntimeEncoder(Path(bundle_dir) / conditioning["file"], encoder.device)
     graphs = head_graphs(Path(bundle_dir), manifest, encoder.device) if "head" in manifest else {}
+    if "decision_head" in manifest:
+        graphs["decision_head"] = decision_head_graph(Path(bundle_dir), manifest, encoder.device)
     return BundleModel(encoder, manifest, backend, impl, conditioning, graphs)
 
 
@@ -208,3 +210,19 @@ def head_graphs(bundle_dir: Path, manifest: dict, device) -> dict:
         "head": network.head.eval().to(device),
         "query_head": OnnxRuntimeHead(bundle_dir / entry["file"], device),
     }
+
+
+def decision_head_graph(bundle_dir: Path, manifest: dict, device) -> torch.nn.Module:
+    """A bundle's learned decision head (PANet / PRNet's ``--refine learned``), run in PyTorch."""
+    from fss.models.decision_head import DecisionHead
+
+    path = bundle_dir / manifest["decision_head"]["weights"]
+    options = manifest["meta"].get("decision_head")
+    if not isinstance(options, dict):
+        raise FssError("bundle has decision head weights but its meta has no 'decision_head'", bundle_dir)
+    head = DecisionHead(int(options["width"]))
+    try:
+        head.load_state_dict(read_torch_file(path))
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise FssError(f"decision head weights do not fit: {str(exc).splitlines()[0]}", path) from None
+    return head.eval().to(device)

@@ -268,6 +268,10 @@ def resolve_refine(refine: str | None, model) -> str:
         raise FssError(
             f"{method.name} has no refinement {refine!r} (choose one of {', '.join(method.refinements)})"
         )
+    if refine == "learned" and "decision_head" not in getattr(model, "meta", {}):
+        raise FssError(
+            "--refine learned needs a checkpoint with a decision head (python -m fss.train.decision)"
+        )
     return refine
 
 

@@ -11,7 +11,9 @@ from fss import kernels
 from fss.constants import IGNORE_INDEX, POOL_EPS
 from fss.kernels.matching import cosine_logits, upsample
 from fss.models.base import FewShotModel, check_episode, default_meta, encode_episode, register_method
+from fss.models.decision_head import DecisionHead, decision_logits
 from fss.models.encoders import DEFAULT_ENCODER, build_encoder
+from fss.models.presence import presence_scores
 
 
 def refine_prototypes(qry_feats, protos, refine: str, scale: float):
@@ -56,6 +58,20 @@ class PANet(FewShotModel):
             "width": float(width),
         }
         self.impl = impl
+        if "decision_head" in self.meta:  # --refine learned (python -m fss.train.decision)
+            self.decision_head = DecisionHead(int(self.meta["decision_head"]["width"]), self.scale)
+
+    @classmethod
+    def from_graphs(cls, meta: dict, graphs: dict, impl: str = "auto") -> "PANet":
+        model = super().from_graphs(meta, graphs, impl)
+        if "decision_head" in graphs:
+            model.decision_head = graphs["decision_head"]
+        return model
+
+    def export_graphs(self) -> dict:
+        """The encoder, and the learned decision head where the checkpoint has one (run in PyTorch)."""
+        extra = {"decision_head": self.decision_head} if hasattr(self, "decision_head") else {}
+        return {"encoder": self.encoder, **extra}
 
     @classmethod
     def build(cls, encoder: str, width: float, meta: dict, impl: str) -> "PANet":
@@ -85,18 +101,36 @@ class PANet(FewShotModel):
 
     def logits(self, qry_feats, protos, out_size, refine="none", impl=None, in_size=None):
         """``B x Q x C x h x w`` queries, ``B x P x C`` prototypes -> ``B x Q x P x H x W`` logits."""
+        if refine == "learned":
+            threshold = float(self.meta["decision_head"]["threshold"])
+            low = decision_logits(self.decision_head, qry_feats, protos, self.scale, threshold)
+            return low if tuple(out_size) == tuple(low.shape[-2:]) else upsample(low, out_size)
         protos = refine_prototypes(qry_feats, protos, refine, self.scale)
         return kernels.match(qry_feats, protos, tuple(out_size), self.scale, impl=impl or self.impl)
 
     def segment(self, qry_feats, protos, out_size, refine="none", return_prob=False, impl=None, in_size=None):
         """The fused fast path of :meth:`logits` + argmax: ``B x Q x H x W`` uint8 labels (+ max prob)."""
+        if refine == "learned":
+            prob, labels = self.logits(qry_feats, protos, out_size, refine).softmax(dim=2).max(dim=2)
+            labels = labels.to(torch.uint8)
+            return (labels, prob) if return_prob else labels
         protos = refine_prototypes(qry_feats, protos, refine, self.scale)
         return kernels.segment(
             qry_feats, protos, tuple(out_size), self.scale, return_prob=return_prob, impl=impl or self.impl
         )
 
+    def presence(self, qry_feats, protos, refine="none", impl=None, in_size=None):
+        """:meth:`FewShotModel.presence`; the decision head's scores are its highest probability: the
+        checkpoint's calibration is fitted to matching logits, and the head judges absence itself."""
+        if refine != "learned":
+            return super().presence(qry_feats, protos, refine, impl, in_size)
+        return presence_scores(self.logits(qry_feats, protos, qry_feats.shape[-2:], refine))
+
     def refine_state(self, qry_feats, protos, refine="none"):
-        """The prototypes refined on the queries (:func:`refine_prototypes`), nothing left to refine."""
+        """The prototypes refined on the queries (:func:`refine_prototypes`), nothing left to refine; the
+        learned head refines inside (it reads the support's prototypes too)."""
+        if refine == "learned":
+            return protos, refine
         return refine_prototypes(qry_feats, protos, refine, self.scale), "none"
 
     # -- training --------------------------------------------------------------------------------------
