@@ -15,7 +15,7 @@ full-resolution guide's.
 import torch
 import torch.nn.functional as F
 
-GUIDED_RADIUS = 16  # pixels at the encoder's input size (321 px: two stride-8 cells): measured best of 8, 16
+GUIDED_RADIUS = 16  # pixels at the input size (two stride-8 cells): measured best of 8, 16 at 321 px
 GUIDED_EPS = 1e-3  # on grey levels in [0, 1]: edges of contrast ~0.03 and above are followed
 GUIDED_SUBSAMPLE = 2  # the fast filter's factor where labels are made (held-out mean-IoU: docs/methods.md)
 
