@@ -17,21 +17,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fss.checkpoint import atomic_save, checkpoint_dict, load_model
-from fss.cli_args import positive_int, share
+from fss.checkpoint import atomic_save, checkpoint_dict
+from fss.cli_args import positive_int
 from fss.command import run_command
 from fss.constants import IGNORE_INDEX
 from fss.errors import FssError
-from fss.io.outputs import check_output_file
 from fss.models.base import method_of
 from fss.models.decision_head import DecisionHead, matching_maps
-from fss.train.cli import class_list
-from fss.train.data import EpisodeSampler, FolderDataset
-from fss.train.evaluate import FeatureCache
+from fss.train.presence import add_checkpoint_args, checkpoint_and_classes, encoded_episodes
 
 PROG = "python -m fss.train.decision"
 LABEL_STRIDE = 4  # the loss is taken at a quarter of the input size
@@ -43,16 +39,8 @@ BATCH = 32
 def episode_maps(model, dataset, classes, episodes: int, negatives: float, seed: int, cache_mb: float):
     """``E x 7 x h x w`` matching maps (float16) of ``episodes`` 1-way 1-shot queries, their ``E x S' x
     S'`` labels (0 / 1 / 255, every :data:`LABEL_STRIDE`-th pixel) and ``E`` class names."""
-    sampler = EpisodeSampler(
-        dataset, classes, 1, 1, rng=np.random.default_rng(seed), what="classes", negatives=negatives
-    )
-    features = FeatureCache(model.encode, cache_mb)
     maps, labels, names = [], [], []
-    for start in range(0, episodes, 8):
-        b = sampler.batch(min(8, episodes - start))
-        keys = [key for names_ in b.image_keys for key in names_[:1]]  # supports, then queries
-        keys += [key for names_ in b.image_keys for key in names_[1:]]
-        supp, qry = model.episode_inputs(lambda x, k=keys: features(k, x), b.supp_imgs, b.qry_imgs)
+    for b, supp, qry in encoded_episodes(model, dataset, classes, episodes, negatives, seed, cache_mb):
         protos = model.episode_state(supp, b.supp_fg, b.supp_bg)
         maps.append(matching_maps(qry, protos, model.scale)[:, 0, 0].half())
         labels.append(b.qry_labels[:, 0, ::LABEL_STRIDE, ::LABEL_STRIDE].to(torch.uint8))
@@ -115,28 +103,21 @@ def best_threshold(head, maps, labels, names) -> tuple[float, float]:
 
 def learn_file(source: Path, target: Path, data: Path, classes, episodes, negatives, steps, width, seed, log):
     """Write ``target``: ``source`` with a decision head learned on ``data``; returns a summary line."""
-    check_output_file(target, "the checkpoint with the decision head")
-    if target.resolve() == source.resolve():
-        raise FssError("the checkpoint with the decision head must not replace its source", target)
-    model = load_model(source).eval()
-    if "learned" not in method_of(model).refinements:
-        raise FssError(f"{model.meta['method']} has no prototype matching for a decision head", source)
-    classes = classes or model.meta.get("classes")
-    if not classes:
-        raise FssError("the checkpoint names no training classes: pass --classes", source)
-    meta = model.meta
-    dataset = FolderDataset(data, int(meta["input_size"]), normalisation=meta["normalisation"])
-    missing = sorted(set(classes) - set(dataset.classes))
-    if missing:
-        raise FssError(f"classes not in the folder: {', '.join(missing)}", data)
+
+    def check_model(model) -> None:
+        if "learned" not in method_of(model).refinements:
+            raise FssError(f"{model.meta['method']} has no prototype matching for a decision head", source)
+
+    what = "the checkpoint with the decision head"
+    model, dataset, classes = checkpoint_and_classes(source, target, data, classes, what, check_model)
     log(f"matching {episodes} episodes of {len(classes)} classes ({negatives:.0%} without the class)")
     maps, labels, names = episode_maps(model, dataset, classes, episodes, negatives, seed, 8192)
     aside = max(1, len(maps) // 10)
     head = fit_head(maps[aside:], labels[aside:], width, steps, model.scale, seed, log)
     threshold, iou = best_threshold(head, maps[:aside], labels[:aside], names[:aside])
     model.decision_head = head
-    meta.pop("presence", None)
-    meta.update(refine="learned", decision_head={"width": width, "threshold": threshold})
+    model.meta.pop("presence", None)
+    model.meta.update(refine="learned", decision_head={"width": width, "threshold": threshold})
     atomic_save(checkpoint_dict(model), target)
     return (
         f"{target}: decision head from {len(maps) - aside} episodes; threshold {threshold:+.2f} "
@@ -147,14 +128,10 @@ def learn_file(source: Path, target: Path, data: Path, classes, episodes, negati
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="fss checkpoint (PANet or PRNet)")
-    p.add_argument("target", type=Path, help="checkpoint to write: the source with a decision head")
-    p.add_argument("--data", type=Path, required=True, help="class folders (fss-train --data)")
-    p.add_argument("--classes", type=class_list, metavar="A,B,...", help="default: the checkpoint's")
+    add_checkpoint_args(p, "checkpoint to write: the source with a decision head")
     p.add_argument("--episodes", type=positive_int, default=8000, help="episodes (default 8000)")
-    p.add_argument("--negatives", type=share, default=0.5, help="share of queries without the class")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps (default 2000)")
     p.add_argument("--width", type=positive_int, default=32, help="channels of the head (default 32)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     options = {k: getattr(args, k) for k in ("episodes", "negatives", "steps", "width", "seed")}
 

@@ -34,21 +34,28 @@ PROG = "python -m fss.train.presence"
 L2 = 1e-2  # on the standardised weights: a handful of inputs, hundreds of episodes
 
 
-@torch.no_grad()
-def episode_statistics(model, dataset, classes, episodes: int, negatives: float, seed: int, batch: int = 8):
-    """``E x F`` presence statistics of ``episodes`` 1-way 1-shot queries and ``E`` bools: class present;
-    the logits are those of the checkpoint's own refinement (what its scores will be computed from)."""
-    refine = resolve_refine(None, model)
+def encoded_episodes(model, dataset, classes, episodes: int, negatives: float, seed: int, cache_mb=2048):
+    """Batches of 8 of ``episodes`` 1-way 1-shot episodes of ``classes`` (a share ``negatives`` of the
+    queries without the class), each photo encoded once: ``(batch, supports' inputs, query features)``."""
     sampler = EpisodeSampler(
         dataset, classes, 1, 1, rng=np.random.default_rng(seed), what="classes", negatives=negatives
     )
-    features = FeatureCache(model.encode, 2048)
-    stats, present = [], []
-    for start in range(0, episodes, batch):
-        b = sampler.batch(min(batch, episodes - start))
+    features = FeatureCache(model.encode, cache_mb)
+    for start in range(0, episodes, 8):
+        b = sampler.batch(min(8, episodes - start))
         keys = [key for names in b.image_keys for key in names[:1] if model.encodes_supports]
         keys += [key for names in b.image_keys for key in names[1:]]
         supp, qry = model.episode_inputs(lambda x, k=keys: features(k, x), b.supp_imgs, b.qry_imgs)
+        yield b, supp, qry
+
+
+@torch.no_grad()
+def episode_statistics(model, dataset, classes, episodes: int, negatives: float, seed: int):
+    """``E x F`` presence statistics of ``episodes`` 1-way 1-shot queries and ``E`` bools: class present;
+    the logits are those of the checkpoint's own refinement (what its scores will be computed from)."""
+    refine = resolve_refine(None, model)
+    stats, present = [], []
+    for b, supp, qry in encoded_episodes(model, dataset, classes, episodes, negatives, seed):
         state = model.episode_state(supp, b.supp_fg, b.supp_bg, refine=refine)
         low = model.logits(qry, state, qry.shape[-2:], refine, in_size=tuple(b.qry_imgs.shape[-2:]))
         stats.append(presence_features(low)[:, 0, 0])
@@ -93,12 +100,17 @@ def calibrate(model, dataset, classes, episodes=800, negatives=0.5, keep=0.95, s
     }
 
 
-def calibrate_file(source: Path, target: Path, data: Path, classes, **options) -> str:
-    """Write ``target``: ``source`` with ``meta["presence"]`` learned on ``data``; returns a summary."""
-    check_output_file(target, "the calibrated checkpoint")
+def checkpoint_and_classes(source: Path, target: Path, data: Path, classes, what: str, check_model=None):
+    """What a tool that writes ``target`` (``what``: how its messages name it) beside the checkpoint
+    ``source`` learns from: the model (eval mode), its training classes (or ``classes``) and their folder
+    dataset at its input size; the target is checked first and never replaces the source, and
+    ``check_model`` (raising ``FssError``) judges the model as soon as it is loaded."""
+    check_output_file(target, what)
     if target.resolve() == source.resolve():
-        raise FssError("the calibrated checkpoint must not replace its source", target)
+        raise FssError(f"{what} must not replace its source", target)
     model = load_model(source).eval()
+    if check_model is not None:
+        check_model(model)
     classes = classes or model.meta.get("classes")
     if not classes:
         raise FssError("the checkpoint names no training classes: pass --classes", source)
@@ -107,8 +119,24 @@ def calibrate_file(source: Path, target: Path, data: Path, classes, **options) -
     missing = sorted(set(classes) - set(dataset.classes))
     if missing:
         raise FssError(f"classes not in the folder: {', '.join(missing)}", data)
+    return model, dataset, classes
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, target_help: str) -> None:
+    """The arguments of :func:`checkpoint_and_classes`, and the share of negative episodes and the seed."""
+    p.add_argument("target", type=Path, help=target_help)
+    p.add_argument("--data", type=Path, required=True, help="class folders (fss-train --data)")
+    p.add_argument("--classes", type=class_list, metavar="A,B,...", help="default: the checkpoint's")
+    p.add_argument("--negatives", type=share, default=0.5, help="share of queries without the class")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def calibrate_file(source: Path, target: Path, data: Path, classes, **options) -> str:
+    """Write ``target``: ``source`` with ``meta["presence"]`` learned on ``data``; returns a summary."""
+    what = "the calibrated checkpoint"
+    model, dataset, classes = checkpoint_and_classes(source, target, data, classes, what)
     result = calibrate(model, dataset, classes, **options)
-    meta["presence"] = {k: result[k] for k in ("mean", "std", "weights", "bias", "min_score")}
+    model.meta["presence"] = {k: result[k] for k in ("mean", "std", "weights", "bias", "min_score")}
     atomic_save(checkpoint_dict(model), target)
     weights = ", ".join(f"{f} {w:+.2f}" for f, w in zip(PRESENCE_FEATURES, result["weights"], strict=True))
     return (
@@ -121,13 +149,9 @@ def calibrate_file(source: Path, target: Path, data: Path, classes, **options) -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="fss checkpoint")
-    p.add_argument("target", type=Path, help="checkpoint to write: the source with meta['presence']")
-    p.add_argument("--data", type=Path, required=True, help="class folders (fss-train --data)")
-    p.add_argument("--classes", type=class_list, metavar="A,B,...", help="default: the checkpoint's")
+    add_checkpoint_args(p, "checkpoint to write: the source with meta['presence']")
     p.add_argument("--episodes", type=positive_int, default=800, help="episodes (default 800)")
-    p.add_argument("--negatives", type=share, default=0.5, help="share of queries without the class")
     p.add_argument("--keep", type=share, default=0.95, help="share of positives the cut-off keeps")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     options = {k: getattr(args, k) for k in ("episodes", "negatives", "keep", "seed")}
 
